@@ -1,0 +1,320 @@
+"""Tests for tlkit.data.sources."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.io import write_jpeg, write_png
+
+from tlkit.data import sources
+from tlkit.data.sources import (
+    PATCH,
+    TEXTURE_PHOTOS,
+    ImageDataset,
+    Split,
+    list_class_names,
+    load_source,
+    load_texture_photo,
+    photo_patch_coords,
+    read_image,
+    texture_patch_coords,
+    texture_split_row,
+)
+
+# torchvision 0.29 deprecates torchvision.io decoding in favour of torchcodec (not a dependency); the
+# warning fires on every call and is hidden outside pytest by Python's default filters.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _random_image(seed: int, size: int = 40) -> torch.Tensor:
+    return torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def _make_class_dir(root: Path, name: str, n: int, seed: int = 0) -> None:
+    class_dir = root / name
+    class_dir.mkdir(parents=True)
+    for i in range(n):
+        write_png(_random_image(seed * 100 + i), str(class_dir / f"img{i}.png"))
+
+
+def _boxes_overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether any PATCH-sized box with corners in ``a`` intersects any with corners in ``b``."""
+    dy = np.abs(a[:, None, 0] - b[None, :, 0])
+    dx = np.abs(a[:, None, 1] - b[None, :, 1])
+    return bool(np.any((dy < PATCH) & (dx < PATCH)))
+
+
+@pytest.fixture
+def flat_folder(tmp_path: Path) -> Path:
+    """3 classes x 6 images of 40x40, created in unsorted order, plus noise that must be ignored."""
+    for seed, name in enumerate(["zebra", "apple", "mango"]):
+        _make_class_dir(tmp_path, name, 6, seed)
+    write_jpeg(_random_image(99), str(tmp_path / "apple" / "extra.JPG"))  # upper-case extension counts
+    (tmp_path / "apple" / "notes.txt").write_text("not an image")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    return tmp_path
+
+
+# --------------------------------------------------------------------------- textures
+
+
+def test_textures_classes_counts_and_dtype() -> None:
+    data = load_source("textures")
+    assert data.class_names == sorted(TEXTURE_PHOTOS) and len(data.class_names) == 10
+    assert Counter(data.train.targets) == {i: sources.TEXTURE_TRAIN_PER_CLASS for i in range(10)}
+    assert Counter(data.val.targets) == {i: sources.TEXTURE_VAL_PER_CLASS for i in range(10)}
+    for sample in (data.train.samples[0], data.val.samples[-1]):
+        assert sample.dtype == np.uint8 and sample.shape == (PATCH, PATCH, 3)
+        image = read_image(sample)
+        assert image.dtype == torch.uint8 and image.shape == (3, PATCH, PATCH)
+
+
+@pytest.mark.parametrize("name", TEXTURE_PHOTOS)
+def test_textures_train_val_regions_disjoint(name: str) -> None:
+    photo = load_texture_photo(name)
+    height = photo.shape[0]
+    assert min(photo.shape[:2]) <= sources.TEXTURE_SHORT_SIDE
+    train_yx, val_yx = photo_patch_coords(name)
+    split = texture_split_row(height)
+    assert np.all(train_yx[:, 0] + PATCH <= split)
+    assert np.all(val_yx[:, 0] >= split) and np.all(val_yx[:, 0] + PATCH <= height)
+    assert not _boxes_overlap(train_yx, val_yx)
+
+    # The dataset patches are exactly the crops at these coordinates.
+    data = load_source("textures")
+    label = data.class_names.index(name)
+    train = [s for s, t in zip(data.train.samples, data.train.targets, strict=True) if t == label]
+    val = [s for s, t in zip(data.val.samples, data.val.targets, strict=True) if t == label]
+    for patches, coords in ((train, train_yx), (val, val_yx)):
+        for patch, (y, x) in zip(patches, coords, strict=True):
+            np.testing.assert_array_equal(patch, photo[y : y + PATCH, x : x + PATCH])
+
+
+@pytest.mark.parametrize(("height", "width", "seed"), [(300, 451, 0), (320, 320, 7), (256, 64, 3)])
+def test_texture_patch_coords_stay_in_their_band(height: int, width: int, seed: int) -> None:
+    train_yx, val_yx = texture_patch_coords(height, width, n_train=200, n_val=200, seed=seed)
+    assert train_yx.shape == (200, 2) and val_yx.shape == (200, 2)
+    assert np.all(train_yx >= 0) and np.all(val_yx[:, 1] + PATCH <= width)
+    assert not _boxes_overlap(train_yx, val_yx)
+
+
+def test_texture_patch_coords_rejects_small_photo() -> None:
+    with pytest.raises(ValueError, match="too small"):
+        texture_patch_coords(200, 300)
+
+
+def test_textures_deterministic_and_seed_independent() -> None:
+    first = load_source("textures")
+    sources._build_textures.cache_clear()  # force a rebuild, as in a fresh process
+    second = load_source("textures", val_split=0.5, seed=123)
+    for a, b in ((first.train, second.train), (first.val, second.val)):
+        assert a.targets == b.targets
+        np.testing.assert_array_equal(np.stack(a.samples), np.stack(b.samples))
+
+
+def test_textures_val_patches_differ_from_train() -> None:
+    data = load_source("textures")
+    train = {s.tobytes() for s in data.train.samples}
+    assert not any(s.tobytes() in train for s in data.val.samples)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_stratified_and_uint8() -> None:
+    data = load_source("digits", val_split=0.2, seed=0)
+    assert data.class_names == [str(d) for d in range(10)]
+    total = Counter(data.train.targets) + Counter(data.val.targets)
+    assert sum(total.values()) == 1797
+    for label, n in total.items():
+        assert Counter(data.val.targets)[label] == round(n * 0.2)
+    sample = data.train.samples[0]
+    assert sample.dtype == np.uint8 and sample.shape == (8, 8, 3)
+    assert np.stack(data.train.samples).max() == 255
+
+
+def test_digits_split_depends_on_seed() -> None:
+    a, b, c = (load_source("digits", seed=s) for s in (0, 0, 1))
+    np.testing.assert_array_equal(np.stack(a.val.samples), np.stack(b.val.samples))
+    assert a.val.targets == b.val.targets
+    assert not np.array_equal(np.stack(a.val.samples), np.stack(c.val.samples))
+
+
+# --------------------------------------------------------------------------- folder
+
+
+def test_folder_stratified_split(flat_folder: Path) -> None:
+    data = load_source(f"folder:{flat_folder}", val_split=0.34, seed=0)
+    assert data.class_names == ["apple", "mango", "zebra"]
+    assert Counter(data.val.targets) == {0: 2, 1: 2, 2: 2}  # apple has 7 images: round(2.38) = 2
+    assert Counter(data.train.targets) == {0: 5, 1: 4, 2: 4}
+    assert not set(data.train.samples) & set(data.val.samples)
+    for path, target in zip(data.train.samples + data.val.samples, data.train.targets + data.val.targets, strict=True):
+        assert Path(path).parent.name == data.class_names[target]
+    assert all(p.lower().endswith((".png", ".jpg")) for p in data.train.samples + data.val.samples)
+
+
+def test_folder_split_depends_on_seed(flat_folder: Path) -> None:
+    spec = f"folder:{flat_folder}"
+    a = load_source(spec, val_split=0.5, seed=0)
+    assert load_source(spec, val_split=0.5, seed=0) == a
+    assert load_source(spec, val_split=0.5, seed=1).val.samples != a.val.samples
+
+
+def test_folder_presplit_layout(tmp_path: Path) -> None:
+    for name in ("cat", "dog"):
+        _make_class_dir(tmp_path / "train", name, 3)
+    _make_class_dir(tmp_path / "val", "dog", 2)  # val may hold a subset of the classes
+    data = load_source(f"folder:{tmp_path}")
+    assert data.class_names == ["cat", "dog"] == list_class_names(f"folder:{tmp_path}")
+    assert data.train.targets == [0, 0, 0, 1, 1, 1]
+    assert data.val.targets == [1, 1]
+    assert all("/val/dog/" in Path(p).as_posix() for p in data.val.samples)
+
+
+def test_list_class_names_matches_load(flat_folder: Path) -> None:
+    for spec in (f"folder:{flat_folder}", "digits", "textures"):
+        assert list_class_names(spec) == load_source(spec).class_names
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_error_missing_dir(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_source(f"folder:{missing}")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        list_class_names(f"folder:{missing}")
+
+
+def test_error_no_class_folders(tmp_path: Path) -> None:
+    write_png(_random_image(0), str(tmp_path / "loose.png"))
+    with pytest.raises(FileNotFoundError, match="No class sub-folders"):
+        load_source(f"folder:{tmp_path}")
+
+
+def test_error_empty_class(tmp_path: Path) -> None:
+    _make_class_dir(tmp_path, "full", 5)
+    (tmp_path / "hollow").mkdir()
+    (tmp_path / "hollow" / "readme.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="hollow.*no images"):
+        load_source(f"folder:{tmp_path}")
+
+
+def test_error_class_without_val_sample(tmp_path: Path) -> None:
+    _make_class_dir(tmp_path, "big", 10)
+    _make_class_dir(tmp_path, "tiny", 2)
+    with pytest.raises(ValueError, match="'tiny'.*larger val_split"):
+        load_source(f"folder:{tmp_path}", val_split=0.2)
+
+
+def test_error_val_class_not_in_train(tmp_path: Path) -> None:
+    _make_class_dir(tmp_path / "train", "cat", 2)
+    _make_class_dir(tmp_path / "val", "ghost", 2)
+    with pytest.raises(ValueError, match="ghost"):
+        load_source(f"folder:{tmp_path}")
+
+
+def test_error_train_without_val(tmp_path: Path) -> None:
+    _make_class_dir(tmp_path / "train", "cat", 2)
+    with pytest.raises(FileNotFoundError, match="val"):
+        load_source(f"folder:{tmp_path}")
+
+
+@pytest.mark.parametrize("spec", ["imagenet", "csv:x.csv", "folder:", "digits:3"])
+def test_error_bad_spec(spec: str) -> None:
+    with pytest.raises(ValueError, match="folder:<dir>|takes no argument"):
+        load_source(spec)
+
+
+def test_error_unknown_spec_lists_forms() -> None:
+    with pytest.raises(ValueError, match="folder:<dir>, textures, digits"):
+        list_class_names("nope")
+
+
+def test_error_bad_val_split() -> None:
+    with pytest.raises(ValueError, match="val_split"):
+        load_source("digits", val_split=1.0)
+
+
+# --------------------------------------------------------------------------- read_image / ImageDataset
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg", "bmp", "tiff", "gif", "webp"])
+def test_read_image_files(tmp_path: Path, ext: str) -> None:
+    path = tmp_path / f"x.{ext}"
+    Image.fromarray(np.full((20, 30, 3), 128, dtype=np.uint8)).save(path)
+    image = read_image(str(path))
+    assert image.dtype == torch.uint8 and image.shape == (3, 20, 30)
+
+
+def test_read_image_gray_and_16bit_files(tmp_path: Path) -> None:
+    gray = tmp_path / "gray.png"
+    write_png(torch.full((1, 10, 12), 77, dtype=torch.uint8), str(gray))
+    image = read_image(gray)
+    assert image.shape == (3, 10, 12) and torch.all(image == 77)
+
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((4, 5), 65535, dtype=np.uint16)).save(deep)
+    image = read_image(deep)
+    assert image.dtype == torch.uint8 and torch.all(image == 255)
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [
+        np.full((6, 7), 9, dtype=np.uint8),
+        np.full((6, 7, 1), 9, dtype=np.uint8),
+        np.full((6, 7, 3), 9, dtype=np.uint8),
+        torch.full((6, 7), 9, dtype=torch.uint8),
+        torch.full((1, 6, 7), 9, dtype=torch.uint8),
+    ],
+)
+def test_read_image_arrays(sample: np.ndarray | torch.Tensor) -> None:
+    image = read_image(sample)
+    assert image.dtype == torch.uint8 and image.shape == (3, 6, 7) and torch.all(image == 9)
+    assert image.is_contiguous()
+
+
+def test_read_image_hwc_order() -> None:
+    hwc = np.zeros((2, 3, 3), dtype=np.uint8)
+    hwc[..., 0] = 255  # pure red
+    image = read_image(hwc)
+    assert torch.all(image[0] == 255) and torch.all(image[1:] == 0)
+
+
+def test_read_image_rejects_float_and_missing(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="uint8"):
+        read_image(np.zeros((4, 4, 3), dtype=np.float32))
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        read_image(str(tmp_path / "missing.png"))
+
+
+def test_image_dataset_applies_transform(flat_folder: Path) -> None:
+    split = load_source(f"folder:{flat_folder}").train
+    dataset = ImageDataset(split, transform=lambda x: x[:, :10, :20])
+    image, target = dataset[0]
+    assert len(dataset) == len(split)
+    assert image.dtype == torch.uint8 and image.shape == (3, 10, 20)
+    assert target == split.targets[0]
+    assert torch.equal(image, read_image(split.samples[0])[:, :10, :20])
+
+
+def test_image_dataset_batches_in_memory() -> None:
+    split = Split(samples=[np.full((8, 8, 3), i, dtype=np.uint8) for i in range(4)], targets=[0, 1, 0, 1])
+    images, targets = next(iter(torch.utils.data.DataLoader(ImageDataset(split), batch_size=4)))
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 8, 8)
+    assert targets.tolist() == [0, 1, 0, 1]
+
+
+def test_split_length_mismatch() -> None:
+    with pytest.raises(ValueError, match="targets"):
+        Split(samples=["a.png"], targets=[])

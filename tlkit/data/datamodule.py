@@ -1,0 +1,220 @@
+"""ImageDataModule: uint8 image loaders, with normalisation or whitening fitted on the train split, on the device."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import InterpolationMode, v2
+
+from tlkit.data.preprocess import build_preprocess, needs_fit
+from tlkit.data.sources import IMAGE_EXTENSIONS, ImageDataset, SourceData, Split, list_class_names, load_source
+
+AUGMENTATIONS = ("none", "basic", "randaugment", "trivialaugment")
+IMAGENET_DATA_CONFIG = dict(
+    input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear",
+    crop_pct=0.875,
+)  # fmt: skip
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Image classification data whose loaders yield ``(uint8 images (N, 3, H, W), int64 labels)``.
+
+    Normalisation runs on the device after the batch transfer (``on_after_batch_transfer``), with statistics that
+    are part of the module's ``state_dict`` and so of every checkpoint. Sizes, mean/std and interpolation default
+    to the ``data_config`` of the model being trained, so a recipe states them once, in the model.
+
+    Args:
+        source: ``folder:<dir>``, ``textures`` or ``digits`` (see :mod:`tlkit.data.sources`).
+        image_size: training/evaluation size in pixels; default: the backbone's input size.
+        batch_size: images per batch (per device).
+        num_workers: loader worker processes.
+        val_split: fraction of each class held out for validation when the source has no val split.
+        seed: seed of the split and of the shuffling.
+        preprocess: ``"pretrained"`` (the backbone weights' mean/std), ``"dataset"`` (per-channel mean/std fitted
+            on the train split), ``"pca"`` or ``"zca"`` (whitening fitted on the train split) or ``"none"``.
+        whiten_scope: ``"channel"`` or ``"image"``, for ``pca``/``zca``.
+        whiten_eps: regulariser of the whitening (default: per scope, see :mod:`tlkit.data.preprocess`).
+        augment: ``"none"``, ``"basic"`` (random resized crop + flip), ``"randaugment"`` or ``"trivialaugment"``.
+        mean: overrides the backbone's mean for ``preprocess="pretrained"``.
+        std: overrides the backbone's std.
+        interpolation: resize interpolation (``bilinear``, ``bicubic``, ...); default: the backbone's.
+        crop_pct: evaluation images are resized to ``image_size / crop_pct`` and centre-cropped.
+        predict_source: a folder of images (searched recursively) for ``predict``; default: the val split.
+    """
+
+    def __init__(
+        self,
+        source: str = "textures",
+        image_size: int | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        val_split: float = 0.2,
+        seed: int = 0,
+        preprocess: str = "pretrained",
+        whiten_scope: str = "channel",
+        whiten_eps: float | None = None,
+        augment: str = "basic",
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        interpolation: str | None = None,
+        crop_pct: float | None = None,
+        predict_source: str | None = None,
+    ):
+        super().__init__()
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"Unknown augment={augment!r}; choose one of {AUGMENTATIONS}.")
+        self.save_hyperparameters()
+        self.preprocess: torch.nn.Module | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._data: SourceData | None = None
+
+    @functools.cached_property
+    def class_names(self) -> list[str]:
+        """Sorted class names; index = label."""
+        return list_class_names(self.hparams.source)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def data(self) -> SourceData:
+        if self._data is None:
+            self._data = load_source(self.hparams.source, val_split=self.hparams.val_split, seed=self.hparams.seed)
+        return self._data
+
+    # --------------------------------------------------------------------------------------------- configuration
+
+    def data_config(self) -> dict[str, Any]:
+        """The image size, mean/std, interpolation and crop fraction in use: explicit arguments first, then the
+        attached model's ``data_config``, then ImageNet defaults."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        config = dict(getattr(model, "data_config", None) or IMAGENET_DATA_CONFIG)
+        hp = self.hparams
+        overrides = dict(mean=hp.mean, std=hp.std, interpolation=hp.interpolation, crop_pct=hp.crop_pct)
+        config.update({k: v for k, v in overrides.items() if v is not None})
+        if hp.image_size:
+            config["input_size"] = (3, hp.image_size, hp.image_size)
+        return config
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.preprocess is None:
+            self.preprocess = self._build_preprocess()
+
+    def _build_preprocess(self) -> torch.nn.Module:
+        config, hp = self.data_config(), self.hparams
+        module = build_preprocess(
+            hp.preprocess,
+            mean=config["mean"],
+            std=config["std"],
+            scope=hp.whiten_scope,
+            eps=hp.whiten_eps,
+            image_size=config["input_size"][1:],
+        )
+        if self._pending_state is not None:
+            module.load_state_dict(self._pending_state)
+            self._pending_state = None
+        return module
+
+    def transform(self, train: bool) -> v2.Transform:
+        """uint8 → uint8 transform of the train (augmenting) or evaluation (resize + centre crop) images."""
+        config = self.data_config()
+        size = config["input_size"][1:]
+        interpolation = InterpolationMode(config["interpolation"])
+        if not train or self.hparams.augment == "none":
+            resize = [round(s / config["crop_pct"]) for s in size]
+            return v2.Compose([v2.Resize(resize, interpolation, antialias=True), v2.CenterCrop(size)])
+        steps = [v2.RandomResizedCrop(size, interpolation=interpolation, antialias=True), v2.RandomHorizontalFlip()]
+        if self.hparams.augment == "randaugment":
+            steps.append(v2.RandAugment(interpolation=interpolation))
+        elif self.hparams.augment == "trivialaugment":
+            steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
+        return v2.Compose(steps)
+
+    # ----------------------------------------------------------------------------------------------- dataloaders
+
+    def train_dataloader(self) -> DataLoader:
+        self._fit_preprocess()
+        return self._loader(ImageDataset(self.data.train, self.transform(train=True)), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self._fit_preprocess()
+        return self._loader(ImageDataset(self.data.val, self.transform(train=False)))
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        self._fit_preprocess()
+        return self._loader(ImageDataset(self.predict_split(), self.transform(train=False)))
+
+    def predict_split(self) -> Split:
+        """The images ``predict`` runs on: ``predict_source`` (labels -1) or the val split."""
+        if self.hparams.predict_source is None:
+            return self.data.val
+        root = Path(self.hparams.predict_source.removeprefix("folder:"))
+        if not root.is_dir():
+            raise FileNotFoundError(f"predict_source {str(root)!r} is not a folder of images.")
+        paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise ValueError(f"predict_source {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        return Split(paths, [-1] * len(paths))
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+        )
+
+    # ------------------------------------------------------------------------------------------------ preprocess
+
+    def _fit_preprocess(self) -> None:
+        """Fit the statistics on the train split (evaluation transform, no augmentation), unless they were
+        restored from a checkpoint. Under DDP each rank streams its own shard and the sums are all-reduced."""
+        self.setup()
+        if not needs_fit(self.preprocess):
+            return
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        dataset = ImageDataset(self.data.train, self.transform(train=False))
+        shard = Subset(dataset, range(rank, len(dataset), world))
+        self.preprocess.fit(_unit_float(self._loader(shard)))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, targets = batch
+        return self.normalize(images), targets
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images on any device → the float inputs the model trains on."""
+        self.setup()
+        self.preprocess.to(images.device)
+        return self.preprocess(images.float().div_(255) if images.dtype == torch.uint8 else images)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"preprocess": self.preprocess.state_dict()} if self.preprocess is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_dict.get("preprocess")
+        if state is None:
+            return
+        if self.preprocess is None:
+            self._pending_state = state  # built in setup(), once the model's data_config is known
+        else:
+            self.preprocess.load_state_dict(state)
+
+
+def _unit_float(loader: DataLoader) -> Iterator[torch.Tensor]:
+    for images, _ in loader:
+        yield images.float().div_(255)

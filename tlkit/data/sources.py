@@ -1,0 +1,501 @@
+"""Image sources: turn a spec string into train/val sample lists and class names.
+
+Supported specs:
+
+- ``folder:<dir>``: an ImageFolder tree (``<dir>/<class>/<img>``), optionally pre-split into
+  ``<dir>/train`` and ``<dir>/val``.
+- ``textures``: built-in, offline 64x64 patches of 10 scikit-image photos (one class per photo).
+- ``digits``: scikit-learn's 8x8 handwritten digits.
+
+A sample is either a file path (``str``) or an in-memory ``uint8`` numpy array in **HWC** layout
+(``H x W x 3``; ``H x W`` grayscale is also accepted). :func:`read_image` turns either into a
+``uint8`` ``(3, H, W)`` RGB tensor; normalisation happens later, on the device.
+
+New schemes are added by writing one loader and one class-name function and registering them in
+``_SOURCES``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+# torchvision.io.decode_image only handles jpeg/png/gif/webp; these go through PIL instead.
+_PIL_EXTENSIONS: frozenset[str] = frozenset({".bmp", ".tif", ".tiff"})
+
+PATCH = 64
+TEXTURE_TRAIN_PER_CLASS = 48
+TEXTURE_VAL_PER_CLASS = 16
+TEXTURE_PHOTOS: tuple[str, ...] = (
+    "astronaut",
+    "brick",
+    "chelsea",
+    "coffee",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "retina",
+)
+# Photos are downscaled so the short side is at most this, so a 64-px patch still shows structure.
+TEXTURE_SHORT_SIDE = 320
+# Val patches come from the bottom rows below this fraction of the height, train from above it.
+TEXTURE_TRAIN_FRACTION = 0.75
+# Fixed so the textures val set is identical across runs, whatever seed the caller passes.
+TEXTURE_SEED = 0
+
+Sample = str | np.ndarray
+
+
+@dataclass
+class Split:
+    """One split of samples.
+
+    Attributes:
+        samples: File paths (``str``) or ``uint8`` HWC numpy images.
+        targets: Integer label per sample (index into ``SourceData.class_names``).
+    """
+
+    samples: list[Sample]
+    targets: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.samples) != len(self.targets):
+            raise ValueError(f"Split has {len(self.samples)} samples but {len(self.targets)} targets")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+@dataclass
+class SourceData:
+    """Train/val splits plus sorted class names (index = label)."""
+
+    train: Split
+    val: Split
+    class_names: list[str]
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def read_image(sample: Sample | os.PathLike | torch.Tensor) -> torch.Tensor:
+    """Decode or convert one sample to a ``uint8`` ``(3, H, W)`` RGB tensor.
+
+    Args:
+        sample: A file path, a ``uint8`` numpy array (``HxW``, ``HxWx1``, ``HxWx3`` or ``HxWx4``),
+            or a ``uint8`` tensor (``HxW`` or ``CxHxW`` with C in 1, 3, 4). Alpha is dropped.
+
+    Returns:
+        Contiguous ``uint8`` tensor of shape ``(3, H, W)``.
+    """
+    if isinstance(sample, str | os.PathLike):
+        return _decode_file(Path(sample))
+    if isinstance(sample, np.ndarray):
+        if sample.ndim == 3:
+            sample = sample.transpose(2, 0, 1)  # HWC -> CHW
+        # Copy: cached source arrays may be read-only and must never be mutated through the tensor.
+        return _to_rgb_chw(torch.tensor(sample), "numpy array")
+    if isinstance(sample, torch.Tensor):
+        return _to_rgb_chw(sample.clone(), "tensor")
+    raise TypeError(f"Unsupported sample type {type(sample).__name__}; expected a path, numpy array or tensor")
+
+
+def _decode_file(path: Path) -> torch.Tensor:
+    """Decode an image file to uint8 RGB CHW."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file not found: {path}")
+    try:
+        if path.suffix.lower() in _PIL_EXTENSIONS:
+            image = _decode_with_pil(path)
+        else:
+            image = decode_image(str(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError) as err:
+        raise ValueError(f"Could not decode image {path}: {err}") from err
+    if image.dtype != torch.uint8:  # e.g. 16-bit PNG
+        from torchvision.transforms.v2.functional import to_dtype
+
+        image = to_dtype(image, torch.uint8, scale=True)
+    return image.contiguous()
+
+
+def _decode_with_pil(path: Path) -> torch.Tensor:
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    with Image.open(path) as img:
+        return pil_to_tensor(img.convert("RGB"))
+
+
+def _to_rgb_chw(image: torch.Tensor, what: str) -> torch.Tensor:
+    """Validate a uint8 HW/CHW tensor and expand it to 3 channels."""
+    if image.dtype != torch.uint8:
+        raise TypeError(f"Expected a uint8 {what}, got {image.dtype}")
+    if image.ndim == 2:
+        image = image.unsqueeze(0)
+    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"Expected a {what} image with 1, 3 or 4 channels, got shape {tuple(image.shape)}")
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return image[:3].contiguous()
+
+
+class ImageDataset(Dataset):
+    """Dataset over a :class:`Split` yielding ``(uint8 (3, H, W) image after transform, target)``."""
+
+    def __init__(self, split: Split, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = read_image(self.split.samples[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.split.targets[index])
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def stratified_split(
+    targets: Sequence[int], class_names: Sequence[str], *, val_split: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Split sample indices per class into train/val, fixed by ``seed``.
+
+    Each class gets ``round(n * val_split)`` val samples (half rounds up). Classes are shuffled
+    independently so adding a class does not change the split of the others.
+
+    Args:
+        targets: Label per sample.
+        class_names: Names used in error messages (index = label).
+        val_split: Fraction of each class that goes to val, in (0, 1).
+        seed: Seed of the shuffle.
+
+    Returns:
+        Sorted train indices and sorted val indices.
+
+    Raises:
+        ValueError: If ``val_split`` is out of range or a class would end up with no train or val sample.
+    """
+    if not 0.0 < val_split < 1.0:
+        raise ValueError(f"val_split must be in (0, 1), got {val_split}")
+    targets_arr = np.asarray(targets)
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for label, name in enumerate(class_names):
+        members = np.flatnonzero(targets_arr == label)
+        if len(members) < 2:
+            raise ValueError(
+                f"Class '{name}' has {len(members)} image(s); a train/val split needs at least 2 per class"
+            )
+        n_val = math.floor(len(members) * val_split + 0.5)
+        if n_val == 0:
+            raise ValueError(
+                f"val_split={val_split} leaves class '{name}' ({len(members)} images) with no val sample; "
+                "use a larger val_split or add more images"
+            )
+        if n_val == len(members):
+            raise ValueError(
+                f"val_split={val_split} leaves class '{name}' ({len(members)} images) with no train sample; "
+                "use a smaller val_split or add more images"
+            )
+        shuffled = np.random.default_rng([seed, label]).permutation(members)
+        val_idx.extend(shuffled[:n_val].tolist())
+        train_idx.extend(shuffled[n_val:].tolist())
+    return sorted(train_idx), sorted(val_idx)
+
+
+def _split_by_indices(samples: Sequence[Sample], targets: Sequence[int], indices: Sequence[int]) -> Split:
+    return Split(samples=[samples[i] for i in indices], targets=[int(targets[i]) for i in indices])
+
+
+# --------------------------------------------------------------------------- folder:<dir>
+
+
+def _folder_root(arg: str) -> Path:
+    root = Path(arg).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"Image folder not found: {root}; expected 'folder:<dir>' with <dir>/<class>/<image> "
+            "or <dir>/train/<class>/<image> and <dir>/val/<class>/<image>"
+        )
+    return root
+
+
+def _presplit_dirs(root: Path) -> tuple[Path, Path] | None:
+    """Return ``(train, val)`` dirs when ``root`` is pre-split, else None."""
+    train, val = root / "train", root / "val"
+    if train.is_dir() and val.is_dir():
+        return train, val
+    if train.is_dir() != val.is_dir():
+        have, missing = (train, val) if train.is_dir() else (val, train)
+        raise FileNotFoundError(
+            f"Found {have} but not {missing}; provide both train/ and val/, or put class folders directly in {root}"
+        )
+    return None
+
+
+def _class_dirs(root: Path) -> list[str]:
+    """Sorted class sub-folder names (hidden folders such as .ipynb_checkpoints are skipped)."""
+    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not names:
+        raise FileNotFoundError(f"No class sub-folders in {root}; expected {root}/<class>/<image>")
+    return names
+
+
+def _list_images(class_dir: Path) -> list[str]:
+    """Sorted image paths under ``class_dir`` (recursive, like torchvision's ImageFolder)."""
+    files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise FileNotFoundError(f"Class folder {class_dir} has no images (accepted extensions: {exts})")
+    return [str(p) for p in files]
+
+
+def _scan_folder(root: Path, class_to_idx: dict[str, int]) -> Split:
+    """List every image of every class dir in ``root`` with its label from ``class_to_idx``."""
+    samples: list[Sample] = []
+    targets: list[int] = []
+    for name in _class_dirs(root):
+        if name not in class_to_idx:
+            known = ", ".join(class_to_idx)
+            raise ValueError(f"Class folder {root / name} is not among the training classes ({known})")
+        files = _list_images(root / name)
+        samples.extend(files)
+        targets.extend([class_to_idx[name]] * len(files))
+    return Split(samples=samples, targets=targets)
+
+
+def _folder_class_names(arg: str) -> list[str]:
+    root = _folder_root(arg)
+    presplit = _presplit_dirs(root)
+    return _class_dirs(presplit[0] if presplit else root)
+
+
+def _load_folder(arg: str, val_split: float, seed: int) -> SourceData:
+    root = _folder_root(arg)
+    presplit = _presplit_dirs(root)
+    class_names = _class_dirs(presplit[0] if presplit else root)
+    class_to_idx = {name: i for i, name in enumerate(class_names)}
+    if presplit:
+        return SourceData(_scan_folder(presplit[0], class_to_idx), _scan_folder(presplit[1], class_to_idx), class_names)
+    everything = _scan_folder(root, class_to_idx)
+    train_idx, val_idx = stratified_split(everything.targets, class_names, val_split=val_split, seed=seed)
+    return SourceData(
+        train=_split_by_indices(everything.samples, everything.targets, train_idx),
+        val=_split_by_indices(everything.samples, everything.targets, val_idx),
+        class_names=class_names,
+    )
+
+
+# --------------------------------------------------------------------------- textures
+
+
+@functools.cache
+def load_texture_photo(name: str) -> np.ndarray:
+    """Return one scikit-image photo as read-only uint8 HxWx3, short side at most ``TEXTURE_SHORT_SIDE``."""
+    if name not in TEXTURE_PHOTOS:
+        raise ValueError(f"Unknown texture photo {name!r}; choose from {', '.join(TEXTURE_PHOTOS)}")
+    import skimage.data
+    from skimage.transform import resize
+
+    photo = getattr(skimage.data, name)()
+    if photo.ndim == 2:
+        photo = np.stack([photo] * 3, axis=-1)
+    scale = TEXTURE_SHORT_SIDE / min(photo.shape[:2])
+    if scale < 1.0:
+        shape = (round(photo.shape[0] * scale), round(photo.shape[1] * scale))
+        resized = resize(photo, shape, anti_aliasing=True, preserve_range=True)
+        photo = np.clip(np.rint(resized), 0, 255).astype(np.uint8)
+    photo = np.ascontiguousarray(photo[..., :3])
+    photo.flags.writeable = False
+    return photo
+
+
+def texture_split_row(height: int) -> int:
+    """First row of the val region: train patches lie above it, val patches at or below it."""
+    return int(height * TEXTURE_TRAIN_FRACTION)
+
+
+def texture_patch_coords(
+    height: int,
+    width: int,
+    *,
+    n_train: int = TEXTURE_TRAIN_PER_CLASS,
+    n_val: int = TEXTURE_VAL_PER_CLASS,
+    seed: int = TEXTURE_SEED,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random top-left ``(y, x)`` corners of train and val patches from disjoint row bands.
+
+    Train patches fit entirely in rows ``[0, split)`` and val patches in ``[split, height)`` with
+    ``split = texture_split_row(height)``, so no patch straddles the border and nothing leaks.
+
+    Returns:
+        ``(train_yx, val_yx)`` int arrays of shape ``(n_train, 2)`` and ``(n_val, 2)``.
+    """
+    split = texture_split_row(height)
+    if split < PATCH or height - split < PATCH or width < PATCH:
+        raise ValueError(f"Photo of {height}x{width} is too small for {PATCH}-px train and val bands")
+    rng = np.random.default_rng(seed)
+
+    def corners(n: int, y_lo: int, y_hi: int) -> np.ndarray:
+        ys = rng.integers(y_lo, y_hi - PATCH, size=n, endpoint=True)
+        xs = rng.integers(0, width - PATCH, size=n, endpoint=True)
+        return np.stack([ys, xs], axis=1)
+
+    return corners(n_train, 0, split), corners(n_val, split, height)
+
+
+def photo_patch_coords(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left ``(y, x)`` corners of the train and val patches the ``textures`` source cuts from ``name``."""
+    height, width = load_texture_photo(name).shape[:2]
+    # Per-photo seed so each class's patches do not depend on the others.
+    return texture_patch_coords(height, width, seed=TEXTURE_SEED + TEXTURE_PHOTOS.index(name))
+
+
+def _crop(photo: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    return np.stack([photo[y : y + PATCH, x : x + PATCH] for y, x in coords])
+
+
+@functools.lru_cache(maxsize=1)
+def _build_textures() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Build ``(train_x, train_y, val_x, val_y)`` once per process; the arrays are read-only."""
+    parts: dict[str, list[np.ndarray]] = {"tx": [], "ty": [], "vx": [], "vy": []}
+    for label, name in enumerate(TEXTURE_PHOTOS):
+        photo = load_texture_photo(name)
+        train_yx, val_yx = photo_patch_coords(name)
+        parts["tx"].append(_crop(photo, train_yx))
+        parts["vx"].append(_crop(photo, val_yx))
+        parts["ty"].append(np.full(len(train_yx), label))
+        parts["vy"].append(np.full(len(val_yx), label))
+    arrays = tuple(np.concatenate(parts[k]) for k in ("tx", "ty", "vx", "vy"))
+    for arr in arrays:
+        arr.flags.writeable = False
+    return arrays  # type: ignore[return-value]
+
+
+def _textures_class_names(arg: str) -> list[str]:
+    return list(TEXTURE_PHOTOS)
+
+
+def _load_textures(arg: str, val_split: float, seed: int) -> SourceData:
+    # val_split and seed are ignored on purpose: the val set is fixed so results compare across runs.
+    train_x, train_y, val_x, val_y = _build_textures()
+    return SourceData(
+        train=Split(samples=list(train_x), targets=train_y.tolist()),
+        val=Split(samples=list(val_x), targets=val_y.tolist()),
+        class_names=list(TEXTURE_PHOTOS),
+    )
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def _digits_class_names(arg: str) -> list[str]:
+    return [str(d) for d in range(10)]
+
+
+def _load_digits(arg: str, val_split: float, seed: int) -> SourceData:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Values are 0..16; scale to the full uint8 range and replicate to 3 channels (HWC).
+    gray = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    images = np.repeat(gray[..., None], 3, axis=-1)
+    targets = digits.target.tolist()
+    class_names = _digits_class_names(arg)
+    train_idx, val_idx = stratified_split(targets, class_names, val_split=val_split, seed=seed)
+    samples = list(images)
+    return SourceData(
+        train=_split_by_indices(samples, targets, train_idx),
+        val=_split_by_indices(samples, targets, val_idx),
+        class_names=class_names,
+    )
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class _Scheme:
+    """How to load one spec scheme; ``form`` is shown in error messages."""
+
+    form: str
+    load: Callable[[str, float, int], SourceData]
+    class_names: Callable[[str], list[str]]
+    takes_arg: bool
+
+
+_SOURCES: dict[str, _Scheme] = {
+    "folder": _Scheme("folder:<dir>", _load_folder, _folder_class_names, takes_arg=True),
+    "textures": _Scheme("textures", _load_textures, _textures_class_names, takes_arg=False),
+    "digits": _Scheme("digits", _load_digits, _digits_class_names, takes_arg=False),
+}
+
+
+def _parse_spec(spec: str) -> tuple[_Scheme, str]:
+    """Split ``scheme[:arg]`` and look the scheme up, with a helpful error on misuse."""
+    name, sep, arg = spec.strip().partition(":")
+    scheme = _SOURCES.get(name)
+    valid = ", ".join(s.form for s in _SOURCES.values())
+    if scheme is None:
+        raise ValueError(f"Unknown source spec {spec!r}; valid forms: {valid}")
+    if scheme.takes_arg and not arg:
+        raise ValueError(f"Source spec {spec!r} needs an argument: {scheme.form}")
+    if not scheme.takes_arg and sep:
+        raise ValueError(f"Source spec {spec!r} takes no argument: use {scheme.form!r}")
+    return scheme, arg
+
+
+def load_source(spec: str, *, val_split: float = 0.2, seed: int = 0) -> SourceData:
+    """Load train/val samples and class names for a source spec.
+
+    Args:
+        spec: ``folder:<dir>``, ``textures`` or ``digits``.
+        val_split: Per-class val fraction for sources without a fixed split (ignored by ``textures``
+            and by pre-split ``folder`` trees).
+        seed: Seed of that split (ignored by ``textures``, whose split is fixed).
+
+    Returns:
+        The train and val splits and the sorted class names.
+    """
+    scheme, arg = _parse_spec(spec)
+    return scheme.load(arg, val_split, seed)
+
+
+def list_class_names(spec: str) -> list[str]:
+    """Return the sorted class names of a source without decoding any image."""
+    scheme, arg = _parse_spec(spec)
+    return scheme.class_names(arg)
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "PATCH",
+    "TEXTURE_PHOTOS",
+    "ImageDataset",
+    "SourceData",
+    "Split",
+    "list_class_names",
+    "load_source",
+    "load_texture_photo",
+    "photo_patch_coords",
+    "read_image",
+    "stratified_split",
+    "texture_patch_coords",
+    "texture_split_row",
+]

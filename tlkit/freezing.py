@@ -1,0 +1,89 @@
+"""Freeze specs: which backbone parameters stay fixed, and BatchNorm layers that stay in eval mode.
+
+A spec is one string:
+
+- ``"none"``: everything trains;
+- ``"backbone"``: the whole backbone is frozen, only the head trains;
+- ``"stages:K"``: the stem and the first K stages are frozen (``stages:0`` is the stem alone);
+- ``"regex:<pattern>"``: parameters whose name (as in the timm/torchvision model, e.g. ``layer1.0.conv1.weight``)
+  matches ``re.search(pattern, name)`` are frozen.
+
+Frozen parameters get ``requires_grad=False`` and are never handed to the optimizer. A BatchNorm layer whose
+parameters are all frozen is kept in eval mode, so its running statistics stay those of the pretrained weights
+even while Lightning puts the model in train mode (unless ``freeze_bn=False``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from tlkit.backbones import Backbone
+
+FREEZE_FORMS = ("none", "backbone", "stages:K", "regex:<pattern>")
+
+
+def frozen_parameter_names(backbone: Backbone, spec: str) -> set[str]:
+    """Names (as in ``backbone.named_parameters()``) of the parameters that ``spec`` freezes."""
+    names = [name for name, _ in backbone.named_parameters()]
+    kind, _, arg = spec.partition(":")
+    if spec == "none":
+        return set()
+    if spec == "backbone":
+        return set(names)
+    if kind == "stages" and arg.strip().isdigit():
+        return _stage_names(backbone, int(arg))
+    if kind == "regex" and arg:
+        return _regex_names(names, arg)
+    raise ValueError(
+        f"Bad freeze spec {spec!r}. Valid forms: {', '.join(FREEZE_FORMS)}; "
+        f"the stages of {backbone.name!r} are {backbone.stages} (stages:K freezes the stem and the first K)."
+    )
+
+
+def _stage_names(backbone: Backbone, count: int) -> set[str]:
+    stages = backbone.stage_params()
+    if count > len(stages) - 1:
+        raise ValueError(
+            f"freeze='stages:{count}' asks for more stages than {backbone.name!r} has: its stages are "
+            f"{backbone.stages} (stem + {len(stages) - 1}); use stages:0 to stages:{len(stages) - 1}, or 'backbone'."
+        )
+    return {name for stage in list(stages)[: count + 1] for name in stages[stage]}
+
+
+def _regex_names(names: list[str], pattern: str) -> set[str]:
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"freeze='regex:{pattern}' is not a valid regular expression: {err}") from err
+    frozen = {name for name in names if regex.search(name.removeprefix("model."))}
+    if not frozen:
+        examples = ", ".join(n.removeprefix("model.") for n in names[:3])
+        raise ValueError(f"freeze='regex:{pattern}' matches no parameter; names look like: {examples}, ...")
+    return frozen
+
+
+def apply_freeze(module: nn.Module, frozen: Iterable[str]) -> None:
+    """Set ``requires_grad`` of every parameter of ``module``: False for the names in ``frozen``, True otherwise."""
+    frozen = set(frozen)
+    for name, param in module.named_parameters():
+        param.requires_grad_(name not in frozen)
+
+
+def frozen_batchnorms(module: nn.Module) -> list[nn.Module]:
+    """BatchNorm layers (timm's BatchNormAct2d included) whose affine parameters are all frozen."""
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and any(True for _ in m.parameters())
+        and not any(p.requires_grad for p in m.parameters())
+    ]
+
+
+def keep_frozen_bn_eval(module: nn.Module) -> None:
+    """Put frozen BatchNorm layers back in eval mode (call after ``module.train()``)."""
+    for bn in frozen_batchnorms(module):
+        bn.eval()
