@@ -281,10 +281,10 @@ def _load_state_dict(backbone: Backbone, state: dict[str, torch.Tensor], origin:
     missing = [k for k in own if k not in state]
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
     if unexpected or missing or mismatched:
+        shapes = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in mismatched[:10]]
         raise ValueError(
             f"Weights in {origin} do not fit {backbone.name!r}: missing keys {missing[:10]}, unexpected keys "
-            f"{unexpected[:10]}, shape mismatches {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in mismatched[:10]]}."
-            " Are they for another architecture?"
+            f"{unexpected[:10]}, shape mismatches (key, file, model) {shapes}. Are they for another architecture?"
         )
     backbone.model.load_state_dict({k: state[k] for k in own})
 

@@ -41,11 +41,16 @@ class PredictionCSVWriter(BasePredictionWriter):
         confidence, predicted = probs.max(dim=-1)
         out = Path(self.out or Path(trainer.log_dir or ".") / "predictions.csv")
         rows = [
-            (split.samples[i], names[p], f"{c:.6f}")
-            for i, p, c in zip(indices, predicted.tolist(), confidence, strict=False)
+            (_sample_name(split.samples[i], i), names[p], f"{c:.6f}")
+            for i, p, c in zip(indices, predicted.tolist(), confidence.tolist(), strict=True)
         ]
         _write_csv_atomic(out, ["path", "prediction", "probability"], rows)
         rank_zero_info(f"Predictions for {len(rows)} images written to {out}")
+
+
+def _sample_name(sample: Any, index: int) -> str:
+    """A file's path; built-in sources hold images in memory, named by their index in the split."""
+    return str(sample) if isinstance(sample, str | Path) else f"#{index}"
 
 
 def _flatten(items: Sequence) -> list:

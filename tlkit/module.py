@@ -111,34 +111,35 @@ class TransferClassifier(L.LightningModule):
         return self.head(self.backbone(images))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, self.train_metrics, "train/")
+        loss = self._shared_step(batch, self.train_metrics)
         if self.hparams.l1:
             penalised = (p for p in self.parameters() if p.requires_grad and uses_weight_decay(p))
             loss = loss + self.hparams.l1 * l1_penalty(penalised)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch[1]))
         for group in self._logged_groups():
             self.log(f"lr/{group['name']}", group["lr"], on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, self.val_metrics, "val/")
+        loss = self._shared_step(batch, self.val_metrics)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch[1]))
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, self.test_metrics, "test/")
+        loss = self._shared_step(batch, self.test_metrics)
+        self.log("test/loss", loss, batch_size=len(batch[1]))
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities ``(N, num_classes)``."""
         images = batch[0] if isinstance(batch, list | tuple) else batch
         return self(images).softmax(dim=-1)
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, prefix: str):
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection) -> torch.Tensor:
+        """Cross-entropy of the batch; updates and logs the epoch metrics."""
         images, targets = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
         metrics.update(logits, targets)
-        on_step = prefix == "train/"
-        self.log(f"{prefix}loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(targets))
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=prefix == "val/")
-        return loss
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=metrics is self.val_metrics)
+        return F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

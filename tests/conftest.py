@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny images, tiny Trainers, and an offline environment for every test."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torchvision.io import write_png
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test may reach the network: hub downloads fail fast instead of hanging."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+
+
+def tiny_trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def write_image_folder(root, classes=("cat", "dog", "owl"), per_class=6, size=40, seed=0) -> str:
+    """An ImageFolder tree of small PNGs whose colour depends on the class (so a model can learn it)."""
+    generator = torch.Generator().manual_seed(seed)
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = torch.randint(0, 60, (3, size, size), dtype=torch.uint8, generator=generator)
+            image[label % 3] += 180
+            write_png(image, str(root / name / f"{i:03d}.png"))
+    return str(root)
