@@ -19,7 +19,7 @@ import torch
 from jsonargparse import CLI
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 
 from tlkit.backbones import list_backbones
 from tlkit.data.datamodule import ImageDataModule
@@ -45,7 +45,13 @@ class PredictionCSVWriter(BasePredictionWriter):
             for i, p, c in zip(indices, predicted.tolist(), confidence.tolist(), strict=True)
         ]
         _write_csv_atomic(out, ["path", "prediction", "probability"], rows)
-        rank_zero_info(f"Predictions for {len(rows)} images written to {out}")
+        _say(f"Predictions for {len(rows)} images written to {out}")
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    """A line for the person at the terminal (once per job, not once per process)."""
+    print(message, flush=True)
 
 
 def _sample_name(sample: Any, index: int) -> str:
@@ -83,13 +89,13 @@ class TlkitCLI(LightningCLI):
     def after_fit(self) -> None:
         checkpoint = next((cb for cb in self.trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
         metrics = {k: f"{v.item():.4f}" for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
-        rank_zero_info(f"Validation: {metrics}")
+        _say(f"Validation: {metrics}")
         if checkpoint is not None and checkpoint.best_model_path:
             score = checkpoint.best_model_score
             best = f" ({checkpoint.monitor}={score:.4f})" if score is not None else ""
-            rank_zero_info(f"Best checkpoint{best}: {checkpoint.best_model_path}")
+            _say(f"Best checkpoint{best}: {checkpoint.best_model_path}")
         if self.trainer.log_dir:
-            rank_zero_info(f"Run directory (config.yaml, checkpoints): {self.trainer.log_dir}")
+            _say(f"Run directory (config.yaml, checkpoints): {self.trainer.log_dir}")
 
 
 def backbones(filter: str | None = None, pretrained: bool = False) -> None:

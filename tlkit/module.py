@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
@@ -149,11 +150,16 @@ class TransferClassifier(L.LightningModule):
         optimizer = create_optimizer(groups, hp.optimizer, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
         total, per_epoch = self._schedule_steps()
         step_size = round(hp.step_epochs * per_epoch) if hp.step_epochs else None
+        warmup = round(hp.warmup_epochs * per_epoch)
+        if warmup >= total:  # e.g. a recipe shortened with --trainer.max_epochs 1: keep the run, say so
+            rank_zero_warn(f"warmup_epochs={hp.warmup_epochs} covers the whole run ({total} steps); warming up for "
+                           f"{total - 1} steps instead.")  # fmt: skip
+            warmup = total - 1
         scheduler = create_scheduler(
             optimizer,
             hp.schedule,
             total_steps=total,
-            warmup_steps=round(hp.warmup_epochs * per_epoch),
+            warmup_steps=warmup,
             step_size=step_size,
             gamma=hp.gamma,
         )
