@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -15,6 +16,10 @@ from tlkit.backbones import Pretrained, create_backbone
 from tlkit.freezing import apply_freeze, frozen_parameter_names, keep_frozen_bn_eval
 from tlkit.heads import ClassifierHead
 from tlkit.optim import create_optimizer, create_scheduler, l1_penalty, param_groups, uses_weight_decay
+
+# Lightning warns when modules are in eval mode as training starts; tlkit keeps frozen BatchNorm layers in eval mode
+# on purpose (their running statistics are part of the pretrained weights), so that warning is expected here.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 class TransferClassifier(L.LightningModule):
