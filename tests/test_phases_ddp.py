@@ -3,14 +3,20 @@ match a single process that sees the same global batches."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-
 from _ddp_phases import run
+from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
+from torch import nn
+
+from tlkit.backbones import create_backbone
+from tlkit.callbacks import TimmSyncBatchNorm
 
 SCRIPT = Path(__file__).with_name("_ddp_phases.py")
 
@@ -28,3 +34,22 @@ def test_ddp_ranks_stay_identical_and_match_one_process_through_unfreezing(tmp_p
     stem = "backbone.model.conv_stem.weight"
     history = [single[0][stem], *[epoch[stem] for epoch in single]]
     assert torch.equal(history[0], history[2]) and not torch.equal(history[2], history[3])  # unfrozen in phase 3
+
+
+def test_timm_sync_batchnorm_keeps_the_fused_activation_and_reverts() -> None:
+    model = create_backbone("test_efficientnet").eval()
+    images = torch.randn(2, 3, 32, 32)
+    expected = model(images)
+    # Why the plugin exists: Lightning's sync_batchnorm=True converts timm's BatchNormAct2d to a plain SyncBatchNorm.
+    # (its forward skips the activation), so the network computes something else. Eval mode runs on CPU.
+    plain = TorchSyncBatchNorm().apply(copy.deepcopy(model))
+    assert not torch.allclose(plain(images), expected)
+    plugin = TimmSyncBatchNorm()
+    synced = plugin.apply(copy.deepcopy(model))
+    norms = [m for m in synced.modules() if isinstance(m, nn.SyncBatchNorm)]
+    assert norms and all(isinstance(m, SyncBatchNormAct) for m in norms)
+    torch.testing.assert_close(synced(images), expected)
+    reverted = plugin.revert(synced)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in reverted.modules())
+    assert all(isinstance(m, BatchNormAct2d) for m in reverted.modules() if isinstance(m, nn.BatchNorm2d))
+    torch.testing.assert_close(reverted(images), expected)

@@ -29,7 +29,10 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from timm.layers import convert_sync_batchnorm
+from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
 from torch import nn
 
 if TYPE_CHECKING:
@@ -233,4 +236,47 @@ def _average_over_ranks(*tensors: torch.Tensor) -> None:
             t.div_(dist.get_world_size())
 
 
-__all__ = ["FineTuningPhases", "Phase", "carry_optimizer_state", "parse_phases", "recalibrate_bn", "rewrap_ddp"]
+class TimmSyncBatchNorm(LayerSync):
+    """``sync_batchnorm`` that keeps timm's fused BatchNorm + activation layers intact.
+
+    Lightning's ``Trainer(sync_batchnorm=True)`` uses ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, which turns
+    timm's ``BatchNormAct2d`` into a plain ``SyncBatchNorm`` and so silently drops its activation (EfficientNet's
+    ReLU6/SiLU). This plugin converts with ``timm.layers.convert_sync_batchnorm`` (to ``SyncBatchNormAct``, which
+    keeps it) and reverts to ``BatchNormAct2d`` after fitting. Use it instead of ``sync_batchnorm=True``:
+    ``Trainer(strategy="ddp", plugins=[TimmSyncBatchNorm()])``, or ``trainer.plugins`` in a recipe.
+    """
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        return convert_sync_batchnorm(model)
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        if isinstance(model, SyncBatchNormAct):
+            return _batchnorm_act(model)
+        if isinstance(model, nn.SyncBatchNorm):
+            return TorchSyncBatchNorm().revert(model)
+        for name, child in model.named_children():
+            model.add_module(name, self.revert(child))
+        return model
+
+
+def _batchnorm_act(sync: SyncBatchNormAct) -> BatchNormAct2d:
+    """The ``BatchNormAct2d`` that ``timm.layers.convert_sync_batchnorm`` made ``sync`` from (same tensors)."""
+    bn = BatchNormAct2d(sync.num_features, sync.eps, sync.momentum, sync.affine, sync.track_running_stats)
+    bn.act, bn.drop = sync.act, sync.drop
+    if sync.affine:
+        bn.weight, bn.bias = sync.weight, sync.bias
+    bn.running_mean, bn.running_var = sync.running_mean, sync.running_var
+    bn.num_batches_tracked = sync.num_batches_tracked
+    bn.train(sync.training)
+    return bn
+
+
+__all__ = [
+    "TimmSyncBatchNorm",
+    "FineTuningPhases",
+    "Phase",
+    "carry_optimizer_state",
+    "parse_phases",
+    "recalibrate_bn",
+    "rewrap_ddp",
+]
