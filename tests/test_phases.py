@@ -254,7 +254,6 @@ def test_freeze_epochs_shorthand_expands_to_two_phases() -> None:
         (dict(phases=[{"freeze": "backbone"}, {"epochs": 1}]), "only the last phase"),
         (dict(phases=[{"epochs": 1}, {"freeze": "stages:99"}]), "stages:99"),
         (dict(phases=[{"lr_scale": {"layer9": 0.1}}]), "unknown groups"),
-        (dict(phases=[{"epochs": 1, "warmup_epochs": 1}]), "warms up"),
         (dict(phases=[{"epochs": 1}], freeze_epochs=1), "not both"),
     ],
 )

@@ -96,11 +96,6 @@ def _check_phase(i: int, phase: Phase, last: bool) -> None:
         raise ValueError(f"Phase {i} has no 'epochs'; only the last phase may omit it (it lasts until max_epochs).")
     if phase.epochs is not None and phase.epochs < 1:
         raise ValueError(f"Phase {i} has epochs={phase.epochs}; a phase lasts at least 1 epoch.")
-    if phase.epochs is not None and phase.restart and (phase.warmup_epochs or 0) >= phase.epochs:
-        raise ValueError(
-            f"Phase {i} warms up for {phase.warmup_epochs} epochs but lasts {phase.epochs}; "
-            "set a shorter 'warmup_epochs' for it (0 for none)."
-        )
 
 
 def fine_tune_phases(freeze_epochs: int, freeze: str) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
@@ -234,16 +235,18 @@ class TransferClassifier(L.LightningModule):
             warmup = round(hp.warmup_epochs * per_epoch)
             start_step = round(start * per_epoch)
             return continued_scheduler(
-                optimizer, hp.schedule, total_steps=total, start_step=start_step, warmup_steps=warmup,
+                optimizer, hp.schedule, total_steps=total, start_step=start_step, warmup_steps=min(warmup, total - 1),
                 step_size=step_size, gamma=hp.gamma,
             )  # fmt: skip
+        steps, warmup = max(round((end - start) * per_epoch), 1), round(phase.warmup_epochs * per_epoch)
+        if warmup >= steps:  # e.g. a recipe shortened with --trainer.max_epochs 1: keep the run, say so
+            rank_zero_warn(
+                f"warmup_epochs={phase.warmup_epochs} covers the whole phase {self.phase_index} ({steps} steps); "
+                f"warming up for {steps - 1} steps instead."
+            )
+            warmup = steps - 1
         return create_scheduler(
-            optimizer,
-            hp.schedule,
-            total_steps=max(round((end - start) * per_epoch), 1),
-            warmup_steps=round(phase.warmup_epochs * per_epoch),
-            step_size=step_size,
-            gamma=hp.gamma,
+            optimizer, hp.schedule, total_steps=steps, warmup_steps=warmup, step_size=step_size, gamma=hp.gamma
         )
 
     def _phase_epochs(self, index: int) -> tuple[int, int]:
