@@ -4,6 +4,7 @@ schedules, resume and torch.compile, on tiny real Trainers."""
 from __future__ import annotations
 
 import copy
+import csv
 import math
 from pathlib import Path
 
@@ -265,3 +266,24 @@ def test_bad_phases_fail_with_a_clear_message(kwargs: dict, message: str) -> Non
 def test_parse_phases_inherits_module_values() -> None:
     phases = parse_phases([{"epochs": 1}, {"lr": 0.5}], {"freeze": "stages:1", "lr": 0.1, "warmup_epochs": 0.5})
     assert (phases[0].freeze, phases[0].lr, phases[1].lr, phases[1].warmup_epochs) == ("stages:1", 0.1, 0.5, 0.5)
+
+
+def test_phased_recipe_runs_from_the_command_line(tmp_path: Path) -> None:
+    """recipes/phased.yaml, shortened to 2 epochs of 1 batch: its phases parse from YAML, switch, and are logged."""
+    from tlkit.cli import main
+
+    recipe = Path(__file__).parents[1] / "recipes" / "phased.yaml"
+    overrides = dict(max_epochs=2, limit_train_batches=1, limit_val_batches=1, log_every_n_steps=1)
+    main(
+        ["fit", "--config", str(recipe), "--data.init_args.num_workers", "0"]
+        + ["--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path)]
+        + [arg for key, value in overrides.items() for arg in (f"--trainer.{key}", str(value))]
+    )
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = [row for row in csv.DictReader(f) if row["lr/head"]]
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    assert [bool(row["lr/blocks.6+"]) for row in rows] == [False, True]  # phase 1: last two stages
+    assert not any(row.get("lr/blocks.4") for row in rows)
+    checkpoint = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=True)
+    assert checkpoint["hyper_parameters"]["phases"][1]["freeze"] == "stages:5"
+    assert "FineTuningPhases" in checkpoint["callbacks"]
