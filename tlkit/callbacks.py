@@ -12,7 +12,8 @@ trainer itself; at the first epoch of each phase it
    that train in both phases is carried over; parameters the new phase freezes are not in the new optimizer at all,
    so no stale state can act on them; newly unfrozen ones start from zero state;
 4. under ``torch.compile``, drops the compiled graphs (:func:`torch._dynamo.reset`), so none traced with the old
-   ``requires_grad`` set is reused (pytorch/pytorch#139476);
+   ``requires_grad`` set is reused (pytorch/pytorch#139476; recent versions guard on ``requires_grad`` themselves,
+   and the reset costs one recompile per phase);
 5. with ``recalibrate_bn``, re-estimates the BatchNorm running statistics on the train data (:func:`recalibrate_bn`).
 
 The phase index is in the callback's ``state_dict`` (so in every checkpoint); on resume it is restored, and the
