@@ -263,6 +263,13 @@ def test_bad_phases_fail_with_a_clear_message(kwargs: dict, message: str) -> Non
         TransferClassifier(BN_MODEL, num_classes=3, **kwargs)
 
 
+def test_warmup_longer_than_its_phase_is_clamped_with_a_warning() -> None:
+    model = _model([{"epochs": 1, "freeze": "backbone", "warmup_epochs": 1}, {"freeze": "none"}])
+    with pytest.warns(UserWarning, match="covers the whole phase 0"):
+        _trainer(2, limit_train_batches=1).fit(model, _loader())
+    assert model.phase_index == 1
+
+
 def test_parse_phases_inherits_module_values() -> None:
     phases = parse_phases([{"epochs": 1}, {"lr": 0.5}], {"freeze": "stages:1", "lr": 0.1, "warmup_epochs": 0.5})
     assert (phases[0].freeze, phases[0].lr, phases[1].lr, phases[1].warmup_epochs) == ("stages:1", 0.1, 0.5, 0.5)
