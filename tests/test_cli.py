@@ -60,8 +60,8 @@ def test_predict_writes_a_csv_of_class_names(recipe, tmp_path):
     main(["fit", "--config", str(recipe)])
     ckpt = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
     out = tmp_path / "preds.csv"
-    main(["predict", "--config", str(recipe), "--ckpt_path", str(ckpt), "--trainer.callbacks+=tlkit.cli.PredictionCSVWriter",
-          f"--trainer.callbacks.out={out}"])  # fmt: skip
+    writer = ["--trainer.callbacks+=tlkit.cli.PredictionCSVWriter", f"--trainer.callbacks.out={out}"]
+    main(["predict", "--config", str(recipe), "--ckpt_path", str(ckpt), *writer])
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 359  # the digits val split
     assert {r["prediction"] for r in rows} <= {str(i) for i in range(10)}

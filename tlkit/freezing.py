@@ -10,7 +10,9 @@ A spec is one string:
 
 Frozen parameters get ``requires_grad=False`` and are never handed to the optimizer. A BatchNorm layer whose
 parameters are all frozen is kept in eval mode, so its running statistics stay those of the pretrained weights
-even while Lightning puts the model in train mode (unless ``freeze_bn=False``).
+even while Lightning puts the model in train mode (unless ``freeze_bn=False``). With ``train_bn`` (a fine-tuning
+phase option) the BatchNorm affine parameters of frozen stages stay trainable, so those layers train and update
+their statistics while the convolutions stay fixed.
 """
 
 from __future__ import annotations
@@ -63,6 +65,16 @@ def _regex_names(names: list[str], pattern: str) -> set[str]:
         examples = ", ".join(n.removeprefix("model.") for n in names[:3])
         raise ValueError(f"freeze='regex:{pattern}' matches no parameter; names look like: {examples}, ...")
     return frozen
+
+
+def batchnorm_parameter_names(module: nn.Module) -> set[str]:
+    """Names (as in ``module.named_parameters()``) of the affine parameters of its BatchNorm layers."""
+    return {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for name, _ in m.named_parameters(recurse=False)
+    }
 
 
 def apply_freeze(module: nn.Module, frozen: Iterable[str]) -> None:

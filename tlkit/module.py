@@ -13,9 +13,18 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from tlkit.backbones import Pretrained, create_backbone
-from tlkit.freezing import apply_freeze, frozen_parameter_names, keep_frozen_bn_eval
+from tlkit.callbacks import FineTuningPhases, Phase, fine_tune_phases, parse_phases
+from tlkit.freezing import apply_freeze, batchnorm_parameter_names, frozen_parameter_names, keep_frozen_bn_eval
 from tlkit.heads import ClassifierHead
-from tlkit.optim import create_optimizer, create_scheduler, l1_penalty, param_groups, uses_weight_decay
+from tlkit.optim import (
+    continued_scheduler,
+    create_optimizer,
+    create_scheduler,
+    l1_penalty,
+    layer_decay_scales,
+    param_groups,
+    uses_weight_decay,
+)
 
 # Lightning warns when modules are in eval mode as training starts; tlkit keeps frozen BatchNorm layers in eval mode
 # on purpose (their running statistics are part of the pretrained weights), so that warning is expected here.
@@ -46,9 +55,21 @@ class TransferClassifier(L.LightningModule):
         label_smoothing: label smoothing of the cross-entropy loss.
         channels_last: run the model in channels-last memory format (faster convolutions on GPU).
         compile: ``torch.compile`` the backbone.
+        layer_decay: layer-wise LR decay: a backbone stage at distance ``d`` from the head trains at
+            ``lr * layer_decay ** d`` (head 0, last stage 1, ...). ``None``: one LR for all.
+        phases: fine-tuning phases, each a dict of :class:`~tlkit.callbacks.Phase` fields (``epochs``, ``freeze``,
+            ``lr``, ``warmup_epochs``, ``layer_decay``, ``lr_scale``, ``restart``, ``train_bn``, ``recalibrate_bn``);
+            fields left out take this module's values. ``None``: one phase with the arguments above.
+        freeze_epochs: shorthand for two phases: ``freeze`` (``"backbone"`` if ``"none"``) for this many epochs,
+            then everything unfrozen (with ``layer_decay`` if set). 0: off.
 
     Example:
         >>> model = TransferClassifier("resnet18", num_classes=3, freeze="stages:2")
+        >>> model = TransferClassifier("resnet18", num_classes=3, freeze_epochs=1, layer_decay=0.7)
+        >>> model = TransferClassifier("resnet18", num_classes=3, phases=[
+        ...     {"epochs": 1, "freeze": "backbone", "lr": 1e-2},
+        ...     {"epochs": 2, "freeze": "stages:2", "lr": 1e-3, "warmup_epochs": 0.2},
+        ...     {"epochs": 2, "freeze": "none", "lr": 1e-3, "layer_decay": 0.7}])
     """
 
     def __init__(
@@ -73,6 +94,9 @@ class TransferClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         compile: bool = False,
+        layer_decay: float | None = None,
+        phases: list[dict[str, Any]] | None = None,
+        freeze_epochs: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -80,7 +104,9 @@ class TransferClassifier(L.LightningModule):
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}.")
         self.backbone = create_backbone(backbone, pretrained=pretrained)
         self.head = _build_head(self.backbone.num_features, num_classes, head or {})
-        self.set_freeze(freeze)
+        self.phases = self._build_phases(phases, freeze_epochs)
+        self.phase_index = 0
+        self.enter_phase(0)
         self.train_metrics = _metrics(num_classes, "train/")
         self.val_metrics = _metrics(num_classes, "val/")
         self.test_metrics = _metrics(num_classes, "test/")
@@ -98,11 +124,53 @@ class TransferClassifier(L.LightningModule):
     def class_names(self) -> list[str]:
         return self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
 
-    def set_freeze(self, spec: str) -> None:
-        """Freeze the backbone parameters that ``spec`` names and unfreeze all others (the head always trains)."""
+    def set_freeze(self, spec: str, train_bn: bool = False) -> None:
+        """Freeze the backbone parameters that ``spec`` names and unfreeze all others (the head always trains).
+
+        With ``train_bn`` the BatchNorm affine parameters stay trainable (and those layers in train mode).
+        """
         frozen = frozen_parameter_names(self.backbone, spec)
+        if train_bn:
+            frozen -= batchnorm_parameter_names(self.backbone)
         apply_freeze(self, {f"backbone.{name}" for name in frozen})
         self.train(self.training)  # re-applies the BatchNorm policy to the new frozen set
+
+    def _build_phases(self, phases: list[dict[str, Any]] | None, freeze_epochs: int) -> list[Phase]:
+        hp = self.hparams
+        if phases and freeze_epochs:
+            raise ValueError("Give either phases or freeze_epochs (a shorthand for two phases), not both.")
+        specs = phases or (fine_tune_phases(freeze_epochs, hp.freeze) if freeze_epochs else [{}])
+        defaults = dict(freeze=hp.freeze, lr=hp.lr, warmup_epochs=hp.warmup_epochs, layer_decay=hp.layer_decay)
+        parsed = parse_phases(specs, defaults)
+        groups = {"head", *self.backbone.stages}
+        for i, phase in enumerate(parsed):
+            frozen_parameter_names(self.backbone, phase.freeze)  # a bad spec fails now, not epochs into the run
+            if unknown := sorted(set(phase.lr_scale) - groups):
+                raise ValueError(f"Phase {i} lr_scale names unknown groups {unknown}; groups are {sorted(groups)}.")
+        return parsed
+
+    def phase_at(self, epoch: int) -> int:
+        """Index of the phase that trains epoch ``epoch`` (the last phase runs until the end)."""
+        index, start = 0, 0
+        for i, phase in enumerate(self.phases[:-1]):
+            start += phase.epochs
+            if epoch >= start:
+                index = i + 1
+        return index
+
+    def enter_phase(self, index: int) -> None:
+        """Apply phase ``index``'s freeze spec and BatchNorm policy; ``configure_optimizers`` then builds its
+        optimizer. The trainer-side work (DDP, optimizer rebuild, compile) is :class:`FineTuningPhases`'s."""
+        if not 0 <= index < len(self.phases):
+            raise ValueError(f"Phase {index} does not exist; this model has {len(self.phases)} phases.")
+        self.phase_index = index
+        phase = self.phases[index]
+        self.set_freeze(phase.freeze, train_bn=phase.train_bn)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        if len(self.phases) > 1 or self.phases[0].recalibrate_bn:
+            return [FineTuningPhases()]
+        return []
 
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)
@@ -148,27 +216,52 @@ class TransferClassifier(L.LightningModule):
         return F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+        """The optimizer and per-step schedule of the current phase: one named group per stage (and head), at
+        ``lr * lr_scale * layer_decay ** distance``; frozen parameters are not in it."""
+        hp, phase = self.hparams, self.phases[self.phase_index]
+        scales = layer_decay_scales(self.backbone.stages, phase.layer_decay) if phase.layer_decay else {}
+        scales = {g: scales.get(g, 1.0) * phase.lr_scale.get(g, 1.0) for g in ("head", *self.backbone.stages)}
         groups = param_groups(
-            self.named_parameters(), weight_decay=hp.weight_decay, group_of=self._stage_of(), base_lr=hp.lr
+            self.named_parameters(),
+            weight_decay=hp.weight_decay,
+            group_of=self._stage_of(),
+            base_lr=phase.lr,
+            lr_scale=scales,
         )
-        optimizer = create_optimizer(groups, hp.optimizer, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        optimizer = create_optimizer(groups, hp.optimizer, lr=phase.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        """The schedule restarts over the phase (warmup included), or continues the run-wide one (``restart``)."""
+        hp, phase = self.hparams, self.phases[self.phase_index]
         total, per_epoch = self._schedule_steps()
+        start, end = self._phase_epochs(self.phase_index)
         step_size = round(hp.step_epochs * per_epoch) if hp.step_epochs else None
-        warmup = round(hp.warmup_epochs * per_epoch)
-        if warmup >= total:  # e.g. a recipe shortened with --trainer.max_epochs 1: keep the run, say so
-            rank_zero_warn(f"warmup_epochs={hp.warmup_epochs} covers the whole run ({total} steps); warming up for "
-                           f"{total - 1} steps instead.")  # fmt: skip
-            warmup = total - 1
-        scheduler = create_scheduler(
-            optimizer,
-            hp.schedule,
-            total_steps=total,
-            warmup_steps=warmup,
-            step_size=step_size,
-            gamma=hp.gamma,
+        if not phase.restart:
+            warmup = round(hp.warmup_epochs * per_epoch)
+            start_step = round(start * per_epoch)
+            return continued_scheduler(
+                optimizer, hp.schedule, total_steps=total, start_step=start_step, warmup_steps=min(warmup, total - 1),
+                step_size=step_size, gamma=hp.gamma,
+            )  # fmt: skip
+        steps, warmup = max(round((end - start) * per_epoch), 1), round(phase.warmup_epochs * per_epoch)
+        if warmup >= steps:  # e.g. a recipe shortened with --trainer.max_epochs 1: keep the run, say so
+            rank_zero_warn(
+                f"warmup_epochs={phase.warmup_epochs} covers the whole phase {self.phase_index} ({steps} steps); "
+                f"warming up for {steps - 1} steps instead."
+            )
+            warmup = steps - 1
+        return create_scheduler(
+            optimizer, hp.schedule, total_steps=steps, warmup_steps=warmup, step_size=step_size, gamma=hp.gamma
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _phase_epochs(self, index: int) -> tuple[int, int]:
+        """First and end epoch of phase ``index``; the last phase ends at ``max_epochs``."""
+        start = sum(p.epochs for p in self.phases[:index])
+        if index < len(self.phases) - 1:
+            return start, start + self.phases[index].epochs
+        max_epochs = self.trainer.max_epochs or 0
+        return start, max_epochs if max_epochs > start else start + (self.phases[index].epochs or 1)
 
     def _schedule_steps(self) -> tuple[int, float]:
         """Optimiser steps of the whole run, and per epoch."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -210,6 +210,59 @@ def create_scheduler(
     return lr_scheduler.SequentialLR(optimizer, schedulers=[warmup, main], milestones=[warmup_steps])
 
 
+def layer_decay_scales(stages: Sequence[str], decay: float, head: str = "head") -> dict[str, float]:
+    """Layer-wise LR multipliers ``decay ** d``, ``d`` = distance from the head (as in BEiT and timm's
+    ``param_groups_layer_decay``): the head gets 1, the last stage ``decay``, the one before ``decay ** 2``, ...,
+    the stem (``stages[0]``) ``decay ** len(stages)``. Pass the result as ``lr_scale`` to :func:`param_groups`.
+
+    Example:
+        >>> layer_decay_scales(["stem", "layer1", "layer2"], 0.5)
+        {'head': 1.0, 'layer2': 0.5, 'layer1': 0.25, 'stem': 0.125}
+    """
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1] (1 = no decay), got {decay}")
+    scales = {head: 1.0}
+    for distance, stage in enumerate(reversed(stages), start=1):
+        scales[stage] = decay**distance
+    return scales
+
+
+@dataclass
+class _FactorTable:
+    """LR multiplier looked up in a precomputed table (held at its last value); saved by ``LambdaLR.state_dict``."""
+
+    factors: list[float]
+
+    def __call__(self, step: int) -> float:
+        return self.factors[min(step, len(self.factors) - 1)]
+
+
+def continued_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, *, total_steps: int, start_step: int, **kwargs: float
+) -> lr_scheduler.LRScheduler:
+    """The run-wide schedule of :func:`create_scheduler` (``total_steps`` long), picked up at ``start_step``.
+
+    Used when a fine-tuning phase continues the schedule instead of restarting it: the new optimizer (with new
+    param groups) gets the LR factors the schedule would have reached. The factors are read off the real scheduler
+    on a one-parameter probe, so every schedule and warmup behaves exactly as it does when built directly.
+
+    Args:
+        optimizer: The phase's optimizer; each group's ``lr`` is its peak LR.
+        name: One of ``SCHEDULES``.
+        total_steps: Optimizer steps of the whole run.
+        start_step: Steps already taken when this optimizer starts.
+        **kwargs: ``warmup_steps``, ``step_size``, ``gamma``, ... of :func:`create_scheduler`.
+    """
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = create_scheduler(probe, name, total_steps=total_steps, **kwargs)
+    factors = []
+    for _ in range(total_steps):
+        factors.append(probe.param_groups[0]["lr"])
+        probe.step()
+        schedule.step()
+    return lr_scheduler.LambdaLR(optimizer, _FactorTable(factors[min(start_step, total_steps - 1) :]))
+
+
 def l1_penalty(params: Iterable[Tensor]) -> Tensor:
     """Returns ``sum(|w|)`` over ``params`` (0 if empty), to be scaled and added to the loss.
 
@@ -226,9 +279,11 @@ __all__ = [
     "NO_DECAY_SUFFIX",
     "OPTIMIZERS",
     "SCHEDULES",
+    "continued_scheduler",
     "create_optimizer",
     "create_scheduler",
     "l1_penalty",
+    "layer_decay_scales",
     "param_groups",
     "uses_weight_decay",
 ]
