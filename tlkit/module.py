@@ -11,6 +11,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from tlkit.backbones import Pretrained, create_backbone
+from tlkit.features import drop_feature_cache
 from tlkit.freezing import apply_freeze, frozen_parameter_names, keep_frozen_bn_eval
 from tlkit.heads import ClassifierHead
 from tlkit.optim import create_optimizer, create_scheduler, l1_penalty, param_groups, uses_weight_decay
@@ -40,6 +41,9 @@ class TransferClassifier(L.LightningModule):
         label_smoothing: label smoothing of the cross-entropy loss.
         channels_last: run the model in channels-last memory format (faster convolutions on GPU).
         compile: ``torch.compile`` the backbone.
+        feature_cache: when the whole backbone is frozen and training augmentation is off, compute its features once
+            and train the head on them (a cached linear probe, see :mod:`tlkit.features`); batches are then
+            ``(features, labels)``. Unfreezing drops the cache.
 
     Example:
         >>> model = TransferClassifier("resnet18", num_classes=3, freeze="stages:2")
@@ -67,6 +71,7 @@ class TransferClassifier(L.LightningModule):
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         compile: bool = False,
+        feature_cache: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -96,6 +101,7 @@ class TransferClassifier(L.LightningModule):
         """Freeze the backbone parameters that ``spec`` names and unfreeze all others (the head always trains)."""
         frozen = frozen_parameter_names(self.backbone, spec)
         apply_freeze(self, {f"backbone.{name}" for name in frozen})
+        drop_feature_cache(self)  # cached features are only valid for a fully frozen backbone
         self.train(self.training)  # re-applies the BatchNorm policy to the new frozen set
 
     def train(self, mode: bool = True) -> TransferClassifier:
@@ -105,7 +111,9 @@ class TransferClassifier(L.LightningModule):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for preprocessed images ``(N, 3, H, W)``."""
+        """Logits for preprocessed images ``(N, 3, H, W)``, or for cached backbone features ``(N, num_features)``."""
+        if images.ndim == 2:
+            return self.head(images)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(images))
