@@ -573,7 +573,7 @@ def _resolve_model(model: Any, pretrained: Pretrained) -> tuple[Backbone, dict[s
     if isinstance(model, str | os.PathLike) and (Path(model).suffix == ".ckpt" or Path(model).is_file()):
         from tlkit.export import load_checkpoint
 
-        classifier, preprocess = load_checkpoint(model)
+        classifier, preprocess, _ = load_checkpoint(model)
         return classifier.backbone, _meta(classifier.backbone, f"checkpoint:{model}"), preprocess
     if isinstance(model, str):
         return create_backbone(model, pretrained=pretrained), _meta(model, pretrained), None
