@@ -180,7 +180,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[TransferClassifier, nn.Mod
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}; pass the .ckpt written by `tlkit fit` (see its run dir).")
-    model = TransferClassifier.load_from_checkpoint(path, map_location="cpu").eval()
+    model = TransferClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     hp = checkpoint.get("datamodule_hyper_parameters") or {}
     state = (checkpoint.get("ImageDataModule") or {}).get("preprocess")
