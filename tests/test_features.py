@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
 
 import lightning as L
 import pytest
-import timm
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.io import write_png
@@ -144,7 +147,9 @@ def test_out_streams_shards_with_bounded_memory_and_one_ordered_file(tmp_path, i
 def _shard(path, rows: range, dim: int = 2):
     index = torch.tensor(list(rows))
     writer = ShardWriter(path.parent, shard_size=100, ids=[f"img{i}" for i in range(100)])
-    writer.buffer = [{"features": {"features": index[:, None].float().expand(-1, dim)}, "labels": index, "index": index}]
+    writer.buffer = [
+        {"features": {"features": index[:, None].float().expand(-1, dim)}, "labels": index, "index": index}
+    ]
     writer.buffered = len(index)
     writer.flush(rank=int(path.name))
     return writer.shards[0]
@@ -250,3 +255,20 @@ def test_cache_key_changes_with_preprocessing(folder):
     model.set_freeze("stages:1")
     assert cache_key(model, dm, "train") is None
     assert features_module._stochastic(nn.Sequential(nn.Dropout(0.1)))
+
+
+def test_cli_extract_on_two_ddp_ranks_writes_one_ordered_file(tmp_path, folder):
+    """Two gloo CPU processes (Lightning's DDP launcher) each extract a block; rank 0 merges them in order."""
+    out, weights = tmp_path / "ddp.safetensors", tmp_path / "weights.safetensors"
+    backbone = create_backbone("test_efficientnet")
+    save_file(backbone.model.state_dict(), weights)
+    args = ["extract", "--backbone", "test_efficientnet", "--pretrained", str(weights),
+            "--data.source", f"folder:{folder}", "--data.image_size", "16", "--device", "cpu", "--devices", "2", "--batch_size", "3", "--shard_size", "4",
+            "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-m", "tlkit.cli", *args], check=True, env=env, cwd=tmp_path, timeout=300)
+    merged = FeatureSet.load(out)
+    single = extract_features(backbone, ImageDataModule(f"folder:{folder}", image_size=16))
+    assert merged.ids == single.ids and merged.labels.tolist() == single.labels.tolist()
+    torch.testing.assert_close(merged.features, single.features, atol=1e-5, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.safetensors", "weights.safetensors"]

@@ -75,7 +75,7 @@ class _LeafTracer(fx.Tracer):
         self.notrace = tuple(get_notrace_modules())
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _BatchNorm | _ConvNd | self.notrace) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (_BatchNorm, _ConvNd, *self.notrace)) or super().is_leaf_module(m, qualname)
 
 
 def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:

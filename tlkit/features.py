@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,7 +200,9 @@ class FeatureExtractor(nn.Module):
             return x
         if x.ndim == 4:  # (N, C, H, W)
             if self.pool == "token":
-                raise ValueError("pool='token' needs a transformer's token sequence; this output is a (N, C, H, W) map.")
+                raise ValueError(
+                    "pool='token' needs a transformer's token sequence; this output is a (N, C, H, W) map."
+                )
             return x.mean(dim=(2, 3)) if self.pool == "avg" else x.amax(dim=(2, 3))
         if x.ndim == 3:  # (N, tokens, C), prefix (class) tokens first, as timm and torchvision ViTs lay them out
             if self.pool == "token":
@@ -401,7 +403,9 @@ def _shard_head(path: Path) -> dict[str, Any]:
         shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
         ids = json.loads(f.metadata()["ids"])
-    contiguous = bool(torch.equal(index, torch.arange(int(index[0]), int(index[0]) + len(index)))) if len(index) else True
+    contiguous = (
+        bool(torch.equal(index, torch.arange(int(index[0]), int(index[0]) + len(index)))) if len(index) else True
+    )
     first = int(index[0]) if len(index) else 0
     return dict(path=path, first=first, rows=len(index), contiguous=contiguous, shapes=shapes, dtypes=dtypes, ids=ids)
 
@@ -541,16 +545,16 @@ def _trainer(device: str, devices: int, strategy: str, precision: str, writer: S
         strategy = "ddp"
     with _quiet(not progress):
         return L.Trainer(
-        accelerator=accelerator,
-        devices=chosen,
-        strategy=strategy,
-        precision=precision,
-        callbacks=[writer],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress,
-        use_distributed_sampler=False,  # each rank reads its own contiguous block (see _ExtractData)
+            accelerator=accelerator,
+            devices=chosen,
+            strategy=strategy,
+            precision=precision,
+            callbacks=[writer],
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+            use_distributed_sampler=False,  # each rank reads its own contiguous block (see _ExtractData)
         )
 
 
@@ -666,7 +670,6 @@ def _describe(module: nn.Module) -> dict[str, Any]:
     return {"module": type(module).__name__, "state": state}
 
 
-
 # ------------------------------------------------------------------------------------------------ feature cache
 
 
@@ -752,7 +755,9 @@ def _stochastic(module: nn.Module) -> bool:
 def _compute_features(model: Any, dm: ImageDataModule, dataset: Dataset) -> tuple[Tensor, Tensor]:
     # Its own generator: drawing the loader's base seed from the global RNG would shift the training run's dropout.
     generator = torch.Generator().manual_seed(0)
-    loader = DataLoader(dataset, batch_size=dm.hparams.batch_size, num_workers=dm.hparams.num_workers, generator=generator)
+    loader = DataLoader(
+        dataset, batch_size=dm.hparams.batch_size, num_workers=dm.hparams.num_workers, generator=generator
+    )
     backbone, was_training = model.backbone, model.backbone.training
     backbone.eval()  # identical to train mode here: BatchNorm frozen, nothing stochastic (see cache_key)
     trainer = getattr(model, "_trainer", None)
