@@ -263,8 +263,8 @@ def test_cli_extract_on_two_ddp_ranks_writes_one_ordered_file(tmp_path, folder):
     backbone = create_backbone("test_efficientnet")
     save_file(backbone.model.state_dict(), weights)
     args = ["extract", "--backbone", "test_efficientnet", "--pretrained", str(weights),
-            "--data.source", f"folder:{folder}", "--data.image_size", "16", "--device", "cpu", "--devices", "2", "--batch_size", "3", "--shard_size", "4",
-            "--out", str(out)]  # fmt: skip
+            "--data.source", f"folder:{folder}", "--data.image_size", "16", "--device", "cpu", "--devices", "2",
+            "--batch_size", "3", "--shard_size", "4", "--out", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-m", "tlkit.cli", *args], check=True, env=env, cwd=tmp_path, timeout=300)
     merged = FeatureSet.load(out)
