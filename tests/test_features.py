@@ -217,7 +217,8 @@ def _probe(folder, cache: bool, augment: str = "none", callbacks=()) -> tuple[Tr
     L.seed_everything(0)
     model = TransferClassifier("test_resnet", num_classes=2, freeze="backbone", feature_cache=cache, lr=0.05,
                                head=dict(dropout=0.3))  # fmt: skip
-    dm = ImageDataModule(f"folder:{folder}", image_size=16, batch_size=6, augment=augment)
+    # A persistent worker: the cache must give the same shuffles as the image loader and see invalidations.
+    dm = ImageDataModule(f"folder:{folder}", image_size=16, batch_size=6, augment=augment, num_workers=1)
     shapes = _BatchShapes()
     trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[shapes, *callbacks], deterministic=True)  # fmt: skip

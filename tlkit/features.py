@@ -673,21 +673,30 @@ def _describe(module: nn.Module) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ feature cache
 
 
-@dataclass
 class CacheEntry:
-    """Backbone features of one split, valid while the backbone, preprocessing and transform stay as ``key`` says."""
+    """Backbone features of one split, valid while the backbone, preprocessing and transform stay as ``key`` says.
 
-    key: str
-    features: Tensor
-    labels: Tensor
-    valid: bool = True
+    Features and the validity flag live in shared memory, so loader workers (forked or spawned, persistent or not)
+    read the same tensors and see an invalidation made in the main process.
+    """
+
+    def __init__(self, key: str, features: Tensor, labels: Tensor):
+        self.key = key
+        self.features, self.labels = features.share_memory_(), labels.share_memory_()
+        self._valid = torch.ones((), dtype=torch.bool).share_memory_()
+
+    @property
+    def valid(self) -> bool:
+        return bool(self._valid)
+
+    def invalidate(self) -> None:
+        self._valid.fill_(False)
 
 
 class CachedFeatureDataset(Dataset):
     """Yields ``(features, label)`` from a cache while it is valid, and the images of ``images`` once it is dropped
-    (an unfreeze during training), so a loader built on it stays correct for the rest of the run."""
-
-    main_process_only = True  # workers would hold a stale copy of ``entry.valid``
+    (an unfreeze during training), so a loader built on it stays correct for the rest of the run. The loader keeps
+    its workers and sampler as configured, so a run draws the same shuffles with and without the cache."""
 
     def __init__(self, images: Dataset, entry: CacheEntry):
         self.images, self.entry = images, entry
@@ -721,7 +730,7 @@ def feature_cache_dataset(dm: ImageDataModule, dataset: Dataset, split: str) -> 
 def drop_feature_cache(model: nn.Module) -> None:
     """Invalidate the cached features of ``model`` (called when its frozen set changes)."""
     for entry in model.__dict__.pop("_feature_cache", {}).values():
-        entry.valid = False
+        entry.invalidate()
 
 
 def cache_key(model: Any, dm: ImageDataModule, split: str) -> str | None:

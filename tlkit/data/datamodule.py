@@ -169,8 +169,7 @@ class ImageDataModule(L.LightningDataModule):
         return Split(paths, [-1] * len(paths))
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
-        # Cached features are in memory, and the cache's validity must be read live (see CachedFeatureDataset).
-        workers = 0 if getattr(dataset, "main_process_only", False) else self.hparams.num_workers
+        workers = self.hparams.num_workers
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
