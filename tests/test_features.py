@@ -54,7 +54,9 @@ def folder(tmp_path_factory) -> str:
 # ------------------------------------------------------------------------------------------------ exactness
 
 
-@pytest.mark.parametrize(("name", "pool"), [("test_efficientnet", "avg"), ("test_vit", "token")])
+@pytest.mark.parametrize(
+    ("name", "pool"), [("test_efficientnet", "avg"), ("test_convnext", "avg"), ("test_vit", "token")]
+)
 def test_timm_features_equal_forward_head_pre_logits(images, name, pool):
     backbone = create_backbone(name)
     x = images if name != "test_vit" else torch.rand(3, 3, 160, 160)

@@ -179,7 +179,10 @@ class FeatureExtractor(nn.Module):
             return self._hooked(x)
         if self.torchvision:  # the model's own pooling path (avgpool, flatten, the Identity left for the classifier)
             return {DEFAULT_KEY: self.backbone(x)}
-        return {DEFAULT_KEY: self._pool(self.backbone.model.forward_features(x))}
+        feats = self.backbone.model.forward_features(x)
+        if self.pool == _timm_pool_type(self.backbone.model):  # timm's own head: pooling plus any norm after it
+            return {DEFAULT_KEY: self.backbone.model.forward_head(feats, pre_logits=True)}
+        return {DEFAULT_KEY: self._pool(feats)}
 
     def _hooked(self, x: Tensor) -> dict[str, Tensor]:
         """Outputs of named timm modules, caught by forward hooks (the tensors ``features_only`` returns)."""
@@ -220,6 +223,14 @@ class FeatureExtractor(nn.Module):
         return None
 
 
+def _timm_pool_type(model: nn.Module) -> str | None:
+    """The global pool a timm model applies in ``forward_head`` (``avg``, ``max``, ``token``...), if it says."""
+    pool = getattr(model, "global_pool", None)
+    if pool is None:  # ConvNeXt & co. keep it in their head module (pool, norm, ...)
+        pool = getattr(getattr(model, "head", None), "global_pool", None)
+    return pool if isinstance(pool, str) else getattr(pool, "pool_type", None)
+
+
 def _is_int(x: str | int) -> bool:
     return isinstance(x, int) or (isinstance(x, str) and x.lstrip("-").isdigit())
 
@@ -243,9 +254,7 @@ def _torchvision_graph(model: nn.Module, nodes: list[str], extractor: FeatureExt
     if missing:
         raise ValueError(f"Unknown layers {missing}. Valid graph nodes (get_graph_node_names): {valid}")
     if extractor.layers is None:  # pool != avg on the final map: return it under the default key
-        extractor.layers = None
-        graph = create_feature_extractor(model, return_nodes={nodes[0]: DEFAULT_KEY})
-        return graph
+        return create_feature_extractor(model, return_nodes={nodes[0]: DEFAULT_KEY})
     return create_feature_extractor(model, return_nodes={n: n for n in nodes})
 
 
