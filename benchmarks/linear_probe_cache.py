@@ -86,12 +86,12 @@ def main() -> None:
     lr_acc = sklearn_probe(model, dm)
     # sklearn's C=1 penalises 0.5 * |W|^2 against the summed loss: weight decay 1 / (C * N) on the mean loss.
     l2 = 1.0 / len(dm.data.train)
-    linear = dict(optimizer="adam", lr=1e-3, weight_decay=l2, head=dict(dropout=0.0), label_smoothing=0.0,
+    linear = dict(optimizer="adam", lr=3e-3, weight_decay=l2, head=dict(dropout=0.0), label_smoothing=0.0,
                   warmup_epochs=0)  # fmt: skip
     elapsed, probe_acc, _, _ = probe(True, args.probe_epochs, **linear)
     print(f"  quality: sklearn LogisticRegression(C=1) on the same features: val acc {lr_acc:.4f}")
     print(f"           tlkit cached probe, recipe settings, {args.epochs} epochs: val acc {accs[True]:.4f}")
-    print(f"           tlkit cached probe, Adam lr 1e-3, weight decay 1/N, {args.probe_epochs} epochs: "
+    print(f"           tlkit cached probe, Adam lr 3e-3, weight decay 1/N, {args.probe_epochs} epochs: "
           f"val acc {probe_acc:.4f} ({elapsed:.1f} s)")  # fmt: skip
 
 

@@ -182,3 +182,15 @@ def test_cli_export_accepts_fuse_bn_flag(checkpoint, tmp_path, capsys):
     assert out.is_file() and "max abs diff of the logits" in printed
     with pytest.raises(ValueError, match="Unknown format='tflite'"):
         export(checkpoint, format="tflite")
+
+
+def test_extract_features_from_a_checkpoint_uses_its_preprocessing(checkpoint):
+    from tlkit.features import extract_features
+
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    feats = extract_features(checkpoint, images)
+    model, preprocess, _ = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        expected = model.backbone(preprocess(images.float() / 255))
+    torch.testing.assert_close(feats.features, expected, atol=1e-5, rtol=0)
+    assert feats.metadata["weights"] == f"checkpoint:{checkpoint}"
