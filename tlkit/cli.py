@@ -134,6 +134,8 @@ def extract(
         precision: 32-true, bf16-mixed, 16-mixed.
         shard_size: rows per temporary shard, which bounds the memory used.
     """
+    from lightning.pytorch.utilities import rank_zero_info
+
     from tlkit.features import extract_features
 
     if (backbone is None) == (ckpt_path is None):
