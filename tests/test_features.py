@@ -107,6 +107,7 @@ def test_loader_rows_keep_order_and_labels(images):
     alone = extract_features(backbone, images[3:4])
     assert feats.labels.tolist() == labels.tolist()
     assert feats.ids == ["0", "1", "2", "3", "4"]
+    assert backbone.training  # extraction runs in eval mode and hands the module back as it was
     torch.testing.assert_close(feats.features[3:4], alone.features, atol=1e-5, rtol=0)
 
 

@@ -513,6 +513,7 @@ def extract_features(
     with _data_config_for(data, backbone):
         dataset, ids, splits, data_pre, loader_opts = _resolve_data(data, split)
         prep = _resolve_preprocess(preprocess, data_pre, ckpt_preprocess, backbone)
+    was_training = backbone.training  # a model passed in mid-training gets its mode back
     extractor = FeatureExtractor(backbone, prep, layers=layers, pool=pool).eval()
     batch_size = batch_size or loader_opts.get("batch_size", 64)
     workers = loader_opts.get("num_workers", 0) if num_workers is None else num_workers
@@ -527,8 +528,11 @@ def extract_features(
         shutil.rmtree(parts, ignore_errors=True)
         parts.mkdir(parents=True)
     trainer.strategy.barrier()
-    trainer.predict(_FeatureModule(extractor), datamodule=_ExtractData(dataset, batch_size, workers),
-                    return_predictions=False)  # fmt: skip
+    try:
+        trainer.predict(_FeatureModule(extractor), datamodule=_ExtractData(dataset, batch_size, workers),
+                        return_predictions=False)  # fmt: skip
+    finally:
+        backbone.train(was_training)
     return _finish(trainer, writer, out, parts, ids, meta)
 
 
