@@ -3,6 +3,8 @@
 tlkit fit --config recipes/quickstart.yaml [--trainer.max_epochs 3 ...]
 tlkit validate|test|predict --config ... --ckpt_path ...
 tlkit backbones [--filter 'convnext*'] [--pretrained true]
+tlkit extract --backbone resnet50 --data.source folder:imgs/ --out feats.safetensors
+tlkit export --ckpt_path run/last.ckpt --format onnx|torchscript|safetensors [--fuse-bn]
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from jsonargparse import CLI
+from jsonargparse import CLI, lazy_instance
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
@@ -109,14 +111,101 @@ def backbones(filter: str | None = None, pretrained: bool = False) -> None:
     print("\n".join(names) if names else f"No backbone matches {filter!r}.")
 
 
-COMMANDS: dict[str, Callable[..., Any]] = {"backbones": backbones}
+def extract(
+    out: str = "features.safetensors",
+    backbone: str | None = None,
+    ckpt_path: str | None = None,
+    pretrained: bool | str = True,
+    data: ImageDataModule = lazy_instance(ImageDataModule),
+    split: str = "all",
+    layers: list[str] | None = None,
+    pool: str = "avg",
+    batch_size: int | None = None,
+    device: str = "auto",
+    devices: int = 1,
+    strategy: str = "auto",
+    precision: str = "32-true",
+    shard_size: int = 4096,
+) -> None:
+    """Extract backbone features of a data set into one safetensors file (rows in data order, labels aligned).
+
+    Args:
+        out: the .safetensors file to write.
+        backbone: timm name or torchvision/<name> (or use ckpt_path).
+        ckpt_path: a TransferClassifier checkpoint whose backbone to use.
+        pretrained: weights of --backbone: true (hub), false, 'packaged' or a weights file.
+        data: the images, as for fit (--data.source, --data.image_size, --data.preprocess ...).
+        split: train, val, predict, or all (train then val).
+        layers: intermediate layers instead of the final features (module/node names or stage indices).
+        pool: avg, max, token or none.
+        batch_size: images per batch (default: the data's).
+        device: auto, cpu, cuda, cuda:1, mps.
+        devices: number of devices; several shard the data across ranks (one ordered file still).
+        strategy: Lightning strategy for several devices (default ddp).
+        precision: 32-true, bf16-mixed, 16-mixed.
+        shard_size: rows per temporary shard, which bounds the memory used.
+    """
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from tlkit.features import extract_features
+
+    if (backbone is None) == (ckpt_path is None):
+        raise ValueError("Pass exactly one of --backbone NAME or --ckpt_path FILE.")
+    feats = extract_features(
+        ckpt_path or backbone, data, layers=layers, pool=pool, batch_size=batch_size, device=device,
+        precision=precision, out=out, pretrained=pretrained, split=split, devices=devices, strategy=strategy,
+        shard_size=shard_size, progress=True,
+    )  # fmt: skip
+    if feats is not None:
+        shapes = {name: tuple(t.shape) for name, t in feats.layers.items()}
+        rank_zero_info(f"Features {shapes} of {len(feats)} images written to {out}")
+
+
+def export(
+    ckpt_path: str | None = None,
+    format: str = "onnx",
+    out: str | None = None,
+    fuse_bn: bool = False,
+    input: str = "uint8",
+    return_features: bool = False,
+) -> None:
+    """Export a checkpoint with its preprocessing in front: images (uint8 or float [0, 1], NCHW) in, logits out.
+
+    Args:
+        ckpt_path: the .ckpt written by `tlkit fit`.
+        format: onnx, torchscript or safetensors (weights + JSON metadata, reloadable without pickle).
+        out: output file (default: the checkpoint path with the format's suffix).
+        fuse_bn: fold BatchNorm layers into the convolutions before them (checked and printed).
+        input: uint8 or float.
+        return_features: also output the pooled features.
+    """
+    from tlkit.export import export as export_model
+
+    if ckpt_path is None:
+        raise ValueError("tlkit export needs --ckpt_path FILE (a checkpoint written by `tlkit fit`).")
+    export_model(ckpt_path, format=format, out=out, fuse_bn=fuse_bn, input=input, return_features=return_features)
+
+
+COMMANDS: dict[str, Callable[..., Any]] = {"backbones": backbones, "extract": extract, "export": export}
+
+
+def _flag_args(args: list[str]) -> list[str]:
+    """Accept ``--fuse-bn`` for ``--fuse_bn true``: dashes in option names, and bare boolean flags."""
+    fixed = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--") and "=" not in arg:
+            arg = "--" + arg[2:].replace("-", "_")
+            bare = i + 1 == len(args) or args[i + 1].startswith("--")
+            arg = f"{arg}=true" if bare and arg not in ("--help", "--print_config") else arg
+        fixed.append(arg)
+    return fixed
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``tlkit`` console script."""
     args = sys.argv[1:] if args is None else args
     if args and args[0] in COMMANDS:
-        CLI(COMMANDS[args[0]], args=args[1:])
+        CLI(COMMANDS[args[0]], args=_flag_args(args[1:]))
         return
     TlkitCLI(
         TransferClassifier,

@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from tlkit.backbones import Pretrained, create_backbone
 from tlkit.callbacks import FineTuningPhases, Phase, fine_tune_phases, parse_phases
+from tlkit.features import drop_feature_cache
 from tlkit.freezing import apply_freeze, batchnorm_parameter_names, frozen_parameter_names, keep_frozen_bn_eval
 from tlkit.heads import ClassifierHead
 from tlkit.optim import (
@@ -62,6 +63,9 @@ class TransferClassifier(L.LightningModule):
             fields left out take this module's values. ``None``: one phase with the arguments above.
         freeze_epochs: shorthand for two phases: ``freeze`` (``"backbone"`` if ``"none"``) for this many epochs,
             then everything unfrozen (with ``layer_decay`` if set). 0: off.
+        feature_cache: when the whole backbone is frozen and training augmentation is off, compute its features once
+            and train the head on them (a cached linear probe, see :mod:`tlkit.features`); batches are then
+            ``(features, labels)``. Unfreezing drops the cache.
 
     Example:
         >>> model = TransferClassifier("resnet18", num_classes=3, freeze="stages:2")
@@ -97,6 +101,7 @@ class TransferClassifier(L.LightningModule):
         layer_decay: float | None = None,
         phases: list[dict[str, Any]] | None = None,
         freeze_epochs: int = 0,
+        feature_cache: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -133,6 +138,7 @@ class TransferClassifier(L.LightningModule):
         if train_bn:
             frozen -= batchnorm_parameter_names(self.backbone)
         apply_freeze(self, {f"backbone.{name}" for name in frozen})
+        drop_feature_cache(self)  # cached features are only valid for a fully frozen backbone
         self.train(self.training)  # re-applies the BatchNorm policy to the new frozen set
 
     def _build_phases(self, phases: list[dict[str, Any]] | None, freeze_epochs: int) -> list[Phase]:
@@ -179,7 +185,9 @@ class TransferClassifier(L.LightningModule):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for preprocessed images ``(N, 3, H, W)``."""
+        """Logits for preprocessed images ``(N, 3, H, W)``, or for cached backbone features ``(N, num_features)``."""
+        if images.ndim == 2:
+            return self.head(images)
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(images))

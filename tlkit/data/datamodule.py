@@ -142,11 +142,12 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._fit_preprocess()
-        return self._loader(ImageDataset(self.data.train, self.transform(train=True)), shuffle=True)
+        dataset = ImageDataset(self.data.train, self.transform(train=True))
+        return self._loader(_maybe_cached(self, dataset, "train"), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         self._fit_preprocess()
-        return self._loader(ImageDataset(self.data.val, self.transform(train=False)))
+        return self._loader(_maybe_cached(self, ImageDataset(self.data.val, self.transform(train=False)), "val"))
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
@@ -194,6 +195,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, targets = batch
+        if images.ndim == 2:  # cached backbone features, already computed from normalised images
+            return batch
         return self.normalize(images), targets
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -213,6 +216,13 @@ class ImageDataModule(L.LightningDataModule):
             self._pending_state = state  # built in setup(), once the model's data_config is known
         else:
             self.preprocess.load_state_dict(state)
+
+
+def _maybe_cached(dm: ImageDataModule, dataset: Dataset, split: str) -> Dataset:
+    """The dataset, or cached backbone features of it for a frozen-backbone linear probe (tlkit.features)."""
+    from tlkit.features import feature_cache_dataset  # features builds on this module
+
+    return feature_cache_dataset(dm, dataset, split)
 
 
 def _unit_float(loader: DataLoader) -> Iterator[torch.Tensor]:

@@ -1,0 +1,196 @@
+"""Tests for tlkit.export: Conv+BN folding on timm and torchvision models, ONNX/TorchScript/safetensors exports."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import tlkit.export as export_module
+from tlkit import ImageDataModule, TransferClassifier
+from tlkit.cli import main
+from tlkit.export import export, fold_batchnorm, load_checkpoint, load_safetensors
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial statistics, so that a wrong fold shows (fresh BatchNorms are the identity)."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [(lambda: timm.create_model("test_efficientnet"), 13), (lambda: torchvision.models.resnet18(), 20)],
+    ids=["timm-BatchNormAct2d", "torchvision-resnet18"],
+)
+def test_fold_removes_every_batchnorm_and_keeps_outputs(make, expected):
+    model = _randomise_bn(make())
+    folded, count = fold_batchnorm(model)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        diff = (model(x) - folded(x)).abs().max().item()
+    assert count == expected and diff < 1e-4
+    assert not any(isinstance(m, _BatchNorm) for m in folded.modules())
+    assert any(isinstance(m, _BatchNorm) for m in model.modules())  # the original is untouched
+
+
+def test_batchnormact_keeps_its_activation_after_folding():
+    model = _randomise_bn(timm.create_model("test_efficientnet"))
+    folded, _ = fold_batchnorm(model)
+    assert isinstance(folded.bn1, nn.Sequential) and isinstance(folded.bn1[1], type(model.bn1.act))
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow (untraceable by torch.fx), and a conv whose output is used twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.shared, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        if x.sum() > 0:
+            x = x + 1
+        return self.bn2(self.shared(x))
+
+
+def test_fold_falls_back_to_module_order_when_tracing_fails():
+    model = _randomise_bn(_Branchy())
+    folded, count = fold_batchnorm(model)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=0)
+    assert count == 2
+
+
+def test_fold_skips_a_conv_whose_output_is_also_used_elsewhere():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    model = _randomise_bn(Skip())
+    folded, count = fold_batchnorm(model)
+    x = torch.rand(1, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x))
+    assert count == 0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A briefly trained timm model (BatchNormAct2d inside) with dataset-fitted normalisation, at 16 px."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("run")
+    L.seed_everything(0)
+    model = TransferClassifier("test_efficientnet", num_classes=10, class_names=[f"d{i}" for i in range(10)])
+    dm = ImageDataModule("digits", image_size=16, batch_size=16, preprocess="dataset")
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, default_root_dir=root,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(model, dm)
+    path = root / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+def _reference(checkpoint: str, images: torch.Tensor) -> torch.Tensor:
+    model, preprocess, _ = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        return model(preprocess(images.float() / 255))
+
+
+def test_onnx_export_with_folding_matches_pytorch_in_onnxruntime(checkpoint, tmp_path, capsys):
+    out = export(checkpoint, format="onnx", out=tmp_path / "m.onnx", fuse_bn=True)
+    assert "Folded 13 BatchNorm layers" in capsys.readouterr().out
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    session = ort.InferenceSession(str(out))
+    (logits,) = session.run(None, {"images": images.numpy()})
+    np.testing.assert_allclose(logits, _reference(checkpoint, images).numpy(), atol=1e-4)
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props["class_names"]) == [f"d{i}" for i in range(10)]
+    assert json.loads(props["tlkit.export"])["input"] == "uint8"
+
+
+def test_torchscript_float_input_with_features(checkpoint, tmp_path):
+    out = export(checkpoint, format="torchscript", out=tmp_path / "m.pt", input="float", return_features=True)
+    extra = {"tlkit.json": ""}
+    scripted = torch.jit.load(str(out), _extra_files=extra)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    logits, features = scripted(images.float() / 255)
+    torch.testing.assert_close(logits, _reference(checkpoint, images), atol=1e-5, rtol=0)
+    assert features.shape == (2, 256) and json.loads(extra["tlkit.json"])["outputs"] == ["logits", "features"]
+
+
+def test_safetensors_export_reloads_into_a_transfer_classifier_without_pickle(checkpoint, tmp_path, monkeypatch):
+    out = export(checkpoint, format="safetensors", out=tmp_path / "m.safetensors")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load (pickle) used to reload"))
+    model, preprocess = load_safetensors(out)
+    assert isinstance(model, TransferClassifier) and model.class_names == [f"d{i}" for i in range(10)]
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = model(preprocess(images.float() / 255))
+    monkeypatch.undo()
+    torch.testing.assert_close(logits, _reference(checkpoint, images), atol=0, rtol=0)
+
+
+def test_a_fold_that_changes_outputs_is_refused(checkpoint, tmp_path, monkeypatch):
+    original = export_module._fold
+
+    def broken(conv, bn):
+        original(conv, bn)
+        conv.bias.data += 1.0
+
+    monkeypatch.setattr(export_module, "_fold", broken)
+    with pytest.raises(RuntimeError, match="Folding BatchNorm changed the outputs"):
+        export(checkpoint, format="torchscript", out=tmp_path / "m.pt", fuse_bn=True)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_cli_export_accepts_fuse_bn_flag(checkpoint, tmp_path, capsys):
+    out = tmp_path / "cli.onnx"
+    main(["export", "--ckpt_path", checkpoint, "--format", "onnx", "--fuse-bn", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert out.is_file() and "max abs diff of the logits" in printed
+    with pytest.raises(ValueError, match="Unknown format='tflite'"):
+        export(checkpoint, format="tflite")
+
+
+def test_extract_features_from_a_checkpoint_uses_its_preprocessing(checkpoint):
+    from tlkit.features import extract_features
+
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    feats = extract_features(checkpoint, images)
+    model, preprocess, _ = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        expected = model.backbone(preprocess(images.float() / 255))
+    torch.testing.assert_close(feats.features, expected, atol=1e-5, rtol=0)
+    assert feats.metadata["weights"] == f"checkpoint:{checkpoint}"

@@ -1,0 +1,278 @@
+"""Tests for tlkit.features: exactness against the libraries' own forward, order, files, streaming, the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.io import write_png
+from torchvision.models.feature_extraction import create_feature_extractor
+
+import tlkit.features as features_module
+from tlkit import ImageDataModule, TransferClassifier, create_backbone
+from tlkit.cli import main
+from tlkit.features import FeatureSet, ShardWriter, cache_key, extract_features, merge_shards
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin against each other (100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    """Two classes of 12 small PNGs whose colour tells the class (so a linear probe can learn them)."""
+    root = tmp_path_factory.mktemp("imgs")
+    gen = torch.Generator().manual_seed(0)
+    for label, name in enumerate(["dark", "light"]):
+        (root / name).mkdir()
+        for i in range(12):
+            base = 60 + 120 * label
+            image = (base + torch.randint(-40, 40, (3, 16, 16), generator=gen)).clamp(0, 255).to(torch.uint8)
+            write_png(image, str(root / name / f"{i:02d}.png"))
+    return str(root)
+
+
+# ------------------------------------------------------------------------------------------------ exactness
+
+
+@pytest.mark.parametrize(
+    ("name", "pool"), [("test_efficientnet", "avg"), ("test_convnext", "avg"), ("test_vit", "token")]
+)
+def test_timm_features_equal_forward_head_pre_logits(images, name, pool):
+    backbone = create_backbone(name)
+    x = images if name != "test_vit" else torch.rand(3, 3, 160, 160)
+    feats = extract_features(backbone, x, pool=pool, preprocess="none")
+    with torch.no_grad():
+        model = backbone.model.eval()
+        expected = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert feats.features.dtype == torch.float32
+    torch.testing.assert_close(feats.features, expected, atol=1e-5, rtol=0)
+
+
+def test_torchvision_features_equal_the_models_avgpool_path(images):
+    backbone = create_backbone("torchvision/resnet18").eval()
+    feats = extract_features(backbone, images, preprocess="none")
+    with torch.no_grad():
+        expected = create_feature_extractor(backbone.model, {"flatten": "out"})(images)["out"]
+    torch.testing.assert_close(feats.features, expected, atol=1e-5, rtol=0)
+    spatial = extract_features(backbone, images, preprocess="none", pool="max").features
+    with torch.no_grad():
+        layer4 = create_feature_extractor(backbone.model, {"layer4": "out"})(images)["out"]
+    torch.testing.assert_close(spatial, layer4.amax(dim=(2, 3)), atol=1e-5, rtol=0)
+
+
+def test_layers_follow_timm_and_torchvision_and_name_the_valid_ones(images):
+    backbone = create_backbone("resnet18").eval()
+    by_name = extract_features(backbone, images, layers=["layer2", "layer3"], pool="none", preprocess="none")
+    by_index = extract_features(backbone, images, layers=[2, 3], pool="none", preprocess="none")
+    with torch.no_grad():
+        expected = backbone.model.forward_intermediates(images, indices=[2, 3], intermediates_only=True)
+    assert list(by_name.layers) == ["layer2", "layer3"]
+    for got_name, got_index, want in zip(by_name.layers.values(), by_index.layers.values(), expected, strict=True):
+        torch.testing.assert_close(got_name, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got_index, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"Unknown layers \['layer9'\].*'layer1'"):
+        extract_features(backbone, images, layers=["layer9"])
+    with pytest.raises(ValueError, match=r"Unknown layers \['layer9'\].*layer4\.1\.relu_1"):
+        extract_features("torchvision/resnet18", images, layers=["layer9"], pretrained=False)
+
+
+# ----------------------------------------------------------------------------------- order, files, streaming
+
+
+def test_loader_rows_keep_order_and_labels(images):
+    labels = torch.tensor([3, 1, 4, 1, 5])
+    loader = DataLoader(TensorDataset(images, labels), batch_size=2)
+    backbone = create_backbone("test_efficientnet")
+    feats = extract_features(backbone, loader)
+    alone = extract_features(backbone, images[3:4])
+    assert feats.labels.tolist() == labels.tolist()
+    assert feats.ids == ["0", "1", "2", "3", "4"]
+    assert backbone.training  # extraction runs in eval mode and hands the module back as it was
+    torch.testing.assert_close(feats.features[3:4], alone.features, atol=1e-5, rtol=0)
+
+
+def test_featureset_save_load_is_safetensors_with_json_metadata(tmp_path, images):
+    feats = extract_features(create_backbone("test_efficientnet"), images, layers=["blocks.0", "blocks.1"])
+    path = feats.save(tmp_path / "f.safetensors")
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])  # the safetensors layout, no pickle inside
+    meta = json.loads(header["__metadata__"]["tlkit.features"])
+    assert meta["backbone"] == "test_efficientnet" and meta["layers"] == ["blocks.0", "blocks.1"]
+    assert meta["preprocess"]["module"] == "Normalize"
+    loaded = FeatureSet.load(path)
+    assert list(loaded.layers) == ["blocks.0", "blocks.1"] and loaded.ids == feats.ids
+    for name in feats.layers:
+        assert torch.equal(loaded.layers[name], feats.layers[name])
+    assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]  # written through a temporary file
+    with pytest.raises(ValueError, match="several layers"):
+        _ = loaded.features
+
+
+def test_out_streams_shards_with_bounded_memory_and_one_ordered_file(tmp_path, images, monkeypatch):
+    peaks = []
+    original = ShardWriter.flush
+
+    def flush(self, rank):
+        peaks.append(self.buffered)
+        original(self, rank)
+
+    monkeypatch.setattr(ShardWriter, "flush", flush)
+    backbone = create_backbone("test_efficientnet")
+    data = torch.cat([images, images.flip(0)])
+    in_memory = extract_features(backbone, data)
+    streamed = extract_features(backbone, data, out=tmp_path / "f.safetensors", batch_size=2, shard_size=3)
+    assert len(peaks) >= 3 and max(peaks) <= 3 + 1  # at most one batch over the shard size is ever held
+    torch.testing.assert_close(streamed.features, in_memory.features, atol=1e-6, rtol=0)
+    assert streamed.ids == [str(i) for i in range(10)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.safetensors"]  # shards cleaned up
+
+
+def _shard(path, rows: range, dim: int = 2):
+    index = torch.tensor(list(rows))
+    writer = ShardWriter(path.parent, shard_size=100, ids=[f"img{i}" for i in range(100)])
+    writer.buffer = [
+        {"features": {"features": index[:, None].float().expand(-1, dim)}, "labels": index, "index": index}
+    ]
+    writer.buffered = len(index)
+    writer.flush(rank=int(path.name))
+    return writer.shards[0]
+
+
+def test_merge_orders_shards_of_several_ranks_and_rejects_gaps(tmp_path):
+    """What `tlkit extract --devices N` does after the ranks wrote their contiguous blocks (no DDP run here)."""
+    shards = [_shard(tmp_path / "1", range(4, 7)), _shard(tmp_path / "0", range(0, 4))]
+    out = merge_shards(shards, tmp_path / "all.safetensors", {"backbone": "x", "layers": ["features"]})
+    merged = FeatureSet.load(out)
+    assert merged.features[:, 0].tolist() == list(range(7)) and merged.labels.tolist() == list(range(7))
+    assert merged.ids == [f"img{i}" for i in range(7)]
+    with pytest.raises(ValueError, match="starts at 4, expected 0"):
+        merge_shards(shards[:1], tmp_path / "bad.safetensors", {})
+
+
+# ------------------------------------------------------------------------------------- data module, folder, CLI
+
+
+def test_data_module_rows_use_its_preprocessing_and_split_order(folder):
+    dm = ImageDataModule(f"folder:{folder}", image_size=16, preprocess="dataset", batch_size=8)
+    backbone = create_backbone("test_efficientnet").eval()
+    feats = extract_features(backbone, dm)
+    n_train, n_val = len(dm.data.train), len(dm.data.val)
+    assert feats.metadata["splits"] == {"train": [0, n_train], "val": [n_train, n_train + n_val]}
+    assert feats.labels.tolist() == list(dm.data.train.targets) + list(dm.data.val.targets)
+    assert feats.ids == list(dm.data.train.samples) + list(dm.data.val.samples)
+    with features_module._data_config_for(dm, backbone):  # the transform of the backbone's data_config
+        image, _ = dm.val_dataloader().dataset[2]  # evaluation transform; statistics fitted on train
+    with torch.no_grad():
+        expected = backbone(dm.normalize(image[None]))
+    torch.testing.assert_close(feats.split("val").features[2:3], expected, atol=1e-5, rtol=0)
+    assert feats.split("train").ids == list(dm.data.train.samples)
+
+
+def test_cli_extract_writes_features_of_a_folder(tmp_path, folder):
+    out = tmp_path / "feats.safetensors"
+    args = ["extract", "--backbone", "test_efficientnet", "--pretrained", "false", "--data.source", f"folder:{folder}",
+            "--data.image_size", "16", "--split", "val", "--out", str(out)]  # fmt: skip
+    main(args)
+    feats = FeatureSet.load(out)
+    assert len(feats) == 4 and feats.features.shape[1] == create_backbone("test_efficientnet").num_features
+    assert all(path.endswith(".png") for path in feats.ids) and sorted(set(feats.labels.tolist())) == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------- feature cache
+
+
+class _BatchShapes(L.Callback):
+    def __init__(self):
+        self.shapes: list[tuple[int, int]] = []  # (epoch, batch ndim)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.shapes.append((trainer.current_epoch, batch[0].ndim))
+
+
+class _Unfreeze(L.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            self.before = {k: v.clone() for k, v in pl_module.backbone.state_dict().items()}
+            pl_module.set_freeze("none")
+
+
+def _probe(folder, cache: bool, augment: str = "none", callbacks=()) -> tuple[TransferClassifier, _BatchShapes]:
+    L.seed_everything(0)
+    model = TransferClassifier("test_resnet", num_classes=2, freeze="backbone", feature_cache=cache, lr=0.05,
+                               head=dict(dropout=0.3))  # fmt: skip
+    # A persistent worker: the cache must give the same shuffles as the image loader and see invalidations.
+    dm = ImageDataModule(f"folder:{folder}", image_size=16, batch_size=6, augment=augment, num_workers=1)
+    shapes = _BatchShapes()
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[shapes, *callbacks], deterministic=True)  # fmt: skip
+    trainer.fit(model, dm)
+    return model, shapes
+
+
+def test_cached_linear_probe_equals_training_without_cache(folder):
+    cached, shapes = _probe(folder, cache=True)
+    plain, plain_shapes = _probe(folder, cache=False)
+    assert {ndim for _, ndim in shapes.shapes} == {2}  # the head trained on cached features
+    assert {ndim for _, ndim in plain_shapes.shapes} == {4}
+    for a, b in zip(cached.head.parameters(), plain.head.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_unfreezing_or_augmenting_drops_the_cache(folder):
+    unfreeze = _Unfreeze()
+    model, shapes = _probe(folder, cache=True, callbacks=[unfreeze])
+    assert {(epoch, ndim) for epoch, ndim in shapes.shapes} == {(0, 2), (1, 4)}  # images again once unfrozen
+    assert any(not torch.equal(unfreeze.before[k], v) for k, v in model.backbone.state_dict().items())
+    _, augmented = _probe(folder, cache=True, augment="basic")
+    assert {ndim for _, ndim in augmented.shapes} == {4}
+
+
+def test_cache_key_changes_with_preprocessing(folder):
+    model = TransferClassifier("test_resnet", num_classes=2, freeze="backbone")
+    keys = []
+    for preprocess in ("pretrained", "dataset"):
+        dm = ImageDataModule(f"folder:{folder}", image_size=16, augment="none", preprocess=preprocess)
+        dm.trainer = type("T", (), {"lightning_module": model})()
+        dm._fit_preprocess()
+        keys.append(cache_key(model, dm, "train"))
+    assert None not in keys and keys[0] != keys[1]
+    model.set_freeze("stages:1")
+    assert cache_key(model, dm, "train") is None
+    assert features_module._stochastic(nn.Sequential(nn.Dropout(0.1)))
+
+
+def test_cli_extract_on_two_ddp_ranks_writes_one_ordered_file(tmp_path, folder):
+    """Two gloo CPU processes (Lightning's DDP launcher) each extract a block; rank 0 merges them in order."""
+    out, weights = tmp_path / "ddp.safetensors", tmp_path / "weights.safetensors"
+    backbone = create_backbone("test_efficientnet")
+    save_file(backbone.model.state_dict(), weights)
+    args = ["extract", "--backbone", "test_efficientnet", "--pretrained", str(weights),
+            "--data.source", f"folder:{folder}", "--data.image_size", "16", "--device", "cpu", "--devices", "2",
+            "--batch_size", "3", "--shard_size", "4", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-m", "tlkit.cli", *args], check=True, env=env, cwd=tmp_path, timeout=300)
+    merged = FeatureSet.load(out)
+    single = extract_features(backbone, ImageDataModule(f"folder:{folder}", image_size=16))
+    assert merged.ids == single.ids and merged.labels.tolist() == single.labels.tolist()
+    torch.testing.assert_close(merged.features, single.features, atol=1e-5, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.safetensors", "weights.safetensors"]

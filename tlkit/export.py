@@ -1,0 +1,343 @@
+"""Export a trained classifier with its preprocessing in front: ONNX, TorchScript or safetensors + JSON metadata.
+
+At inference a BatchNorm is a fixed affine map per channel, so a convolution followed by one can absorb it:
+``W' = W * g / sqrt(var + eps)``, ``b' = (b - mean) * g / sqrt(var + eps) + beta``. :func:`fold_batchnorm` finds
+every such pair by tracing the model with ``torch.fx`` (BatchNorms and convolutions kept as leaves, so timm's
+``BatchNormAct2d`` counts as one) and falls back to a walk of the module tree when a model cannot be traced. The
+export compares folded and unfolded outputs and refuses a fold that changes them by ``FOLD_TOLERANCE`` or more.
+
+    tlkit export --ckpt_path runs/quickstart/version_0/checkpoints/last.ckpt --format onnx --fuse-bn
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from tlkit.data.preprocess import build_preprocess
+from tlkit.module import TransferClassifier
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+INPUTS = ("uint8", "float")
+FOLD_TOLERANCE = 1e-4
+METADATA_KEY = "tlkit.export"
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
+
+
+# ------------------------------------------------------------------------------------------------- BN folding
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
+    """A copy of ``model`` in eval mode with every BatchNorm that follows a convolution folded into it.
+
+    Args:
+        model: any module (a timm or torchvision model, a backbone).
+
+    Returns:
+        The folded copy and the number of BatchNorms folded. A folded BatchNorm becomes ``Identity`` (timm's
+        ``BatchNormAct2d`` becomes its dropout + activation).
+
+    Example:
+        >>> folded, count = fold_batchnorm(torchvision.models.resnet18().eval())
+        >>> count
+        20
+    """
+    model = copy.deepcopy(model).eval()
+    pairs = _conv_bn_pairs(model)
+    for conv_name, bn_name in pairs:
+        bn = model.get_submodule(bn_name)
+        _fold(model.get_submodule(conv_name), bn)
+        _replace(model, bn_name, _after_norm(bn))
+    return model, len(pairs)
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps convolutions, BatchNorms and timm's untraceable modules as single call_module nodes."""
+
+    def __init__(self):
+        from timm.layers._fx import get_notrace_functions, get_notrace_modules
+
+        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+        self.notrace = tuple(get_notrace_modules())
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (_BatchNorm, _ConvNd, *self.notrace)) or super().is_leaf_module(m, qualname)
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) module names where the BatchNorm's only input is the convolution's output, used nowhere else."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as err:  # data-dependent control flow etc.: fall back to the module order
+        log.info("torch.fx cannot trace %s (%s); folding Conv+BN pairs found in module order.", type(model), err)
+        return _sibling_pairs(model)
+    modules = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not _foldable_bn(modules[node.target]) or not node.args:
+            continue
+        src = node.args[0]
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and _foldable_conv(modules[src.target])):
+            continue
+        if len(src.users) == 1 and calls[src.target] == 1 and calls[node.target] == 1:
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+def _sibling_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """A convolution immediately followed, among its siblings, by a BatchNorm of matching width."""
+    pairs = []
+    for parent_name, parent in model.named_modules():
+        children = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
+            if _foldable_conv(conv) and _foldable_bn(bn) and bn.num_features == conv.out_channels:
+                prefix = f"{parent_name}." if parent_name else ""
+                pairs.append((prefix + conv_name, prefix + bn_name))
+    return pairs
+
+
+def _foldable_conv(m: nn.Module) -> bool:
+    return isinstance(m, _ConvNd) and not m.transposed
+
+
+def _foldable_bn(m: nn.Module) -> bool:
+    return isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
+
+
+@torch.no_grad()
+def _fold(conv: _ConvNd, bn: _BatchNorm) -> None:
+    # float64 so that the folded weights round once, not twice
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale + (bn.bias.double() if bn.affine else 0)
+    weight = conv.weight.double() * scale.view(-1, *[1] * (conv.weight.ndim - 1))
+    bias = conv.bias.double() * scale + shift if conv.bias is not None else shift
+    conv.weight.copy_(weight.to(conv.weight.dtype))
+    conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+
+
+def _after_norm(bn: nn.Module) -> nn.Module:
+    """What is left of a norm layer once folded: nothing, or the dropout + activation of timm's BatchNormAct."""
+    if hasattr(bn, "act"):
+        return nn.Sequential(getattr(bn, "drop", nn.Identity()), bn.act)
+    return nn.Identity()
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+# ---------------------------------------------------------------------------------------- the exported model
+
+
+class InferenceModel(nn.Module):
+    """Images → preprocessing → backbone → head: ``uint8`` (0..255) or float [0, 1] NCHW in, logits out.
+
+    Args:
+        preprocess: the data module's normalisation or whitening (on [0, 1] images).
+        backbone: the (possibly folded) backbone.
+        head: the classifier head.
+        input: ``"uint8"`` or ``"float"``: what the exported graph takes.
+        return_features: also return the pooled backbone features: ``(logits, features)``.
+    """
+
+    def __init__(self, preprocess: nn.Module, backbone: nn.Module, head: nn.Module, input: str = "uint8",
+                 return_features: bool = False):  # fmt: skip
+        super().__init__()
+        if input not in INPUTS:
+            raise ValueError(f"Unknown input={input!r}; choose one of {INPUTS}.")
+        self.preprocess, self.backbone, self.head = preprocess, backbone, head
+        self.uint8 = input == "uint8"
+        self.return_features = return_features
+
+    def forward(self, images: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        x = images.float() / 255.0 if self.uint8 else images
+        features = self.backbone(self.preprocess(x))
+        logits = self.head(features)
+        return (logits, features) if self.return_features else logits
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[TransferClassifier, nn.Module, dict[str, Any]]:
+    """A TransferClassifier, its data module's preprocessing (fitted statistics included) and the preprocessing spec
+    (``kind``, ``mean``, ``std``, ``scope``, ``eps``, ``image_size``: the size it was trained at) from a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}; pass the .ckpt written by `tlkit fit` (see its run dir).")
+    model = TransferClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    hp = checkpoint.get("datamodule_hyper_parameters") or {}
+    state = (checkpoint.get("ImageDataModule") or {}).get("preprocess")
+    spec = _preprocess_spec(hp, model.data_config)
+    if state is None:
+        log.warning("No data module state in %s: using the backbone's mean/std.", path)
+        spec |= {"kind": "pretrained"}
+        return model, build_preprocess("pretrained", mean=spec["mean"], std=spec["std"]), spec
+    return model, _build_preprocess(spec, state), spec
+
+
+def _preprocess_spec(hp: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    size = hp.get("image_size") or config["input_size"][-1]
+    return dict(kind=hp.get("preprocess", "pretrained"), mean=list(hp.get("mean") or config["mean"]),
+                std=list(hp.get("std") or config["std"]), scope=hp.get("whiten_scope", "channel"),
+                eps=hp.get("whiten_eps"), image_size=int(size))  # fmt: skip
+
+
+def _build_preprocess(spec: dict[str, Any], state: dict[str, Tensor]) -> nn.Module:
+    module = build_preprocess(spec["kind"], mean=spec["mean"], std=spec["std"], scope=spec["scope"],
+                              eps=spec["eps"], image_size=spec["image_size"])  # fmt: skip
+    module.load_state_dict(state)
+    return module.eval()
+
+
+# --------------------------------------------------------------------------------------------------- export
+
+
+def export(
+    ckpt_path: str | os.PathLike,
+    format: str = "onnx",
+    out: str | os.PathLike | None = None,
+    fuse_bn: bool = False,
+    input: str = "uint8",
+    return_features: bool = False,
+    opset: int = 17,
+) -> Path:
+    """Export a checkpoint to ``format`` with the data module's preprocessing in front; returns the file written.
+
+    Args:
+        ckpt_path: a ``.ckpt`` written by ``tlkit fit``.
+        format: ``"onnx"``, ``"torchscript"`` or ``"safetensors"`` (weights + JSON metadata, reloadable with
+            :func:`load_safetensors` into a TransferClassifier, without pickle).
+        out: output path (default: next to the checkpoint, with the format's suffix).
+        fuse_bn: fold BatchNorms into the convolutions before them (ONNX/TorchScript; safetensors keeps the
+            trainable layout). The folded and unfolded outputs are compared and the difference printed.
+        input: ``"uint8"`` (0..255) or ``"float"`` ([0, 1]) NCHW images.
+        return_features: the graph returns ``(logits, features)``.
+        opset: ONNX opset.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"Unknown format={format!r}; choose one of {FORMATS}.")
+    model, preprocess, spec = load_checkpoint(ckpt_path)
+    out = Path(out) if out else Path(ckpt_path).with_suffix(SUFFIXES[format])
+    meta = export_metadata(model, spec, input, return_features, ckpt_path)
+    if format == "safetensors":
+        if fuse_bn:
+            print("safetensors keeps the trainable layout (BatchNorm unfolded); fold at load time if needed.")
+        return save_safetensors(model, preprocess, meta, out)
+    net = InferenceModel(preprocess, model.backbone, model.head, input, return_features).eval()
+    example = example_input(meta["input_size"], input)
+    if fuse_bn:
+        net = fuse(net, example)
+    writer = _write_onnx if format == "onnx" else _write_torchscript
+    writer(net, example, out, meta, opset)
+    print(f"Exported {format} to {out} (input {input} {meta['input_size']}, {len(meta['class_names'])} classes)")
+    return out
+
+
+def example_input(input_size: list[int], input: str, batch: int = 2) -> Tensor:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, *input_size), dtype=torch.uint8, generator=generator)
+    return images if input == "uint8" else images.float() / 255
+
+
+def fuse(net: InferenceModel, example: Tensor) -> InferenceModel:
+    """Fold the backbone's BatchNorms; check (and print) that the outputs stay within ``FOLD_TOLERANCE``."""
+    folded_backbone, count = fold_batchnorm(net.backbone)
+    folded = copy.copy(net)
+    folded._modules = dict(net._modules, backbone=folded_backbone)
+    with torch.no_grad():
+        before, after = _first(net(example)), _first(folded(example))
+    diff = (before - after).abs().max().item()
+    print(f"Folded {count} BatchNorm layers into convolutions: max abs diff of the logits {diff:.2e}")
+    if not diff < FOLD_TOLERANCE:
+        raise RuntimeError(f"Folding BatchNorm changed the outputs by {diff:.2e} (>= {FOLD_TOLERANCE}); export "
+                           "without --fuse-bn and report the model.")  # fmt: skip
+    return folded
+
+
+def _first(output: Tensor | tuple[Tensor, ...]) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def export_metadata(model: TransferClassifier, spec: dict[str, Any], input: str, return_features: bool,
+                    source: Any) -> dict[str, Any]:  # fmt: skip
+    """What a consumer of an exported model needs: classes, input format, sizes, and how to rebuild the model."""
+    hp = dict(model.hparams)
+    hp["pretrained"] = False  # the weights are in the file
+    size = spec["image_size"]
+    return {
+        "preprocess": spec,
+        "class_names": model.class_names,
+        "input": input,
+        "input_size": [3, size, size],
+        "outputs": ["logits", "features"] if return_features else ["logits"],
+        "hparams": hp,
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in model.data_config.items()},
+        "source": str(source),
+    }
+
+
+def _atomic(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.with_name(f".{out.name}.tmp")
+
+
+def _write_torchscript(net: nn.Module, example: Tensor, out: Path, meta: dict, opset: int) -> None:
+    traced = torch.jit.trace(net, example)
+    tmp = _atomic(out)
+    torch.jit.save(traced, str(tmp), _extra_files={"tlkit.json": json.dumps(meta)})
+    os.replace(tmp, out)
+
+
+def _write_onnx(net: nn.Module, example: Tensor, out: Path, meta: dict, opset: int) -> None:
+    import onnx
+
+    outputs = meta["outputs"]
+    tmp = _atomic(out)
+    torch.onnx.export(
+        net, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"], output_names=outputs,
+        dynamic_axes={name: {0: "batch"} for name in ["images", *outputs]},
+    )  # fmt: skip
+    proto = onnx.load(str(tmp))
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta), "class_names": json.dumps(meta["class_names"])})
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, out)
+
+
+def save_safetensors(model: TransferClassifier, preprocess: nn.Module, meta: dict, out: Path) -> Path:
+    """Model weights and preprocessing buffers (``preprocess.*``) in one safetensors file, metadata as JSON."""
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    tensors |= {f"preprocess.{k}": v.contiguous() for k, v in preprocess.state_dict().items()}
+    tmp = _atomic(out)
+    save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+    os.replace(tmp, out)
+    print(f"Exported safetensors to {out} ({len(meta['class_names'])} classes)")
+    return out
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[TransferClassifier, nn.Module]:
+    """Rebuild the TransferClassifier and its preprocessing from :func:`save_safetensors` output (no pickle)."""
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads((f.metadata() or {})[METADATA_KEY])
+    tensors = load_file(path)
+    model = TransferClassifier(**meta["hparams"]).eval()
+    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    model.backbone.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["data_config"].items()}
+    state = {k.removeprefix("preprocess."): v for k, v in tensors.items() if k.startswith("preprocess.")}
+    return model, _build_preprocess(meta["preprocess"], state)
