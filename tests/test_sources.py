@@ -229,14 +229,14 @@ def test_error_train_without_val(tmp_path: Path) -> None:
         load_source(f"folder:{tmp_path}")
 
 
-@pytest.mark.parametrize("spec", ["imagenet", "csv:x.csv", "folder:", "digits:3"])
+@pytest.mark.parametrize("spec", ["imagenet", "csv:", "folder:", "digits:3"])
 def test_error_bad_spec(spec: str) -> None:
-    with pytest.raises(ValueError, match="folder:<dir>|takes no argument"):
+    with pytest.raises(ValueError, match="folder:<dir>|csv:<file>|takes no argument"):
         load_source(spec)
 
 
 def test_error_unknown_spec_lists_forms() -> None:
-    with pytest.raises(ValueError, match="folder:<dir>, textures, digits"):
+    with pytest.raises(ValueError, match="folder:<dir>, csv:<file>, torchvision:<Name>, textures, digits"):
         list_class_names("nope")
 
 
