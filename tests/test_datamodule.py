@@ -330,3 +330,16 @@ def test_normalize_is_part_of_the_state_dict_for_dataset_preprocess(photo_folder
     restored.setup("fit")
     assert isinstance(restored.preprocess, Normalize) and restored.preprocess.is_fitted
     assert torch.equal(restored.preprocess.mean, dm.preprocess.mean)
+
+
+def test_predict_source_skips_unreadable_files_with_a_warning(tmp_path: Path) -> None:
+    for i in range(2):
+        Image.fromarray(_photo(i, 16)).save(tmp_path / f"{i}.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    dm = ImageDataModule(image_size=16, predict_source=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\): \S+broken.jpg"):
+        split = dm.predict_split()
+    assert [Path(p).name for p in split.samples] == ["0.png", "1.png"] and dm.predict_split() is split
+    strict = ImageDataModule(image_size=16, predict_source=str(tmp_path), on_bad_image="raise")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        strict.predict_split()

@@ -25,6 +25,7 @@ from tlkit.data.sources import (
     Split,
     list_class_names,
     load_source,
+    scan_images,
 )
 
 AUGMENTATIONS = ("none", "basic", "randaugment", "trivialaugment")
@@ -290,12 +291,24 @@ class ImageDataModule(L.LightningDataModule):
         """The images ``predict`` runs on: ``predict_source`` (labels -1) or the val split."""
         if self.hparams.predict_source is None:
             return self.data.val
+        return self._predict_files
+
+    @functools.cached_property
+    def _predict_files(self) -> Split:
+        """The readable images of ``predict_source`` (scanned once, like the training source)."""
         root = Path(self.hparams.predict_source.removeprefix("folder:"))
         if not root.is_dir():
             raise FileNotFoundError(f"predict_source {str(root)!r} is not a folder of images.")
         paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        bad = scan_images(paths)
+        if bad and self.hparams.on_bad_image == "raise":
+            raise ValueError(f"Unreadable image {bad[0][0]}: {bad[0][1]} (predict_source; {len(bad)} unreadable)")
+        if bad:
+            listed = ", ".join(f"{path} ({reason})" for path, reason in bad[:_WARN_MAX_PATHS])
+            rank_zero_warn(f"predict_source: skipped {len(bad)} unreadable image file(s): {listed}")
+            paths = sorted(set(paths) - {path for path, _ in bad})
         if not paths:
-            raise ValueError(f"predict_source {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+            raise ValueError(f"predict_source {str(root)!r} holds no readable images ({', '.join(IMAGE_EXTENSIONS)}).")
         return Split(paths, [-1] * len(paths))
 
     def _loader(self, dataset: Dataset, shuffle: bool = False, sampler: Sampler | None = None) -> DataLoader:
