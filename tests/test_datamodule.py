@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import socket
+import sys
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -224,7 +225,10 @@ def test_train_transform_follows_augment_settings() -> None:
         ImageDataModule(sampler="weighted")
 
 
-def test_augmentation_settings_appear_in_the_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
+def test_augmentation_settings_appear_in_the_resolved_config(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["tlkit"])  # pytest's own arguments are not the CLI's
     args = ["fit", "--config", str(RECIPE), "--data.augment", "randaugment", "--data.randaugment_magnitude", "5"]
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--print_config"])
