@@ -210,7 +210,7 @@ class ImageDataModule(L.LightningDataModule):
         kind = self.hparams.preprocess
         if self._warned_frozen or model is None or kind not in ("dataset", "pca", "zca"):
             return
-        pretrained = getattr(getattr(model, "hparams", {}), "get", lambda *_: None)("pretrained")
+        pretrained = dict(getattr(model, "hparams", {})).get("pretrained")
         frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
         if not pretrained or not frozen:
             return
