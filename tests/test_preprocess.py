@@ -305,3 +305,17 @@ def test_render_preprocess_grid_writes_png(patches16: Tensor, tmp_path) -> None:
     assert os.listdir(path.parent) == ["grid.png"]  # no temporary file left behind
     # 200 px per panel: 4 rows (images) x 4 columns (original + 3 methods).
     assert mpimg.imread(path).shape == (4 * 200, 4 * 200, 4)
+
+
+def test_uint8_input_equals_float_input_scaled(patches8: Tensor) -> None:
+    as_uint8 = (patches8 * 255).round().to(torch.uint8)
+    as_float = as_uint8.float() / 255
+    modules = [
+        Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # the data module's hot path: one fused pass
+        Whitening("zca").fit([as_float]),
+        build_preprocess("none"),
+    ]
+    for module in modules:
+        out = module(as_uint8)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, module(as_float), rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.io import write_jpeg, write_png
+from torchvision.transforms.functional import pil_to_tensor
 
 from tlkit.data import sources
 from tlkit.data.sources import (
@@ -229,14 +230,14 @@ def test_error_train_without_val(tmp_path: Path) -> None:
         load_source(f"folder:{tmp_path}")
 
 
-@pytest.mark.parametrize("spec", ["imagenet", "csv:x.csv", "folder:", "digits:3"])
+@pytest.mark.parametrize("spec", ["imagenet", "csv:", "folder:", "digits:3"])
 def test_error_bad_spec(spec: str) -> None:
-    with pytest.raises(ValueError, match="folder:<dir>|takes no argument"):
+    with pytest.raises(ValueError, match="folder:<dir>|csv:<file>|takes no argument"):
         load_source(spec)
 
 
 def test_error_unknown_spec_lists_forms() -> None:
-    with pytest.raises(ValueError, match="folder:<dir>, textures, digits"):
+    with pytest.raises(ValueError, match="folder:<dir>, csv:<file>, torchvision:<Name>, textures, digits"):
         list_class_names("nope")
 
 
@@ -318,3 +319,188 @@ def test_image_dataset_batches_in_memory() -> None:
 def test_split_length_mismatch() -> None:
     with pytest.raises(ValueError, match="targets"):
         Split(samples=["a.png"], targets=[])
+
+
+# --------------------------------------------------------------------------- real-photo helpers
+
+
+def _photo(seed: int, size: int = 48) -> np.ndarray:
+    """A size x size RGB crop of a scikit-image photo (real image statistics), HWC uint8."""
+    photo = load_texture_photo(TEXTURE_PHOTOS[seed % 3])
+    rng = np.random.default_rng(seed)
+    y, x = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
+    return np.ascontiguousarray(photo[y : y + size, x : x + size])
+
+
+# --------------------------------------------------------------------------- csv:<file>
+
+
+def test_csv_source_resolves_relative_paths_and_ignores_extra_columns(tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    rows = ["Image,Label,notes"]
+    for i in range(8):
+        Image.fromarray(_photo(i)).save(tmp_path / "imgs" / f"{i}.png")
+        rows.append(f"imgs/{i}.png,{['10', '2'][i % 2]},whatever")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    data = load_source(f"csv:{tmp_path / 'labels.csv'}", val_split=0.25, seed=0)
+    assert data.class_names == ["2", "10"] == list_class_names(f"csv:{tmp_path / 'labels.csv'}")  # numeric order
+    assert len(data.train) == 6 and Counter(data.val.targets) == {0: 1, 1: 1}
+    for path, target in zip(data.train.samples, data.train.targets, strict=True):
+        assert Path(path).is_absolute() and int(Path(path).stem) % 2 == 1 - target
+
+
+def test_csv_source_split_column_and_missing_files(tmp_path: Path) -> None:
+    rows = ["path,class,split"]
+    for i in range(6):
+        Image.fromarray(_photo(i)).save(tmp_path / f"{i}.jpg")
+        rows.append(f"{i}.jpg,{'cat' if i < 3 else 'dog'},{'val' if i in (0, 3) else 'train'}")
+    rows += ["gone.jpg,cat,train", "t.jpg,dog,test"]
+    csv_file = tmp_path / "d.csv"
+    csv_file.write_text("\n".join(rows) + "\n")
+    data = load_source(f"csv:{csv_file}")
+    assert [Path(p).name for p in data.val.samples] == ["0.jpg", "3.jpg"]
+    assert [Path(p).name for p in data.train.samples] == ["1.jpg", "2.jpg", "4.jpg", "5.jpg"]
+    assert data.skipped == [(str(tmp_path / "gone.jpg"), "file not found")]  # listed, not a crash in a worker
+    assert data.ignored == [str(tmp_path / "t.jpg")]  # test rows are not used for fit
+    with pytest.raises(ValueError, match="gone.jpg: file not found"):
+        load_source(f"csv:{csv_file}", on_bad_image="raise")
+
+
+def test_csv_source_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        load_source(f"csv:{tmp_path / 'nope.csv'}")
+    (tmp_path / "a.csv").write_text("file_name,y\nx.png,1\n")
+    with pytest.raises(ValueError, match=r"no path column; its columns are \['file_name', 'y'\]"):
+        load_source(f"csv:{tmp_path / 'a.csv'}")
+
+
+# --------------------------------------------------------------------------- torchvision:<Name>
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """MNIST's on-disk IDX format: magic (0, 0, 0x08 = ubyte, ndim), big-endian int32 dims, the raw bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_fashionmnist_from_local_files(tmp_path: Path) -> None:
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    labels = np.arange(40) % 10
+    images = np.stack([_photo(i, 28)[..., 0] for i in range(40)])
+    for prefix in ("train", "t10k"):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    data = load_source("torchvision:FashionMNIST", root=str(tmp_path), val_split=0.25)
+    assert data.class_names[:2] == ["T-shirt/top", "Trouser"] and len(data.class_names) == 10
+    assert len(data.train) == 30 and len(data.val) == 10 and sorted(data.val.targets) == list(range(10))
+    index = next(i for i, s in enumerate(data.train.samples) if np.array_equal(s, images[0]))
+    assert data.train.targets[index] == 0
+    assert torch.equal(read_image(data.train.samples[index])[1], torch.from_numpy(images[0]))
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        load_source("torchvision:FashionMNIST", root=str(tmp_path / "empty"))
+
+
+def test_torchvision_oxford_pets_files_and_fakedata_items(tmp_path: Path) -> None:
+    base = tmp_path / "oxford-iiit-pet"
+    (base / "images").mkdir(parents=True)
+    (base / "annotations").mkdir()
+    lines = []
+    for i in range(8):
+        name = f"{['Abyssinian', 'great_pyrenees'][i % 2]}_{i}"
+        Image.fromarray(_photo(i)).save(base / "images" / f"{name}.jpg")
+        lines.append(f"{name} {i % 2 + 1} {i % 2 + 1} 1")
+    (base / "annotations" / "trainval.txt").write_text("\n".join(lines) + "\n")
+    data = load_source("torchvision:OxfordIIITPet", root=str(tmp_path), val_split=0.25)
+    assert data.class_names == ["Abyssinian", "Great Pyrenees"]
+    assert len(data.train) == 6 and all(Path(p).parent.name == "images" for p in data.train.samples)
+    assert read_image(data.val.samples[0]).shape == (3, 48, 48)
+    with pytest.raises(ValueError, match="torchvision has no dataset 'Nope'"):
+        load_source("torchvision:Nope")
+
+
+def test_torchvision_generic_dataset_items() -> None:
+    from torchvision.datasets import FakeData
+
+    from tlkit.data._tvsource import DatasetItem, _to_split
+
+    dataset = FakeData(size=4, image_size=(3, 12, 10), num_classes=3)  # no arrays, no file list: indexed items
+    split = _to_split(dataset)
+    assert all(isinstance(s, DatasetItem) for s in split.samples)
+    assert split.targets == [int(dataset[i][1]) for i in range(4)]
+    assert torch.equal(read_image(split.samples[2]), pil_to_tensor(dataset[2][0]))
+
+
+# --------------------------------------------------------------------------- bad files and odd modes
+
+
+def _odd_mode_files(folder: Path) -> dict[str, np.ndarray]:
+    """Write one image per odd mode; returns file name -> the 8-bit RGB it should decode to."""
+    rgb = _photo(7)
+    gray = rgb[..., 0]
+    files = {
+        "gray.png": (Image.fromarray(gray), np.repeat(gray[..., None], 3, -1)),
+        "rgba.png": (Image.fromarray(np.dstack([rgb, np.full_like(gray, 200)])), rgb),
+        "palette.png": (Image.fromarray(rgb).convert("P"), None),
+        "cmyk.jpg": (Image.fromarray(rgb).convert("CMYK"), rgb),
+        "gray16.png": (Image.fromarray(gray.astype(np.uint16) * 257), np.repeat(gray[..., None], 3, -1)),
+        "gray16.tif": (Image.fromarray(gray.astype(np.uint16) * 257), np.repeat(gray[..., None], 3, -1)),
+    }
+    expected = {}
+    for name, (image, want) in files.items():
+        image.save(folder / name, **({"quality": 98} if name.endswith(".jpg") else {}))
+        expected[name] = want if want is not None else np.asarray(image.convert("RGB"))
+    return expected
+
+
+def _bad_files(folder: Path) -> list[str]:
+    """Corrupt, truncated, zero-byte and not-an-image files with image extensions; returns their names."""
+    good = folder / "source.jpg"
+    Image.fromarray(_photo(3)).save(good, quality=90)
+    data = good.read_bytes()
+    good.unlink()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpeg").write_text("this is not an image")
+    return ["corrupt.png", "empty.jpg", "text.jpeg", "truncated.jpg"]
+
+
+def test_odd_modes_are_converted_to_rgb(tmp_path: Path) -> None:
+    for name, want in _odd_mode_files(tmp_path).items():
+        image = read_image(str(tmp_path / name))
+        assert image.dtype == torch.uint8 and image.shape == (3, 48, 48), name
+        error = (image.permute(1, 2, 0).float() - torch.tensor(want).float()).abs().mean()
+        assert error < 3.0, f"{name}: mean abs error {error:.1f}"  # jpeg: small loss; others exact
+
+
+def test_bad_files_are_skipped_with_reasons_or_raise(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            Image.fromarray(_photo(i + 10 * len(name))).save(tmp_path / name / f"{i}.png")
+    bad = _bad_files(tmp_path / "a")
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    data = load_source(f"folder:{tmp_path}", val_split=0.25)
+    assert sorted(Path(p).name for p, _ in data.skipped) == bad
+    reasons = dict((Path(p).name, r) for p, r in data.skipped)
+    assert reasons["empty.jpg"] == "empty file (0 bytes)" and all(reasons.values())
+    assert data.ignored == [str(tmp_path / "b" / "notes.txt")]
+    assert len(data.train) + len(data.val) == 8 and not {Path(p).name for p in data.train.samples} & set(bad)
+    with pytest.raises(ValueError, match=r"Unreadable image .*a/corrupt.png: .*\(and 3 more"):
+        load_source(f"folder:{tmp_path}", on_bad_image="raise")
+
+
+def test_class_left_empty_by_bad_files_is_a_clear_error(tmp_path: Path) -> None:
+    _make_class_dir(tmp_path, "good", 4)
+    (tmp_path / "broken").mkdir()
+    _bad_files(tmp_path / "broken")
+    with pytest.raises(ValueError, match="Class 'broken' has no readable training image .4 unreadable"):
+        load_source(f"folder:{tmp_path}")
+
+
+def test_scan_images_reports_every_bad_file_in_order(tmp_path: Path) -> None:
+    bad = _bad_files(tmp_path)
+    _make_class_dir(tmp_path, "ok", 3)
+    paths = sorted(str(p) for p in tmp_path.rglob("*.*"))
+    assert [Path(p).name for p, _ in sources.scan_images(paths, workers=2)] == sorted(bad)

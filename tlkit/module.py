@@ -54,6 +54,10 @@ class TransferClassifier(L.LightningModule):
         step_epochs: for ``schedule="step"``, epochs between decays (default: a third of the post-warmup steps).
         gamma: for ``schedule="step"``, the decay factor.
         label_smoothing: label smoothing of the cross-entropy loss.
+        class_weights: ``None`` or ``"balanced"``: weight the training loss of each class by
+            ``n_images / (n_classes * n_images_of_class)``, with the counts read in ``setup`` from
+            ``trainer.datamodule.class_counts`` (validation and test losses stay unweighted, so they compare across
+            runs).
         channels_last: run the model in channels-last memory format (faster convolutions on GPU).
         compile: ``torch.compile`` the backbone.
         layer_decay: layer-wise LR decay: a backbone stage at distance ``d`` from the head trains at
@@ -96,6 +100,7 @@ class TransferClassifier(L.LightningModule):
         step_epochs: float | None = None,
         gamma: float = 0.1,
         label_smoothing: float = 0.0,
+        class_weights: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
         layer_decay: float | None = None,
@@ -107,6 +112,9 @@ class TransferClassifier(L.LightningModule):
         self.save_hyperparameters()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}.")
+        if class_weights not in (None, "balanced"):
+            raise ValueError(f"class_weights={class_weights!r}; use None or 'balanced'.")
+        self.register_buffer("class_weight", None, persistent=False)  # set in setup from the data's class counts
         self.backbone = create_backbone(backbone, pretrained=pretrained)
         self.head = _build_head(self.backbone.num_features, num_classes, head or {})
         self.phases = self._build_phases(phases, freeze_epochs)
@@ -178,6 +186,10 @@ class TransferClassifier(L.LightningModule):
             return [FineTuningPhases()]
         return []
 
+    def setup(self, stage: str) -> None:
+        if self.hparams.class_weights == "balanced":
+            self.class_weight = balanced_class_weights(getattr(self.trainer, "datamodule", None), self.hparams)
+
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)
         if mode and self.hparams.freeze_bn:
@@ -221,7 +233,9 @@ class TransferClassifier(L.LightningModule):
         logits = self(images)
         metrics.update(logits, targets)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=metrics is self.val_metrics)
-        return F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        training = metrics is self.train_metrics  # class weights shape the training loss, not the reported ones
+        weight = self.class_weight.to(logits.device) if training and self.class_weight is not None else None
+        return F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.hparams.label_smoothing)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The optimizer and per-step schedule of the current phase: one named group per stage (and head), at
@@ -297,6 +311,17 @@ class TransferClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "tlkit_data_config" in checkpoint:
             self.backbone.data_config = dict(checkpoint["tlkit_data_config"])
+
+
+def balanced_class_weights(datamodule: Any, hparams: Any) -> torch.Tensor:
+    """``n / (K * n_k)`` per class k (scikit-learn's "balanced"), from ``datamodule.class_counts``."""
+    counts = getattr(datamodule, "class_counts", None)
+    if counts is None:
+        raise ValueError("class_weights='balanced' needs a data module with class_counts, e.g. tlkit.ImageDataModule.")
+    counts = torch.as_tensor(counts, dtype=torch.float32)
+    if len(counts) != hparams.num_classes or bool((counts == 0).any()):
+        raise ValueError(f"class_weights='balanced' needs {hparams.num_classes} non-zero class counts, got {counts}.")
+    return counts.sum() / (len(counts) * counts)
 
 
 def _build_head(in_features: int, num_classes: int, options: dict[str, Any]) -> ClassifierHead:

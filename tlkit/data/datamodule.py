@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import functools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,13 +12,27 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Subset
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, WeightedRandomSampler
 from torchvision.transforms import InterpolationMode, v2
 
 from tlkit.data.preprocess import build_preprocess, needs_fit
-from tlkit.data.sources import IMAGE_EXTENSIONS, ImageDataset, SourceData, Split, list_class_names, load_source
+from tlkit.data.sources import (
+    BAD_IMAGE_POLICIES,
+    IMAGE_EXTENSIONS,
+    ImageDataset,
+    SourceData,
+    Split,
+    list_class_names,
+    load_source,
+    scan_images,
+)
 
 AUGMENTATIONS = ("none", "basic", "randaugment", "trivialaugment")
+SAMPLERS = (None, "balanced")
+SKIPPED_FILE = "skipped_files.csv"
+# Paths named in the warning itself; the full list is in the run directory.
+_WARN_MAX_PATHS = 20
 IMAGENET_DATA_CONFIG = dict(
     input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear",
     crop_pct=0.875,
@@ -31,7 +47,8 @@ class ImageDataModule(L.LightningDataModule):
     to the ``data_config`` of the model being trained, so a recipe states them once, in the model.
 
     Args:
-        source: ``folder:<dir>``, ``textures`` or ``digits`` (see :mod:`tlkit.data.sources`).
+        source: ``folder:<dir>``, ``csv:<file>``, ``torchvision:<Name>``, ``textures`` or ``digits`` (see
+            :mod:`tlkit.data.sources`).
         image_size: training/evaluation size in pixels; default: the backbone's input size.
         batch_size: images per batch (per device).
         num_workers: loader worker processes.
@@ -41,12 +58,23 @@ class ImageDataModule(L.LightningDataModule):
             on the train split), ``"pca"`` or ``"zca"`` (whitening fitted on the train split) or ``"none"``.
         whiten_scope: ``"channel"`` or ``"image"``, for ``pca``/``zca``.
         whiten_eps: regulariser of the whitening (default: per scope, see :mod:`tlkit.data.preprocess`).
-        augment: ``"none"``, ``"basic"`` (random resized crop + flip), ``"randaugment"`` or ``"trivialaugment"``.
+        augment: ``"none"``, ``"basic"`` (random resized crop + flip), ``"randaugment"`` or ``"trivialaugment"``
+            (basic, then the policy).
+        crop_scale: area range of the random resized crop (fraction of the image).
+        hflip: random horizontal flips.
+        randaugment_ops: number of RandAugment operations per image.
+        randaugment_magnitude: RandAugment magnitude (0-30).
         mean: overrides the backbone's mean for ``preprocess="pretrained"``.
         std: overrides the backbone's std.
         interpolation: resize interpolation (``bilinear``, ``bicubic``, ...); default: the backbone's.
         crop_pct: evaluation images are resized to ``image_size / crop_pct`` and centre-cropped.
         predict_source: a folder of images (searched recursively) for ``predict``; default: the val split.
+        on_bad_image: ``"skip"``: unreadable image files are left out, listed in one warning and written to
+            ``skipped_files.csv`` in the run directory; ``"raise"``: stop with an error naming the file.
+        sampler: ``None`` (shuffle) or ``"balanced"``: sample training images with probability inversely proportional
+            to their class size (with replacement), so every class is seen equally often.
+        data_root: folder of ``torchvision:`` datasets (default ``~/.cache/tlkit/datasets``).
+        download: let ``torchvision:`` datasets download when missing (needs a network).
     """
 
     def __init__(
@@ -66,19 +94,33 @@ class ImageDataModule(L.LightningDataModule):
         interpolation: str | None = None,
         crop_pct: float | None = None,
         predict_source: str | None = None,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        hflip: bool = True,
+        randaugment_ops: int = 2,
+        randaugment_magnitude: int = 9,
+        on_bad_image: str = "skip",
+        sampler: str | None = None,
+        data_root: str | None = None,
+        download: bool = False,
     ):
         super().__init__()
         if augment not in AUGMENTATIONS:
             raise ValueError(f"Unknown augment={augment!r}; choose one of {AUGMENTATIONS}.")
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"Unknown on_bad_image={on_bad_image!r}; choose one of {BAD_IMAGE_POLICIES}.")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"Unknown sampler={sampler!r}; choose one of {SAMPLERS}.")
         self.save_hyperparameters()
         self.preprocess: torch.nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
         self._data: SourceData | None = None
+        self._reported = False
+        self._warned_frozen = False
 
     @functools.cached_property
     def class_names(self) -> list[str]:
         """Sorted class names; index = label."""
-        return list_class_names(self.hparams.source)
+        return list_class_names(self.hparams.source, root=self.hparams.data_root, download=self.hparams.download)
 
     @property
     def num_classes(self) -> int:
@@ -87,8 +129,22 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def data(self) -> SourceData:
         if self._data is None:
-            self._data = load_source(self.hparams.source, val_split=self.hparams.val_split, seed=self.hparams.seed)
+            hp = self.hparams
+            self._data = load_source(
+                hp.source,
+                val_split=hp.val_split,
+                seed=hp.seed,
+                on_bad_image=hp.on_bad_image,
+                root=hp.data_root,
+                download=hp.download,
+            )
         return self._data
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Number of training images per class (index = label), after unreadable files were left out."""
+        counts = torch.bincount(torch.as_tensor(self.data.train.targets), minlength=len(self.data.class_names))
+        return counts.tolist()
 
     # --------------------------------------------------------------------------------------------- configuration
 
@@ -107,6 +163,67 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.preprocess is None:
             self.preprocess = self._build_preprocess()
+        self._report_skipped()
+        self._warn_frozen_pretrained()
+
+    def _report_skipped(self) -> None:
+        """One warning naming the unreadable (skipped) and non-image (ignored) files, and the full list written to
+        ``skipped_files.csv`` in the run directory."""
+        if self._reported:
+            return
+        self._reported = True
+        data = self.data
+        if not data.skipped and not data.ignored:
+            return
+        rows = [*data.skipped, *((path, "ignored: not an image file extension") for path in data.ignored)]
+        where = self._write_skipped(rows)
+        parts = []
+        if data.skipped:
+            named = ", ".join(f"{path} ({reason})" for path, reason in data.skipped[:_WARN_MAX_PATHS])
+            more = f", and {len(data.skipped) - _WARN_MAX_PATHS} more" if len(data.skipped) > _WARN_MAX_PATHS else ""
+            source = self.hparams.source
+            parts.append(f"Skipped {len(data.skipped)} unreadable image file(s) of {source}: {named}{more}.")
+        if data.ignored:
+            parts.append(f"Ignored {len(data.ignored)} file(s) that are not images (by extension).")
+        parts.append(f"The full list is in {where}." if where else "With a Trainer, the list goes to its run folder.")
+        rank_zero_warn(" ".join(parts))
+
+    def _write_skipped(self, rows: list[tuple[str, str]]) -> str | None:
+        """Write ``path,reason`` rows to the run directory (rank 0, atomically); returns the file or None."""
+        log_dir = self.trainer.log_dir if self.trainer is not None else None
+        if not log_dir:
+            return None
+        out = Path(log_dir) / SKIPPED_FILE
+        if self.trainer.is_global_zero:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["path", "reason"])
+                writer.writerows(rows)
+            os.replace(tmp, out)
+        return str(out)
+
+    def _warn_frozen_pretrained(self) -> None:
+        """Whitening or dataset statistics in front of a frozen pretrained backbone: say what that does, once."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        kind = self.hparams.preprocess
+        if self._warned_frozen or model is None or kind not in ("dataset", "pca", "zca"):
+            return
+        if not dict(getattr(model, "hparams", {})).get("pretrained"):
+            return
+        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+        if not frozen:
+            return
+        self._warned_frozen = True
+        what = {"dataset": "normalised with this dataset's mean/std", "pca": "PCA-whitened", "zca": "ZCA-whitened"}
+        rank_zero_warn(
+            f"preprocess={kind!r}: the images will be {what[kind]}, but the backbone is pretrained and "
+            f"{len(frozen)} of its parameters are frozen. Those frozen layers learned their features on images "
+            "normalised with the pretrained mean/std, and they cannot adapt to differently scaled or whitened "
+            "inputs, so the features they give may be worse. Use preprocess='pretrained' with a frozen pretrained "
+            "backbone, or unfreeze it (freeze='none') so it can adapt."
+        )
 
     def _build_preprocess(self) -> torch.nn.Module:
         config, hp = self.data_config(), self.hparams
@@ -131,9 +248,12 @@ class ImageDataModule(L.LightningDataModule):
         if not train or self.hparams.augment == "none":
             resize = [round(s / config["crop_pct"]) for s in size]
             return v2.Compose([v2.Resize(resize, interpolation, antialias=True), v2.CenterCrop(size)])
-        steps = [v2.RandomResizedCrop(size, interpolation=interpolation, antialias=True), v2.RandomHorizontalFlip()]
-        if self.hparams.augment == "randaugment":
-            steps.append(v2.RandAugment(interpolation=interpolation))
+        hp = self.hparams
+        steps = [v2.RandomResizedCrop(size, scale=tuple(hp.crop_scale), interpolation=interpolation, antialias=True)]
+        if hp.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        if hp.augment == "randaugment":
+            steps.append(v2.RandAugment(hp.randaugment_ops, hp.randaugment_magnitude, interpolation=interpolation))
         elif self.hparams.augment == "trivialaugment":
             steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
         return v2.Compose(steps)
@@ -143,7 +263,20 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self._fit_preprocess()
         dataset = ImageDataset(self.data.train, self.transform(train=True))
-        return self._loader(_maybe_cached(self, dataset, "train"), shuffle=True)
+        dataset = _maybe_cached(self, dataset, "train")
+        if self.hparams.sampler == "balanced":
+            return self._loader(dataset, sampler=self._balanced_sampler())
+        return self._loader(dataset, shuffle=True)
+
+    def _balanced_sampler(self) -> WeightedRandomSampler:
+        """Each image drawn with probability 1 / (classes * its class size): classes come up equally often.
+
+        Under DDP, Lightning wraps it in a DistributedSamplerWrapper, so ranks draw disjoint parts of one sample.
+        """
+        counts = torch.tensor(self.class_counts, dtype=torch.float64)
+        weights = (1.0 / counts)[torch.as_tensor(self.data.train.targets)]
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=generator)
 
     def val_dataloader(self) -> DataLoader:
         self._fit_preprocess()
@@ -160,20 +293,33 @@ class ImageDataModule(L.LightningDataModule):
         """The images ``predict`` runs on: ``predict_source`` (labels -1) or the val split."""
         if self.hparams.predict_source is None:
             return self.data.val
+        return self._predict_files
+
+    @functools.cached_property
+    def _predict_files(self) -> Split:
+        """The readable images of ``predict_source`` (scanned once, like the training source)."""
         root = Path(self.hparams.predict_source.removeprefix("folder:"))
         if not root.is_dir():
             raise FileNotFoundError(f"predict_source {str(root)!r} is not a folder of images.")
         paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        bad = scan_images(paths)
+        if bad and self.hparams.on_bad_image == "raise":
+            raise ValueError(f"Unreadable image {bad[0][0]}: {bad[0][1]} (predict_source; {len(bad)} unreadable)")
+        if bad:
+            listed = ", ".join(f"{path} ({reason})" for path, reason in bad[:_WARN_MAX_PATHS])
+            rank_zero_warn(f"predict_source: skipped {len(bad)} unreadable image file(s): {listed}")
+            paths = sorted(set(paths) - {path for path, _ in bad})
         if not paths:
-            raise ValueError(f"predict_source {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+            raise ValueError(f"predict_source {str(root)!r} holds no readable images ({', '.join(IMAGE_EXTENSIONS)}).")
         return Split(paths, [-1] * len(paths))
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool = False, sampler: Sampler | None = None) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
@@ -203,7 +349,7 @@ class ImageDataModule(L.LightningDataModule):
         """uint8 images on any device → the float inputs the model trains on."""
         self.setup()
         self.preprocess.to(images.device)
-        return self.preprocess(images.float().div_(255) if images.dtype == torch.uint8 else images)
+        return self.preprocess(images)  # uint8 goes straight in: Normalize folds the 1/255 into its own pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"preprocess": self.preprocess.state_dict()} if self.preprocess is not None else {}

@@ -1,8 +1,10 @@
 """Fitted input preprocessing applied on the device after the batch transfer.
 
-Every module takes a float tensor in [0, 1] of shape (N, C, H, W) and keeps its statistics in registered buffers, so
-they travel with state_dicts and checkpoints and a freshly built module restores them without refitting. Buffer shapes
-are fixed at construction for the same reason, which is why image-scope whitening takes the image size up front.
+Every module takes a float tensor in [0, 1] of shape (N, C, H, W), or a uint8 one (scaled by 1/255, as ``fit`` does;
+the data module passes uint8 batches straight in, so ``Normalize`` folds the scaling into its affine pass). Modules keep
+their statistics in registered buffers, so they travel with state_dicts and checkpoints and a freshly built module
+restores them without refitting. Buffer shapes are fixed at construction for the same reason, which is why image-scope
+whitening takes the image size up front.
 
 Statistics are fitted on the train split only, in one streaming pass that accumulates float64 running sums
 (count, sum x, sum x x^T); the dataset is never concatenated in memory.
@@ -99,18 +101,23 @@ def _image_rows(x: Tensor) -> Tensor:
 
 
 def _all_reduce_sum(tensors: list[Tensor]) -> list[Tensor]:
-    """Sums float64 tensors over all ranks when torch.distributed is initialised; returns CPU tensors."""
+    """Sums float64 tensors over all ranks, in place, when torch.distributed is initialised; returns CPU tensors.
+
+    Each tensor is reduced on its own (no concatenated copy), so a D x D sum is never duplicated in memory.
+    """
     tensors = [t.cpu() for t in tensors]
     if not (dist.is_available() and dist.is_initialized()):
         return tensors
     # gloo reduces CPU tensors; NCCL only reduces CUDA tensors.
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    parts = flat.cpu().split([t.numel() for t in tensors])
-    return [p.view_as(t) for p, t in zip(parts, tensors, strict=True)]
+    nccl = dist.get_backend() == "nccl"
+    for t in tensors:
+        if nccl:
+            on_device = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+            t.copy_(on_device)
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return tensors
 
 
 class _Moments:
@@ -123,23 +130,29 @@ class _Moments:
         self.second = torch.zeros((dim, dim) if full else (dim,), dtype=torch.float64)
 
     def add(self, rows: Tensor) -> None:
-        """Accumulates a (M, D) float64 block of samples."""
+        """Accumulates a (M, D) float64 block of samples (in place: no D x D temporary)."""
         if rows.device != self.total.device:
             self.count, self.total, self.second = (t.to(rows.device) for t in (self.count, self.total, self.second))
         self.count += rows.shape[0]
         self.total += rows.sum(0)
-        self.second += rows.T @ rows if self.full else (rows * rows).sum(0)
+        if self.full:
+            self.second.addmm_(rows.T, rows)
+        else:
+            self.second += (rows * rows).sum(0)
 
     def finalize(self) -> tuple[Tensor, Tensor]:
-        """Returns (mean, covariance or per-dim variance) over all ranks, population-normalised (divide by n)."""
+        """Returns (mean, covariance or per-dim variance) over all ranks, population-normalised (divide by n).
+
+        The covariance is computed in place in the D x D sum (which is no longer usable afterwards).
+        """
         count, total, second = _all_reduce_sum([self.count, self.total, self.second])
+        self.second = second
         if count.item() < 2:
             raise ValueError(f"fit needs at least 2 samples, got {int(count.item())} (was the iterable empty?)")
         mean = total / count
         if not self.full:
             return mean, (second / count - mean * mean).clamp_min(0.0)
-        cov = second / count - torch.outer(mean, mean)
-        return mean, (cov + cov.T) / 2  # remove rounding asymmetry before eigh
+        return mean, second.div_(count).addr_(mean, mean, alpha=-1.0)
 
 
 def _stream(
@@ -157,6 +170,11 @@ def _stream(
 
 
 # --------------------------------------------------------------------------------------------------------- modules
+
+
+def _unit_float(x: Tensor) -> Tensor:
+    """uint8 -> float32 / 255; float input is returned as is."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 
 class _Fitted(nn.Module):
@@ -189,9 +207,13 @@ class _Fitted(nn.Module):
 
 
 class Identity(nn.Identity):
-    """The ``"none"`` preprocessing: returns its input; ``fit`` is a no-op so callers can treat all kinds alike."""
+    """The ``"none"`` preprocessing: returns its input (uint8 as float / 255); ``fit`` is a no-op so callers can treat
+    all kinds alike."""
 
     is_fitted = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _unit_float(x)
 
     def fit(self, batches: Iterable[Tensor]) -> Identity:
         """Does nothing (and does not consume ``batches``)."""
@@ -252,8 +274,13 @@ class Normalize(_Fitted):
             raise ValueError(f"Normalize expects {self.num_channels} channels, got a batch of {tuple(x.shape)}")
 
     def forward(self, x: Tensor) -> Tensor:
-        """Normalises a (N, C, H, W) batch."""
+        """Normalises a (N, C, H, W) batch: float in [0, 1], or uint8 (returned as float32)."""
         self._check_fitted()
+        if x.dtype == torch.uint8:
+            # (x / 255 - mean) / std as one scale and one shift, in place on the only new tensor: on a CPU "device"
+            # this is most of the main process's work per batch.
+            scale = (1.0 / (255.0 * self.std)).view(1, -1, 1, 1)
+            return x.float().mul_(scale).add_((-self.mean / self.std).view(1, -1, 1, 1))
         mean = self.mean.to(x.dtype).view(1, -1, 1, 1)
         std = self.std.to(x.dtype).view(1, -1, 1, 1)
         return (x - mean) / std
@@ -277,23 +304,42 @@ def _image_shape(num_channels: int, image_size: int | Sequence[int] | None) -> t
     return num_channels, h, w
 
 
-def _eigh_descending(cov: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of a symmetric PSD matrix, eigenvalues descending, eigenvector signs made deterministic."""
-    evals, evecs = torch.linalg.eigh(cov)
-    evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
-    # eigh's signs are arbitrary; make each vector's largest-magnitude entry positive for reproducible PCA outputs.
-    pivot = evecs.gather(0, evecs.abs().argmax(0, keepdim=True))
-    signs = torch.where(pivot < 0, -1.0, 1.0).to(evecs.dtype)
-    return evals, evecs * signs
+def _eigh_in_place(cov: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending, >= 0) and eigenvectors of a symmetric float64 CPU matrix; ``cov`` is destroyed.
+
+    LAPACK's MRRR driver (``syevr``, through SciPy) needs O(D) workspace, so the peak is the covariance plus the
+    eigenvector matrix. ``torch.linalg.eigh`` (``syevd``) copies its input and adds a 2 D^2 workspace: twice that.
+    Only the lower triangle is read, so rounding asymmetry in ``cov`` does not matter.
+    """
+    from scipy.linalg import eigh
+
+    # cov is symmetric: its transpose is the same matrix in the Fortran order LAPACK works in, so nothing is copied.
+    evals, evecs = eigh(cov.numpy().T, overwrite_a=True, driver="evr", check_finite=False)
+    return torch.from_numpy(evals).clamp_min_(0.0), torch.from_numpy(evecs)
 
 
-def _whitening_matrix(kind: str, evals: Tensor, evecs: Tensor, eps: float) -> Tensor:
-    """PCA: diag(s) U^T; ZCA: U diag(s) U^T, with s = 1/sqrt(lambda + eps)."""
-    scaled = (evals + eps).rsqrt()[:, None] * evecs.T
+def _write_whitening_matrix(out: Tensor, kind: str, evals: Tensor, evecs: Tensor, eps: float) -> None:
+    """Writes PCA ``diag(s) U^T`` (rows in descending-eigenvalue order) or ZCA ``U diag(s) U^T`` into ``out``.
+
+    ``s = 1/sqrt(lambda + eps)``; ``evals`` ascending, as LAPACK returns them. ``evecs`` is scaled in place and the
+    product is formed in row blocks straight into ``out``, so no further D x D float64 matrix is allocated.
+    """
+    dim = evals.numel()
+    scale = (evals + eps).rsqrt()
+    block = max(1, _CHUNK_ELEMENTS // (8 * max(dim, 1)))
     if kind == "pca":
-        return scaled
-    zca = evecs @ scaled
-    return (zca + zca.T) / 2  # exactly symmetric, not just up to rounding
+        # eigh's signs are arbitrary: make each vector's largest-magnitude entry positive (reproducible outputs).
+        signs = torch.where(evecs.amax(0) >= -evecs.amin(0), 1.0, -1.0).to(evecs.dtype)
+        evecs.mul_(scale * signs)
+        descending = torch.arange(dim - 1, -1, -1)
+        for start in range(0, dim, block):
+            out[start : start + block].copy_(evecs[:, descending[start : start + block]].T)
+        return
+    evecs.mul_(scale.sqrt())  # U diag(sqrt s): ZCA = (U diag(sqrt s)) (U diag(sqrt s))^T, signs cancel
+    for start in range(0, dim, block):
+        out[start : start + block].copy_(evecs[start : start + block] @ evecs.T)
+    symmetric = out + out.T  # exactly symmetric, not just up to rounding (a float32 temporary, half of evecs)
+    out.copy_(symmetric.mul_(0.5))
 
 
 class Whitening(_Fitted):
@@ -352,10 +398,12 @@ class Whitening(_Fitted):
         rows = _channel_rows if self.scope == "channel" else _image_rows
         _stream(batches, moments, rows, self._check_batch)
         mean, cov = moments.finalize()
-        evals, evecs = _eigh_descending(cov)
+        del moments  # the eigendecomposition overwrites cov, so nothing else may still use it
+        evals, evecs = _eigh_in_place(cov)
+        del cov
         self.mean.copy_(mean)
-        self.eigenvalues.copy_(evals)
-        self.matrix.copy_(_whitening_matrix(self.kind, evals, evecs, self.eps))
+        self.eigenvalues.copy_(evals.flip(0))
+        _write_whitening_matrix(self.matrix, self.kind, evals, evecs, self.eps)
         self._mark_fitted()
         return self
 
@@ -366,8 +414,9 @@ class Whitening(_Fitted):
             raise ValueError(f"{self.scope}-scope Whitening expects batches of (N, {want}), got {tuple(x.shape)}")
 
     def forward(self, x: Tensor) -> Tensor:
-        """Whitens a (N, C, H, W) batch; the output has the input's shape."""
+        """Whitens a (N, C, H, W) batch (float in [0, 1] or uint8); the output has the input's shape."""
         self._check_fitted()
+        x = _unit_float(x)
         mean, matrix = self.mean.to(x.dtype), self.matrix.to(x.dtype)
         # Centre before multiplying: W x - W mu would cancel catastrophically in float32 when W has large entries.
         if self.scope == "channel":

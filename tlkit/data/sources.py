@@ -4,6 +4,8 @@ Supported specs:
 
 - ``folder:<dir>``: an ImageFolder tree (``<dir>/<class>/<img>``), optionally pre-split into
   ``<dir>/train`` and ``<dir>/val``.
+- ``csv:<file>``: a CSV file with a path column and a label column (optionally a ``split`` column).
+- ``torchvision:<Name>``: a torchvision classification dataset (CIFAR10, FashionMNIST, Flowers102, ...).
 - ``textures``: built-in, offline 64x64 patches of 10 scikit-image photos (one class per photo).
 - ``digits``: scikit-learn's 8x8 handwritten digits.
 
@@ -11,17 +13,25 @@ A sample is either a file path (``str``) or an in-memory ``uint8`` numpy array i
 (``H x W x 3``; ``H x W`` grayscale is also accepted). :func:`read_image` turns either into a
 ``uint8`` ``(3, H, W)`` RGB tensor; normalisation happens later, on the device.
 
+Bad files: every image *file* of a source is decoded once by :func:`load_source` (a parallel scan, before the
+train/val split, so a skipped file cannot empty a class's val set unnoticed). Unreadable files (corrupt, truncated,
+zero-byte, not an image, missing) are dropped and listed in ``SourceData.skipped`` with ``on_bad_image="skip"``, or
+stop the load with an error naming the file with ``on_bad_image="raise"``. Odd modes (grayscale, palette, RGBA,
+CMYK, 16-bit) are converted to 8-bit RGB.
+
 New schemes are added by writing one loader and one class-name function and registering them in
 ``_SOURCES``.
 """
 
 from __future__ import annotations
 
+import csv
 import functools
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +42,7 @@ from torchvision.io import ImageReadMode, decode_image
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 # torchvision.io.decode_image only handles jpeg/png/gif/webp; these go through PIL instead.
 _PIL_EXTENSIONS: frozenset[str] = frozenset({".bmp", ".tif", ".tiff"})
+BAD_IMAGE_POLICIES = ("skip", "raise")
 
 PATCH = 64
 TEXTURE_TRAIN_PER_CLASS = 48
@@ -80,11 +91,38 @@ class Split:
 
 @dataclass
 class SourceData:
-    """Train/val splits plus sorted class names (index = label)."""
+    """Train/val splits plus class names (index = label).
+
+    Attributes:
+        skipped: ``(path, reason)`` of every unreadable image file that was left out.
+        ignored: Files in the source that are not images (by extension) and were not used.
+    """
 
     train: Split
     val: Split
     class_names: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Listing:
+    """What a scheme loader returns: ``val=None`` asks :func:`load_source` for a stratified split of ``train``."""
+
+    class_names: list[str]
+    train: Split
+    val: Split | None = None
+    ignored: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Options every scheme loader receives (each uses the ones that apply to it)."""
+
+    val_split: float = 0.2
+    seed: int = 0
+    root: str | None = None
+    download: bool = False
 
 
 # --------------------------------------------------------------------------- decoding
@@ -98,7 +136,8 @@ def read_image(sample: Sample | os.PathLike | torch.Tensor) -> torch.Tensor:
             or a ``uint8`` tensor (``HxW`` or ``CxHxW`` with C in 1, 3, 4). Alpha is dropped.
 
     Returns:
-        Contiguous ``uint8`` tensor of shape ``(3, H, W)``.
+        ``uint8`` tensor of shape ``(3, H, W)``: contiguous for arrays and tensors; for decoded files, a view of
+        channels-last (HWC) memory, which the uint8 resize kernels read fastest.
     """
     if isinstance(sample, str | os.PathLike):
         return _decode_file(Path(sample))
@@ -109,6 +148,8 @@ def read_image(sample: Sample | os.PathLike | torch.Tensor) -> torch.Tensor:
         return _to_rgb_chw(torch.tensor(sample), "numpy array")
     if isinstance(sample, torch.Tensor):
         return _to_rgb_chw(sample.clone(), "tensor")
+    if callable(getattr(sample, "load", None)):  # e.g. an item of a torchvision dataset
+        return _to_rgb_chw(sample.load(), "dataset item")
     raise TypeError(f"Unsupported sample type {type(sample).__name__}; expected a path, numpy array or tensor")
 
 
@@ -127,7 +168,9 @@ def _decode_file(path: Path) -> torch.Tensor:
         from torchvision.transforms.v2.functional import to_dtype
 
         image = to_dtype(image, torch.uint8, scale=True)
-    return image.contiguous()
+    # No .contiguous(): decoders return a (3, H, W) view of HWC memory (channels-last), which torchvision's uint8
+    # resize kernels read ~1.6x faster than planar CHW; copying it to CHW would cost a pass and slow the resize.
+    return image
 
 
 def _decode_with_pil(path: Path) -> torch.Tensor:
@@ -135,6 +178,9 @@ def _decode_with_pil(path: Path) -> torch.Tensor:
     from torchvision.transforms.functional import pil_to_tensor
 
     with Image.open(path) as img:
+        if img.mode.startswith("I"):  # 16/32-bit integer (e.g. 16-bit TIFF): PIL's convert("RGB") clips, so rescale
+            array = np.asarray(img, dtype=np.float64)
+            return read_image(np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8))
         return pil_to_tensor(img.convert("RGB"))
 
 
@@ -257,49 +303,120 @@ def _class_dirs(root: Path) -> list[str]:
     return names
 
 
-def _list_images(class_dir: Path) -> list[str]:
-    """Sorted image paths under ``class_dir`` (recursive, like torchvision's ImageFolder)."""
-    files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
+def _list_files(class_dir: Path) -> tuple[list[str], list[str]]:
+    """Sorted image paths under ``class_dir`` (recursive, like torchvision's ImageFolder), and the other files.
+
+    Hidden files (``.DS_Store``, ...) are neither; an empty class folder is an error.
+    """
+    images, others = [], []
+    for p in sorted(class_dir.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(str(p))
+    if not images:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise FileNotFoundError(f"Class folder {class_dir} has no images (accepted extensions: {exts})")
-    return [str(p) for p in files]
+    return images, others
 
 
-def _scan_folder(root: Path, class_to_idx: dict[str, int]) -> Split:
-    """List every image of every class dir in ``root`` with its label from ``class_to_idx``."""
+def _scan_folder(root: Path, class_to_idx: dict[str, int], ignored: list[str]) -> Split:
+    """List every image of every class dir in ``root`` with its label; non-image files go to ``ignored``."""
     samples: list[Sample] = []
     targets: list[int] = []
     for name in _class_dirs(root):
         if name not in class_to_idx:
             known = ", ".join(class_to_idx)
             raise ValueError(f"Class folder {root / name} is not among the training classes ({known})")
-        files = _list_images(root / name)
+        files, others = _list_files(root / name)
         samples.extend(files)
         targets.extend([class_to_idx[name]] * len(files))
+        ignored.extend(others)
     return Split(samples=samples, targets=targets)
 
 
-def _folder_class_names(arg: str) -> list[str]:
+def _folder_class_names(arg: str, options: SourceOptions) -> list[str]:
     root = _folder_root(arg)
     presplit = _presplit_dirs(root)
     return _class_dirs(presplit[0] if presplit else root)
 
 
-def _load_folder(arg: str, val_split: float, seed: int) -> SourceData:
+def _load_folder(arg: str, options: SourceOptions) -> _Listing:
     root = _folder_root(arg)
     presplit = _presplit_dirs(root)
     class_names = _class_dirs(presplit[0] if presplit else root)
     class_to_idx = {name: i for i, name in enumerate(class_names)}
+    ignored: list[str] = []
     if presplit:
-        return SourceData(_scan_folder(presplit[0], class_to_idx), _scan_folder(presplit[1], class_to_idx), class_names)
-    everything = _scan_folder(root, class_to_idx)
-    train_idx, val_idx = stratified_split(everything.targets, class_names, val_split=val_split, seed=seed)
-    return SourceData(
-        train=_split_by_indices(everything.samples, everything.targets, train_idx),
-        val=_split_by_indices(everything.samples, everything.targets, val_idx),
-        class_names=class_names,
-    )
+        train = _scan_folder(presplit[0], class_to_idx, ignored)
+        return _Listing(class_names, train, _scan_folder(presplit[1], class_to_idx, ignored), ignored)
+    return _Listing(class_names, _scan_folder(root, class_to_idx, ignored), None, ignored)
+
+
+# --------------------------------------------------------------------------- csv:<file>
+
+CSV_PATH_COLUMNS = ("path", "image", "file", "filename", "filepath")
+CSV_LABEL_COLUMNS = ("label", "class", "target", "category")
+_CSV_SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": None}
+
+
+def _pick_column(header: Sequence[str], candidates: Sequence[str], what: str, file: Path) -> str:
+    by_lower = {h.strip().lower(): h for h in header}
+    for name in candidates:
+        if name in by_lower:
+            return by_lower[name]
+    raise ValueError(f"{file} has no {what} column; its columns are {list(header)}, expected one of {list(candidates)}")
+
+
+def _read_csv_rows(file: Path) -> tuple[list[str], list[str], list[str] | None]:
+    """Return the resolved paths, labels and (if present) split values of a CSV file's rows."""
+    if not file.is_file():
+        raise FileNotFoundError(f"CSV file not found: {file}; expected 'csv:<file>' with path and label columns")
+    with open(file, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        path_col = _pick_column(header, CSV_PATH_COLUMNS, "path", file)
+        label_col = _pick_column(header, CSV_LABEL_COLUMNS, "label", file)
+        split_col = next((h for h in header if h.strip().lower() == "split"), None)
+        paths, labels, splits = [], [], []
+        for line, row in enumerate(reader, start=2):
+            path, label = (row.get(path_col) or "").strip(), (row.get(label_col) or "").strip()
+            if not path or not label:
+                raise ValueError(f"{file}, line {line}: empty {path_col!r} or {label_col!r} cell")
+            # Relative paths are relative to the CSV's folder, so the CSV and its images move together.
+            paths.append(str((file.parent / path) if not Path(path).is_absolute() else Path(path)))
+            labels.append(label)
+            splits.append((row.get(split_col) or "").strip().lower() if split_col else "")
+    if not paths:
+        raise ValueError(f"{file} has a header but no rows")
+    return paths, labels, splits if split_col else None
+
+
+def _sorted_labels(labels: Sequence[str]) -> list[str]:
+    """Unique labels, numerically sorted when they are all integers ("2" before "10"), else alphabetically."""
+    unique = set(labels)
+    if all(label.lstrip("-").isdigit() for label in unique):
+        return sorted(unique, key=int)
+    return sorted(unique)
+
+
+def _csv_class_names(arg: str, options: SourceOptions) -> list[str]:
+    return _sorted_labels(_read_csv_rows(Path(arg).expanduser())[1])
+
+
+def _load_csv(arg: str, options: SourceOptions) -> _Listing:
+    file = Path(arg).expanduser()
+    paths, labels, splits = _read_csv_rows(file)
+    class_names = _sorted_labels(labels)
+    class_to_idx = {name: i for i, name in enumerate(class_names)}
+    everything = Split(samples=list(paths), targets=[class_to_idx[label] for label in labels])
+    if splits is None:
+        return _Listing(class_names, everything)
+    unknown = sorted({s for s in splits if s not in _CSV_SPLITS})
+    if unknown:
+        raise ValueError(f"{file}: unknown split values {unknown}; use train, val (or valid/validation) or test")
+    groups = {name: [i for i, s in enumerate(splits) if _CSV_SPLITS[s] == name] for name in ("train", "val")}
+    ignored = [paths[i] for i, s in enumerate(splits) if _CSV_SPLITS[s] is None]  # test rows: not used by fit
+    train, val = (_split_by_indices(everything.samples, everything.targets, groups[k]) for k in ("train", "val"))
+    return _Listing(class_names, train, val, ignored)
 
 
 # --------------------------------------------------------------------------- textures
@@ -388,43 +505,100 @@ def _build_textures() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return arrays  # type: ignore[return-value]
 
 
-def _textures_class_names(arg: str) -> list[str]:
+def _textures_class_names(arg: str, options: SourceOptions) -> list[str]:
     return list(TEXTURE_PHOTOS)
 
 
-def _load_textures(arg: str, val_split: float, seed: int) -> SourceData:
+def _load_textures(arg: str, options: SourceOptions) -> _Listing:
     # val_split and seed are ignored on purpose: the val set is fixed so results compare across runs.
     train_x, train_y, val_x, val_y = _build_textures()
-    return SourceData(
-        train=Split(samples=list(train_x), targets=train_y.tolist()),
-        val=Split(samples=list(val_x), targets=val_y.tolist()),
-        class_names=list(TEXTURE_PHOTOS),
-    )
+    train = Split(samples=list(train_x), targets=train_y.tolist())
+    return _Listing(list(TEXTURE_PHOTOS), train, Split(samples=list(val_x), targets=val_y.tolist()))
 
 
 # --------------------------------------------------------------------------- digits
 
 
-def _digits_class_names(arg: str) -> list[str]:
+def _digits_class_names(arg: str, options: SourceOptions) -> list[str]:
     return [str(d) for d in range(10)]
 
 
-def _load_digits(arg: str, val_split: float, seed: int) -> SourceData:
+def _load_digits(arg: str, options: SourceOptions) -> _Listing:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     # Values are 0..16; scale to the full uint8 range and replicate to 3 channels (HWC).
     gray = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
     images = np.repeat(gray[..., None], 3, axis=-1)
-    targets = digits.target.tolist()
-    class_names = _digits_class_names(arg)
-    train_idx, val_idx = stratified_split(targets, class_names, val_split=val_split, seed=seed)
-    samples = list(images)
-    return SourceData(
-        train=_split_by_indices(samples, targets, train_idx),
-        val=_split_by_indices(samples, targets, val_idx),
-        class_names=class_names,
-    )
+    return _Listing(_digits_class_names(arg, options), Split(samples=list(images), targets=digits.target.tolist()))
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def _check_image(path: str) -> str | None:
+    """Why ``path`` cannot be used as an image, or None when it decodes."""
+    try:
+        read_image(path)
+    except FileNotFoundError:
+        return "file not found"
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
+        cause = err.__cause__ or err
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        # torchvision's messages start with the C++ source location; keep the readable end.
+        return str(cause).strip().splitlines()[-1][-200:] or type(cause).__name__
+    return None
+
+
+def scan_images(paths: Sequence[str], workers: int | None = None) -> list[tuple[str, str]]:
+    """Decode every file in ``paths`` once, in parallel threads, and return ``(path, reason)`` of the bad ones.
+
+    Decoding releases the GIL (libjpeg/libpng/PIL), so threads scale with cores without the cost of processes.
+
+    Args:
+        paths: Image file paths.
+        workers: Threads; default ``min(32, cpu count)``.
+    """
+    if not paths:
+        return []
+    workers = workers or min(32, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        reasons = list(pool.map(_check_image, paths, chunksize=max(1, len(paths) // (workers * 8))))
+    return [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
+
+
+def _drop_bad(split: Split, bad: set[str]) -> Split:
+    keep = [i for i, s in enumerate(split.samples) if not (isinstance(s, str) and s in bad)]
+    return _split_by_indices(split.samples, split.targets, keep) if len(keep) < len(split) else split
+
+
+def _file_samples(*splits: Split | None) -> list[str]:
+    return [s for split in splits if split is not None for s in split.samples if isinstance(s, str)]
+
+
+def _check_bad_files(listing: _Listing, on_bad_image: str, workers: int | None) -> list[tuple[str, str]]:
+    """Scan the listing's files; raise on a bad one (``raise``) or return them to be dropped (``skip``)."""
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+    skipped = scan_images(_file_samples(listing.train, listing.val), workers)
+    if skipped and on_bad_image == "raise":
+        path, reason = skipped[0]
+        more = f" (and {len(skipped) - 1} more unreadable file(s))" if len(skipped) > 1 else ""
+        raise ValueError(
+            f"Unreadable image {path}: {reason}{more}. Fix or remove it, or pass on_bad_image='skip' to leave "
+            "unreadable files out (they are then listed in a warning and in the run directory)"
+        )
+    return skipped
+
+
+def _check_classes(train: Split, class_names: Sequence[str], skipped: list[tuple[str, str]]) -> None:
+    """Every class needs a train sample; say when skipping emptied it."""
+    present = set(train.targets)
+    for label, name in enumerate(class_names):
+        if label not in present:
+            note = f" ({len(skipped)} unreadable file(s) were skipped)" if skipped else ""
+            raise ValueError(f"Class '{name}' has no readable training image{note}; add images or remove the class")
 
 
 # --------------------------------------------------------------------------- registry
@@ -435,13 +609,27 @@ class _Scheme:
     """How to load one spec scheme; ``form`` is shown in error messages."""
 
     form: str
-    load: Callable[[str, float, int], SourceData]
-    class_names: Callable[[str], list[str]]
+    load: Callable[[str, SourceOptions], _Listing]
+    class_names: Callable[[str, SourceOptions], list[str]]
     takes_arg: bool
+
+
+def _load_torchvision(arg: str, options: SourceOptions) -> _Listing:
+    from tlkit.data import _tvsource  # imported lazily: torchvision.datasets is only needed here
+
+    return _tvsource.load(arg, options)
+
+
+def _torchvision_class_names(arg: str, options: SourceOptions) -> list[str]:
+    from tlkit.data import _tvsource
+
+    return _tvsource.class_names(arg, options)
 
 
 _SOURCES: dict[str, _Scheme] = {
     "folder": _Scheme("folder:<dir>", _load_folder, _folder_class_names, takes_arg=True),
+    "csv": _Scheme("csv:<file>", _load_csv, _csv_class_names, takes_arg=True),
+    "torchvision": _Scheme("torchvision:<Name>", _load_torchvision, _torchvision_class_names, takes_arg=True),
     "textures": _Scheme("textures", _load_textures, _textures_class_names, takes_arg=False),
     "digits": _Scheme("digits", _load_digits, _digits_class_names, takes_arg=False),
 }
@@ -461,40 +649,67 @@ def _parse_spec(spec: str) -> tuple[_Scheme, str]:
     return scheme, arg
 
 
-def load_source(spec: str, *, val_split: float = 0.2, seed: int = 0) -> SourceData:
-    """Load train/val samples and class names for a source spec.
+def load_source(
+    spec: str,
+    *,
+    val_split: float = 0.2,
+    seed: int = 0,
+    on_bad_image: str = "skip",
+    root: str | None = None,
+    download: bool = False,
+    scan_workers: int | None = None,
+) -> SourceData:
+    """Load train/val samples and class names for a source spec, leaving out (or stopping at) unreadable files.
 
     Args:
-        spec: ``folder:<dir>``, ``textures`` or ``digits``.
+        spec: ``folder:<dir>``, ``csv:<file>``, ``torchvision:<Name>``, ``textures`` or ``digits``.
         val_split: Per-class val fraction for sources without a fixed split (ignored by ``textures``
             and by pre-split ``folder`` trees).
         seed: Seed of that split (ignored by ``textures``, whose split is fixed).
+        on_bad_image: ``"skip"`` (leave unreadable files out, listed in ``SourceData.skipped``) or ``"raise"``.
+        root: Folder of ``torchvision:`` datasets (default ``~/.cache/tlkit/datasets``).
+        download: Let ``torchvision:`` datasets download themselves when missing (needs a network).
+        scan_workers: Threads of the bad-file scan (default: one per core, at most 32).
 
     Returns:
-        The train and val splits and the sorted class names.
+        The train and val splits, the class names and the skipped and ignored files.
     """
     scheme, arg = _parse_spec(spec)
-    return scheme.load(arg, val_split, seed)
+    options = SourceOptions(val_split=val_split, seed=seed, root=root, download=download)
+    listing = scheme.load(arg, options)
+    skipped = _check_bad_files(listing, on_bad_image, scan_workers)
+    bad = {path for path, _ in skipped}
+    train = _drop_bad(listing.train, bad)
+    _check_classes(train, listing.class_names, skipped)
+    if listing.val is None:
+        train_idx, val_idx = stratified_split(train.targets, listing.class_names, val_split=val_split, seed=seed)
+        train, val = (_split_by_indices(train.samples, train.targets, idx) for idx in (train_idx, val_idx))
+    else:
+        val = _drop_bad(listing.val, bad)
+    return SourceData(train, val, listing.class_names, skipped=skipped, ignored=listing.ignored)
 
 
-def list_class_names(spec: str) -> list[str]:
-    """Return the sorted class names of a source without decoding any image."""
+def list_class_names(spec: str, *, root: str | None = None, download: bool = False) -> list[str]:
+    """Return the class names of a source in label order, without decoding any image."""
     scheme, arg = _parse_spec(spec)
-    return scheme.class_names(arg)
+    return scheme.class_names(arg, SourceOptions(root=root, download=download))
 
 
 __all__ = [
+    "BAD_IMAGE_POLICIES",
     "IMAGE_EXTENSIONS",
     "PATCH",
     "TEXTURE_PHOTOS",
     "ImageDataset",
     "SourceData",
+    "SourceOptions",
     "Split",
     "list_class_names",
     "load_source",
     "load_texture_photo",
     "photo_patch_coords",
     "read_image",
+    "scan_images",
     "stratified_split",
     "texture_patch_coords",
     "texture_split_row",
