@@ -1,11 +1,16 @@
 """Fine-tuning strategies compared on the built-in ``textures`` data, same backbone and total epochs.
 
-(a) linear probe (backbone frozen), (b) full fine-tune, (c) gradual unfreezing with layer-wise LR decay
-(recipes/phased.yaml's phases). Prints, per strategy and phase, the train epoch time (min / median over the epochs of
-that phase; validation excluded) with its ratio to the baseline, a full fine-tune epoch, and the final val accuracy.
+Accuracy: (a) linear probe (backbone frozen), (b) full fine-tune, (c) gradual unfreezing with layer-wise LR decay
+(recipes/phased.yaml's phases), each a real ``Trainer.fit``. Prints, per strategy and phase, the train epoch time
+(min / median over the epochs of that phase; validation excluded) with its ratio to the baseline, a full fine-tune
+epoch, and the final val accuracy.
+
+Timing: fit epochs are long and, on a shared machine, noisy; ``--what timing`` measures the training step of each
+freeze setting of (c) instead, interleaved over rounds so that all settings see the same load, and prints min /
+median step time, the epoch time it implies (steps per epoch x median) and the ratio to a full fine-tune step.
 
     python benchmarks/strategies.py            # EfficientNet-Lite0 (packaged ImageNet weights), 5 epochs, CPU
-    python benchmarks/strategies.py --seeds 0 1 --epochs 5
+    python benchmarks/strategies.py --what timing --rounds 5
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 from tlkit import ImageDataModule, TransferClassifier
 
@@ -91,13 +97,56 @@ def _frozen(model: TransferClassifier, phase: int) -> set[str]:
     return {n for n, p in model.named_parameters() if not p.requires_grad}
 
 
+def time_steps(rounds: int, steps: int) -> None:
+    """Median/min seconds per training step (forward, backward, SGD step) of each phase's freeze setting."""
+    data = ImageDataModule(source="textures", image_size=64, batch_size=32, num_workers=0)
+    images, labels = torch.randn(32, 3, 64, 64), torch.randint(0, data.num_classes, (32,))
+    models, times = {}, {}
+    for phase in PHASED:
+        model = TransferClassifier(num_classes=data.num_classes, freeze=phase["freeze"], **COMMON).train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        models[phase["freeze"]] = (model, torch.optim.SGD(trainable, lr=1e-3, momentum=0.9))
+        times[phase["freeze"]] = []
+    for _ in range(rounds + 1):  # round 0 warms up allocators and caches, and is dropped
+        for freeze, (model, optimizer) in models.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                optimizer.zero_grad()
+                F.cross_entropy(model(images), labels).backward()
+                optimizer.step()
+            times[freeze].append((time.perf_counter() - start) / steps)
+    per_epoch = len(data.train_dataloader())
+    baseline = statistics.median(times["none"][1:])
+    print(f"\nbaseline: full fine-tune step, median {baseline * 1000:.0f} ms ({torch.get_num_threads()} threads)")
+    print("| freeze | trainable params | step time min / median (ms) | implied epoch time (s) | ratio to full |")
+    print("|---|---|---|---|---|")
+    for freeze, (model, _) in models.items():
+        kept = times[freeze][1:]
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        med = statistics.median(kept)
+        print(
+            f"| {freeze} | {trainable:,} | {min(kept) * 1000:.0f} / {med * 1000:.0f} | {med * per_epoch:.1f} "
+            f"| {med / baseline:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--what", choices=("accuracy", "timing", "both"), default="both")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     torch.set_float32_matmul_precision("highest")
-    results = {name: [run(name, args.epochs, seed) for seed in args.seeds] for name in STRATEGIES}
+    if args.what in ("timing", "both"):
+        time_steps(args.rounds, args.steps)
+    if args.what in ("accuracy", "both"):
+        accuracy(args.epochs, args.seeds)
+
+
+def accuracy(epochs: int, seeds: list[int]) -> None:
+    results = {name: [run(name, epochs, seed) for seed in seeds] for name in STRATEGIES}
     full_epochs = [t for r in results["(b) full fine-tune"] for _, t in r["times"][1:]]  # epoch 0 starts workers
     baseline = statistics.median(full_epochs)
     print(
