@@ -111,7 +111,7 @@ class TransferClassifier(L.LightningModule):
         return self.head(self.backbone(images))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, self.train_metrics, "train/")
+        loss, _ = self._shared_step(batch, self.train_metrics, "train/")
         if self.hparams.l1:
             penalised = (p for p in self.parameters() if p.requires_grad and uses_weight_decay(p))
             loss = loss + self.hparams.l1 * l1_penalty(penalised)
@@ -119,18 +119,23 @@ class TransferClassifier(L.LightningModule):
             self.log(f"lr/{group['name']}", group["lr"], on_step=True, on_epoch=False)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, self.val_metrics, "val/")
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Returns the logits, for callbacks (confusion matrix, misclassified images) to use without recomputing."""
+        loss, logits = self._shared_step(batch, self.val_metrics, "val/")
+        return {"loss": loss, "logits": logits.detach()}
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, self.test_metrics, "test/")
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        loss, logits = self._shared_step(batch, self.test_metrics, "test/")
+        return {"loss": loss, "logits": logits.detach()}
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities ``(N, num_classes)``."""
         images = batch[0] if isinstance(batch, list | tuple) else batch
         return self(images).softmax(dim=-1)
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, prefix: str):
+    def _shared_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, prefix: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = batch
         logits = self(images)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
@@ -138,7 +143,7 @@ class TransferClassifier(L.LightningModule):
         on_step = prefix == "train/"
         self.log(f"{prefix}loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(targets))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=prefix == "val/")
-        return loss
+        return loss, logits
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
