@@ -112,26 +112,32 @@ def backbones(filter: str | None = None, pretrained: bool = False) -> None:
 
 def plot_schedule(args: list[str]) -> str:
     """``tlkit plot-schedule --config recipe.yaml -o lr.png [overrides]``: draw the learning rate of every
-    parameter group at every optimiser step of a recipe, without training.
-
-    The model and data module are built from the recipe (any LightningCLI override works, e.g.
-    ``--trainer.max_epochs 20``), the step count comes from the train split size, batch size, devices,
-    ``limit_train_batches``, gradient accumulation and ``max_epochs``, and the optimiser and scheduler from the
-    model's own ``configure_optimizers``. Pretrained weights are not loaded: they do not change the schedule.
-    """
+    parameter group at every optimiser step of a recipe, without training (see :func:`recipe_lr_schedule`)."""
     parser = argparse.ArgumentParser(prog="tlkit plot-schedule", description=plot_schedule.__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, action="append", help="recipe YAML (repeatable, as in fit)")
     parser.add_argument("-o", "--out", default="lr.png", help="PNG to write (default: lr.png)")
     options, overrides = parser.parse_known_args(args)
     recipe = [arg for path in options.config for arg in ("--config", path)]
-    quiet = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
-    cli = _cli([*recipe, "--model.init_args.pretrained", "false", *quiet, *overrides], run=False)
-    run = PlannedRun(_steps_per_epoch(cli.trainer, cli.datamodule), cli.trainer.max_epochs, cli.trainer.max_steps)
-    curves = module_lr_schedule(cli.model, run)
-    title = f"{', '.join(options.config)}: {run.estimated_stepping_batches} steps, {run.max_epochs} epochs"
+    curves, run = recipe_lr_schedule([*recipe, *overrides])
+    names = ", ".join(Path(path).name for path in options.config)
+    title = f"{names}: {run.estimated_stepping_batches} steps, {run.max_epochs} epochs"
     path = save_figure(lr_schedule_figure(curves, run.steps_per_epoch, title=title), options.out)
-    print(f"Learning-rate schedule of {len(curves)} parameter groups written to {path}")
+    print(f"Learning-rate schedule of {len(curves)} parameter groups, {len(next(iter(curves.values())))} steps: {path}")
     return path
+
+
+def recipe_lr_schedule(args: list[str]) -> tuple[dict[str, list[float]], PlannedRun]:
+    """Learning rate of each parameter group at every optimiser step of the run a recipe describes.
+
+    The model and data module are built from the recipe (``args`` as for ``tlkit fit``, without the subcommand),
+    the step count comes from the train split size, batch size, devices, ``limit_train_batches``, gradient
+    accumulation and ``max_epochs``, and the optimiser and scheduler from the model's own ``configure_optimizers``.
+    Pretrained weights are not loaded: they do not change the schedule.
+    """
+    quiet = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    cli = _cli([*args, "--model.init_args.pretrained", "false", *quiet], run=False)
+    run = PlannedRun(_steps_per_epoch(cli.trainer, cli.datamodule), cli.trainer.max_epochs, cli.trainer.max_steps)
+    return module_lr_schedule(cli.model, run), run
 
 
 def _steps_per_epoch(trainer: L.Trainer, datamodule: ImageDataModule) -> int:

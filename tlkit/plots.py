@@ -229,11 +229,14 @@ def lr_schedule_figure(
     """
     shared: dict[tuple[float, ...], list[str]] = {}
     for name, values in curves.items():
-        shared.setdefault(tuple(values), []).append(name)
+        names = shared.setdefault(tuple(values), [])
+        base = name.split("/")[0]  # "head/no_decay" is the biases of "head": same schedule, one name
+        if base not in names:
+            names.append(base)
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
     for values, names in shared.items():
-        label = ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:3])} (+{len(names) - 3})"
+        label = ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} ... {names[-1]} ({len(names)} groups)"
         ax.plot(range(len(values)), values, label=label, linewidth=1.6)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("learning rate")
