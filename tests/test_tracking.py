@@ -108,7 +108,8 @@ def test_wandb_goes_offline_without_credentials_and_says_how_to_sync(tmp_path, m
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
     monkeypatch.chdir(tmp_path)
-    logger = WandbLogger(save_dir=str(tmp_path / "runs"), project="t")
+    logger = WandbLogger(save_dir=str(tmp_path / "runs"), project="t", log_model=True)  # no network: still fine
+    assert logger.offline
     with caplog.at_level(logging.INFO):
         run = logger.experiment
     run.finish()
@@ -118,11 +119,12 @@ def test_wandb_goes_offline_without_credentials_and_says_how_to_sync(tmp_path, m
     assert f"wandb sync {os.path.relpath(run_dir)}" in lines[0]
 
     monkeypatch.setenv("WANDB_API_KEY", API_KEY)
-    assert WandbLogger(save_dir=str(tmp_path), offline=None)._offline is False  # a key: online
+    assert WandbLogger(save_dir=str(tmp_path), offline=None).offline is False  # a key: online
+    assert WandbLogger(save_dir=str(tmp_path), offline=True).offline is True
     monkeypatch.delenv("WANDB_API_KEY")
     (tmp_path / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {API_KEY}\n")
     (tmp_path / ".netrc").chmod(0o600)
-    assert WandbLogger(save_dir=str(tmp_path))._offline is False  # `wandb login`: online
+    assert WandbLogger(save_dir=str(tmp_path)).offline is False  # `wandb login`: online
 
 
 def test_scrub_secrets_by_environment_value_and_by_key():

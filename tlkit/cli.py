@@ -154,7 +154,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {"backbones": backbones}
 RECIPE_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"plot-schedule": plot_schedule}
 
 
-def _cli(args: list[str], **kwargs: Any) -> TlkitCLI:
+def _cli(args: list[str] | None, **kwargs: Any) -> TlkitCLI:
     return TlkitCLI(
         TransferClassifier,
         ImageDataModule,
@@ -170,6 +170,7 @@ def _cli(args: list[str], **kwargs: Any) -> TlkitCLI:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``tlkit`` console script."""
+    from_command_line = args is None
     args = sys.argv[1:] if args is None else args
     if args and args[0] in COMMANDS:
         CLI(COMMANDS[args[0]], args=args[1:])
@@ -177,7 +178,7 @@ def main(args: list[str] | None = None) -> None:
     if args and args[0] in RECIPE_COMMANDS:
         RECIPE_COMMANDS[args[0]](args[1:])
         return
-    _cli(args)
+    _cli(None if from_command_line else args)  # LightningCLI warns when given sys.argv as args
 
 
 if __name__ == "__main__":

@@ -146,8 +146,11 @@ class WandbLogger(_LightningWandbLogger):
         **kwargs: Any,
     ):
         self.auto_offline = offline is None and not os.environ.get("WANDB_MODE") and not wandb_credentials_found()
-        offline = self.auto_offline if offline is None else offline
-        if quiet and "settings" not in kwargs:
+        if (self.auto_offline or offline) and kwargs.get("mode") is None:
+            # wandb's own offline mode rather than Lightning's `offline=True`, which refuses `log_model`: offline
+            # runs keep their artifacts, and `wandb sync` uploads them with the rest.
+            kwargs["mode"] = "offline"
+        if quiet and kwargs.get("settings") is None:  # the CLI passes every wandb.init argument, None if unset
             import wandb
 
             kwargs["settings"] = wandb.Settings(silent=True)
@@ -157,7 +160,7 @@ class WandbLogger(_LightningWandbLogger):
             name=name,
             save_dir=save_dir,
             version=version,
-            offline=offline,
+            offline=False,
             project=project,
             log_model=log_model,
             **extra,
@@ -166,15 +169,21 @@ class WandbLogger(_LightningWandbLogger):
         self._wandb_init.pop("anonymous", None)  # Lightning always passes it; wandb warns that it has no effect
 
     @property
+    def offline(self) -> bool:
+        """Whether the run is (or will be) written offline, by this logger's choice or ``WANDB_MODE``."""
+        mode = self._wandb_init.get("mode") or os.environ.get("WANDB_MODE")
+        return mode in ("offline", "dryrun")
+
+    @property
     @rank_zero_experiment
     def experiment(self) -> Any:
         created = self._experiment is None
         with _scrubbed_argv():  # wandb records the command line with the run
             run = super().experiment
-        if created and self._offline and getattr(run, "dir", None):
+        if created and getattr(run, "offline", False) and getattr(run, "dir", None):
             run_dir = os.path.relpath(Path(run.dir).parent)
-            why = "no W&B API key found" if self.auto_offline else "offline"
-            rank_zero_info(f"W&B: {why}, run saved to {run_dir}; upload it later with: wandb sync {run_dir}")
+            why = "no API key found, " if self.auto_offline else ""
+            rank_zero_info(f"W&B: {why}run saved offline to {run_dir}; upload it later with: wandb sync {run_dir}")
         return run
 
     @rank_zero_only
