@@ -140,6 +140,7 @@ def test_scrub_secrets_by_environment_value_and_by_key():
 
 def _fit(tmp_path: Path, logger) -> L.Trainer:
     model = TransferClassifier("test_efficientnet", num_classes=10, class_names=[f"c{i}" for i in range(10)])
+    model.phase = 2  # what a gradual-unfreezing module exposes (issue 4); logged as a number
     data = ImageDataModule("textures", image_size=32, batch_size=8, augment="none")
     trainer = L.Trainer(
         max_epochs=1, limit_train_batches=2, limit_val_batches=2, log_every_n_steps=1, logger=logger,
@@ -160,6 +161,7 @@ def test_csv_and_tensorboard_loggers_get_metrics_throughput_and_figures(tmp_path
         rows = list(csv.DictReader(f))
     assert any(row.get("perf/img_per_s") for row in rows)
     assert any(row.get("val/acc") for row in rows)
+    assert {float(row["phase"]) for row in rows if row.get("phase")} == {2.0}
     for name in ("val_confusion_matrix.png", "val_misclassified.png"):
         assert (Path(csv_logger.log_dir) / name).read_bytes()[:4] == b"\x89PNG"
 

@@ -32,12 +32,19 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> str:
     try:
         with os.fdopen(fd, "wb") as fh:
             fig.savefig(fh, format="png", dpi=dpi)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a picture gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def figure_to_array(fig: Figure, dpi: int = 100) -> np.ndarray:
