@@ -181,6 +181,26 @@ def test_cli_test_writes_confusion_matrix_png_next_to_metrics(tmp_path, monkeypa
     assert hparams["data"]["init_args"]["source"] == "textures"  # the recipe, logged as hyperparameters
 
 
+def test_read_wandb_history_and_config_across_log_blocks(tmp_path, monkeypatch):
+    """Records longer than a 32 KiB block (split into first/middle/last pieces) and many blocks, from wandb itself."""
+    import wandb
+
+    monkeypatch.chdir(tmp_path)
+    note = "".join(f"{i:05d}" for i in range(16000))  # 80 kB: one config record over three blocks
+    run = wandb.init(
+        mode="offline", dir=tmp_path, project="t", config={"note": note}, settings=wandb.Settings(silent=True)
+    )
+    for step in range(200):
+        run.log({"a": step, "b": step / 2, "nested/c": -step})
+    run.finish()
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    assert next(run_dir.glob("*.wandb")).stat().st_size > 3 * 32768
+    history = read_wandb_history(run_dir)
+    assert [row["a"] for row in history] == list(range(200))
+    assert history[-1]["b"] == 99.5 and history[-1]["nested/c"] == -199
+    assert read_wandb_config(run_dir)["note"] == note
+
+
 def test_read_wandb_history_rejects_a_file_that_is_not_a_wandb_log(tmp_path):
     (tmp_path / "run-x.wandb").write_bytes(b"not a log at all")
     with pytest.raises(ValueError, match="not a W&B transaction log"):

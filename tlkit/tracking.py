@@ -64,7 +64,7 @@ def scrub_secrets(value: Any, secrets: dict[str, str] | None = None) -> Any:
     """A copy of ``value`` (nested dicts, lists, strings) with secrets replaced by ``"***"``.
 
     A secret is the value of a secret-looking environment variable (see :func:`secret_values`) anywhere in a string,
-    or any value under a secret-looking key (``api_key: ...``).
+    or any string under a secret-looking key (``api_key: ...``).
 
     Example:
         >>> scrub_secrets({"url": "https://x?token=abc123xyz"}, {"abc123xyz": "MY_TOKEN"})
@@ -73,7 +73,7 @@ def scrub_secrets(value: Any, secrets: dict[str, str] | None = None) -> Any:
     secrets = secret_values() if secrets is None else secrets
     if isinstance(value, dict):
         return {
-            k: REDACTED if _is_secret_key(k) and v not in (None, "") else scrub_secrets(v, secrets)
+            k: REDACTED if _is_secret_key(k) and isinstance(v, str) and v else scrub_secrets(v, secrets)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
@@ -86,7 +86,7 @@ def scrub_secrets(value: Any, secrets: dict[str, str] | None = None) -> Any:
 
 def _is_secret_key(key: Any) -> bool:
     # "key" alone is too common a config name (e.g. "monitor_key"), so only compound names like api_key count.
-    return isinstance(key, str) and re.search(r"(api|access|secret|private)_?key|token|passw|secret", key, re.I)
+    return isinstance(key, str) and bool(re.search(r"(api|access|secret|private)_?key|token|passw|secret", key, re.I))
 
 
 # ------------------------------------------------------------------------------------------------------------ W&B
@@ -283,7 +283,7 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 def _wandb_log_records(path: Path) -> Iterator[bytes]:
     data = path.read_bytes()
-    ident, magic, version = struct.unpack("<4sHB", data[:_HEADER])
+    ident, magic, _version = struct.unpack("<4sHB", data[:_HEADER].ljust(_HEADER, b"\0"))
     if ident != b":W&B" or magic != 0xBEE1:
         raise ValueError(f"{str(path)!r} is not a W&B transaction log (header {data[:_HEADER]!r}).")
     pos, pending = _HEADER, b""
