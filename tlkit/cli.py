@@ -120,7 +120,8 @@ def plot_schedule(args: list[str]) -> str:
     recipe = [arg for path in options.config for arg in ("--config", path)]
     curves, run = recipe_lr_schedule([*recipe, *overrides])
     names = ", ".join(Path(path).name for path in options.config)
-    changed = [f"{key.split('.')[-1]}={value}" for key, value in zip(overrides[::2], overrides[1::2], strict=False)]
+    pairs = [part for arg in overrides for part in arg.split("=", 1)]  # --a.b=c and --a.b c alike
+    changed = [f"{key.split('.')[-1]}={value}" for key, value in zip(pairs[::2], pairs[1::2], strict=False)]
     names += f" ({', '.join(changed)})" if changed else ""
     title = f"{names}: {run.estimated_stepping_batches} steps, {run.max_epochs} epochs"
     path = save_figure(lr_schedule_figure(curves, run.steps_per_epoch, title=title), options.out)
