@@ -29,7 +29,7 @@ def _recipe(tmp_path: Path, **model) -> Path:
         "seed_everything": 0,
         "trainer": {
             "max_epochs": 2,
-            "limit_train_batches": 3,
+            "limit_train_batches": 2,
             "limit_val_batches": 1,
             "num_sanity_val_steps": 0,
             "log_every_n_steps": 1,
@@ -53,7 +53,7 @@ def test_simulated_schedule_matches_the_learning_rates_of_a_real_run(tmp_path, m
     monkeypatch.chdir(tmp_path)
     recipe = _recipe(tmp_path, schedule="cosine", warmup_epochs=1, lr=0.05)
     curves, run = recipe_lr_schedule(["--config", str(recipe)])
-    assert (run.steps_per_epoch, run.estimated_stepping_batches) == (3, 6)
+    assert (run.steps_per_epoch, run.estimated_stepping_batches) == (2, 4)
 
     main(["fit", "--config", str(recipe)])
     with open(next(tmp_path.glob("lightning_logs/version_*/metrics.csv"))) as f:
@@ -100,7 +100,7 @@ def test_plot_schedule_command_writes_png(tmp_path, capsys):
     out = tmp_path / "plots" / "lr.png"
     main(["plot-schedule", "--config", str(_recipe(tmp_path)), "-o", str(out), "--model.init_args.schedule", "step"])
     assert out.read_bytes()[:4] == b"\x89PNG"
-    assert "6 steps" in capsys.readouterr().out
+    assert "4 steps" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["plot-schedule", "-o", str(out)])  # --config is required
 

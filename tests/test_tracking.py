@@ -143,7 +143,8 @@ def _fit(tmp_path: Path, logger) -> L.Trainer:
     model.phase = 2  # what a gradual-unfreezing module exposes (issue 4); logged as a number
     data = ImageDataModule("textures", image_size=32, batch_size=8, augment="none")
     trainer = L.Trainer(
-        max_epochs=1, limit_train_batches=2, limit_val_batches=2, log_every_n_steps=1, logger=logger,
+        max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0, log_every_n_steps=1,
+        logger=logger,
         callbacks=[TrainingSpeed(), ClassificationFigures(max_images=4)], enable_progress_bar=False,
         enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
     )  # fmt: skip
