@@ -5,11 +5,14 @@ tlkit validate|test|predict --config ... --ckpt_path ...
 tlkit backbones [--filter 'convnext*'] [--pretrained true]
 tlkit extract --backbone resnet50 --data.source folder:imgs/ --out feats.safetensors
 tlkit export --ckpt_path run/last.ckpt --format onnx|torchscript|safetensors [--fuse-bn]
+tlkit plot-schedule --config recipes/quickstart.yaml -o lr.png [--trainer.max_epochs 10 ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -26,6 +29,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from tlkit.backbones import list_backbones
 from tlkit.data.datamodule import ImageDataModule
 from tlkit.module import TransferClassifier
+from tlkit.plots import PlannedRun, lr_schedule_figure, module_lr_schedule, save_figure
+from tlkit.tracking import ClassificationFigures, LoggerSaveConfigCallback, TrainingSpeed
 
 
 class PredictionCSVWriter(BasePredictionWriter):
@@ -78,11 +83,18 @@ def _write_csv_atomic(path: Path, header: list[str], rows: list[tuple]) -> None:
 
 
 class TlkitCLI(LightningCLI):
-    """LightningCLI with the data module's classes feeding the model, so a recipe states them once."""
+    """LightningCLI with the data module's classes feeding the model, so a recipe states them once.
+
+    Every run also gets the tracking callbacks (configurable as ``--figures.max_images 8``; see
+    :mod:`tlkit.tracking`): throughput and phase (``speed``), confusion matrix and misclassified images
+    (``figures``).
+    """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        parser.add_lightning_class_args(TrainingSpeed, "speed")
+        parser.add_lightning_class_args(ClassificationFigures, "figures")
 
     def before_predict(self) -> None:
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
@@ -186,7 +198,51 @@ def export(
     export_model(ckpt_path, format=format, out=out, fuse_bn=fuse_bn, input=input, return_features=return_features)
 
 
+def plot_schedule(args: list[str]) -> str:
+    """``tlkit plot-schedule --config recipe.yaml -o lr.png [overrides]``: draw the learning rate of every
+    parameter group at every optimiser step of a recipe, without training (see :func:`recipe_lr_schedule`)."""
+    parser = argparse.ArgumentParser(prog="tlkit plot-schedule", description=plot_schedule.__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, action="append", help="recipe YAML (repeatable, as in fit)")
+    parser.add_argument("-o", "--out", default="lr.png", help="PNG to write (default: lr.png)")
+    options, overrides = parser.parse_known_args(args)
+    recipe = [arg for path in options.config for arg in ("--config", path)]
+    curves, run = recipe_lr_schedule([*recipe, *overrides])
+    names = ", ".join(Path(path).name for path in options.config)
+    pairs = [part for arg in overrides for part in arg.split("=", 1)]  # --a.b=c and --a.b c alike
+    changed = [f"{key.split('.')[-1]}={value}" for key, value in zip(pairs[::2], pairs[1::2], strict=False)]
+    names += f" ({', '.join(changed)})" if changed else ""
+    title = f"{names}: {run.estimated_stepping_batches} steps, {run.max_epochs} epochs"
+    path = save_figure(lr_schedule_figure(curves, run.steps_per_epoch, title=title), options.out)
+    print(f"Learning-rate schedule of {len(curves)} parameter groups, {len(next(iter(curves.values())))} steps: {path}")
+    return path
+
+
+def recipe_lr_schedule(args: list[str]) -> tuple[dict[str, list[float]], PlannedRun]:
+    """Learning rate of each parameter group at every optimiser step of the run a recipe describes.
+
+    The model and data module are built from the recipe (``args`` as for ``tlkit fit``, without the subcommand),
+    the step count comes from the train split size, batch size, devices, ``limit_train_batches``, gradient
+    accumulation and ``max_epochs``, and the optimiser and scheduler from the model's own ``configure_optimizers``.
+    Pretrained weights are not loaded: they do not change the schedule.
+    """
+    quiet = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    cli = _cli([*args, "--model.init_args.pretrained", "false", *quiet], run=False)
+    run = PlannedRun(_steps_per_epoch(cli.trainer, cli.datamodule), cli.trainer.max_epochs, cli.trainer.max_steps)
+    return module_lr_schedule(cli.model, run), run
+
+
+def _steps_per_epoch(trainer: L.Trainer, datamodule: ImageDataModule) -> int:
+    """Optimiser steps per epoch, counted as the Trainer would (DistributedSampler pads each process's share)."""
+    per_process = math.ceil(len(datamodule.data.train) / trainer.world_size)
+    batches = math.ceil(per_process / datamodule.hparams.batch_size)
+    limit = trainer.limit_train_batches
+    batches = min(batches, int(limit)) if isinstance(limit, int) else int(batches * limit)
+    return max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
+
+
 COMMANDS: dict[str, Callable[..., Any]] = {"backbones": backbones, "extract": extract, "export": export}
+# Commands that read a recipe with ``--config`` parse their own arguments (jsonargparse's CLI owns ``--config``).
+RECIPE_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"plot-schedule": plot_schedule}
 
 
 def _flag_args(args: list[str]) -> list[str]:
@@ -201,21 +257,31 @@ def _flag_args(args: list[str]) -> list[str]:
     return fixed
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``tlkit`` console script."""
-    args = sys.argv[1:] if args is None else args
-    if args and args[0] in COMMANDS:
-        CLI(COMMANDS[args[0]], args=_flag_args(args[1:]))
-        return
-    TlkitCLI(
+def _cli(args: list[str] | None, **kwargs: Any) -> TlkitCLI:
+    return TlkitCLI(
         TransferClassifier,
         ImageDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
+        save_config_callback=LoggerSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        **kwargs,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``tlkit`` console script."""
+    from_command_line = args is None
+    args = sys.argv[1:] if args is None else args
+    if args and args[0] in COMMANDS:
+        CLI(COMMANDS[args[0]], args=_flag_args(args[1:]))
+        return
+    if args and args[0] in RECIPE_COMMANDS:
+        RECIPE_COMMANDS[args[0]](args[1:])
+        return
+    _cli(None if from_command_line else args)  # LightningCLI warns when given sys.argv as args
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ class TransferClassifier(L.LightningModule):
         return self.head(self.backbone(images))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, self.train_metrics)
+        loss, _ = self._shared_step(batch, self.train_metrics)
         if self.hparams.l1:
             penalised = (p for p in self.parameters() if p.requires_grad and uses_weight_decay(p))
             loss = loss + self.hparams.l1 * l1_penalty(penalised)
@@ -214,28 +214,34 @@ class TransferClassifier(L.LightningModule):
             self.log(f"lr/{group['name']}", group["lr"], on_step=True, on_epoch=False)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        loss = self._shared_step(batch, self.val_metrics)
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Returns the logits, for callbacks (confusion matrix, misclassified images) to use without recomputing."""
+        loss, logits = self._shared_step(batch, self.val_metrics)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch[1]))
+        return {"loss": loss, "logits": logits.detach()}
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        loss = self._shared_step(batch, self.test_metrics)
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        loss, logits = self._shared_step(batch, self.test_metrics)
         self.log("test/loss", loss, batch_size=len(batch[1]))
+        return {"loss": loss, "logits": logits.detach()}
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities ``(N, num_classes)``."""
         images = batch[0] if isinstance(batch, list | tuple) else batch
         return self(images).softmax(dim=-1)
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection) -> torch.Tensor:
-        """Cross-entropy of the batch; updates and logs the epoch metrics."""
+    def _shared_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy and logits of the batch; updates and logs the epoch metrics."""
         images, targets = batch
         logits = self(images)
         metrics.update(logits, targets)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=metrics is self.val_metrics)
         training = metrics is self.train_metrics  # class weights shape the training loss, not the reported ones
         weight = self.class_weight.to(logits.device) if training and self.class_weight is not None else None
-        return F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.hparams.label_smoothing)
+        return loss, logits
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The optimizer and per-step schedule of the current phase: one named group per stage (and head), at
