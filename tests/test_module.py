@@ -60,7 +60,7 @@ def test_label_smoothing_and_l1_change_the_loss(digits):
     # the module uses its own label_smoothing in the step
     smooth.log = lambda *a, **k: None
     smooth.log_dict = lambda *a, **k: None
-    assert torch.isclose(smooth._shared_step((images, targets), smooth.train_metrics), smoothed, atol=1e-5)
+    assert torch.isclose(smooth._shared_step((images, targets), smooth.train_metrics)[0], smoothed, atol=1e-5)
 
 
 def test_l1_penalty_is_added_to_the_training_loss(tmp_path, digits):

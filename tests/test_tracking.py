@@ -139,11 +139,13 @@ def test_scrub_secrets_by_environment_value_and_by_key():
 
 
 def _fit(tmp_path: Path, logger) -> L.Trainer:
-    model = TransferClassifier("test_efficientnet", num_classes=10, class_names=[f"c{i}" for i in range(10)])
-    model.phase = 2  # what a gradual-unfreezing module exposes (issue 4); logged as a number
+    phases = [{"epochs": 1, "freeze": "backbone"}, {"epochs": 1, "freeze": "none"}]
+    model = TransferClassifier(
+        "test_efficientnet", num_classes=10, class_names=[f"c{i}" for i in range(10)], phases=phases
+    )
     data = ImageDataModule("textures", image_size=32, batch_size=8, augment="none")
     trainer = L.Trainer(
-        max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0, log_every_n_steps=1,
+        max_epochs=2, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0, log_every_n_steps=1,
         logger=logger,
         callbacks=[TrainingSpeed(), ClassificationFigures(max_images=4)], enable_progress_bar=False,
         enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
@@ -162,7 +164,7 @@ def test_csv_and_tensorboard_loggers_get_metrics_throughput_and_figures(tmp_path
         rows = list(csv.DictReader(f))
     assert any(row.get("perf/img_per_s") for row in rows)
     assert any(row.get("val/acc") for row in rows)
-    assert {float(row["phase"]) for row in rows if row.get("phase")} == {2.0}
+    assert {float(row["phase"]) for row in rows if row.get("phase")} == {0.0, 1.0}  # the phase of every step
     for name in ("val_confusion_matrix.png", "val_misclassified.png"):
         assert (Path(csv_logger.log_dir) / name).read_bytes()[:4] == b"\x89PNG"
 
