@@ -27,7 +27,9 @@ trainer:
     init_args: {{save_dir: {root}, name: ""}}
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{monitor: val/acc, mode: max, save_last: true}}
+      init_args: {{monitor: val/acc, mode: max}}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{filename: last, enable_version_counter: false}}
 model:
   class_path: tlkit.TransferClassifier
   init_args: {{backbone: resnet18, freeze: "stages:2", lr: 0.05}}
@@ -49,7 +51,9 @@ def test_fit_writes_checkpoint_and_resolved_config_and_reports_accuracy(recipe, 
     run = tmp_path / "run" / "version_0"
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["init_args"]["backbone"] == "resnet18" and config["data"]["init_args"]["source"] == "digits"
-    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 0 and last["global_step"] == 3  # the final state, to resume from
+    hparams = last["hyper_parameters"]
     assert hparams["num_classes"] == 10  # taken from the data, not stated in the recipe
     assert hparams["class_names"] == [str(i) for i in range(10)]
     out = capsys.readouterr()

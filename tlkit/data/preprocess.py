@@ -19,7 +19,6 @@ work is just not deduplicated.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+    pass
 
 __all__ = [
     "DEFAULT_EPS",
@@ -528,6 +527,8 @@ def render_preprocess_grid(images: Tensor, modules: Mapping[str, nn.Module], pat
     """
     from matplotlib.figure import Figure  # no pyplot: no global state or backend switch, Agg canvas by default
 
+    from tlkit.plots import save_figure  # atomic PNG writes, shared with the other figures
+
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must be (N, 1|3, H, W), got {tuple(images.shape)}")
     columns = _grid_columns(images, modules)
@@ -540,20 +541,4 @@ def render_preprocess_grid(images: Tensor, modules: Mapping[str, nn.Module], pat
             img = col[i].numpy()
             axes[i, j].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
             axes[i, j].set_axis_off()
-    return _save_atomic(fig, os.fspath(path))
-
-
-def _save_atomic(fig: Figure, path: str) -> str:
-    """Saves ``fig`` as PNG to a temporary file next to ``path`` and renames it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return save_figure(fig, path)
