@@ -16,6 +16,16 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFa
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, tiny tensors and two OpenMP threads spinning against each
+    other make a test up to 100x slower. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_trainer(tmp_path, **kwargs) -> L.Trainer:
     defaults = dict(
         max_epochs=1,

@@ -20,14 +20,7 @@ from tlkit import ImageDataModule, TransferClassifier
 from tlkit.cli import main
 from tlkit.export import export, fold_batchnorm, load_checkpoint, load_safetensors
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise_bn(model: nn.Module) -> nn.Module:

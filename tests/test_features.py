@@ -22,14 +22,7 @@ from tlkit import ImageDataModule, TransferClassifier, create_backbone
 from tlkit.cli import main
 from tlkit.features import FeatureSet, ShardWriter, cache_key, extract_features, merge_shards
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin against each other (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

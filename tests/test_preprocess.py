@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import socket
-from collections.abc import Iterator
 
 import matplotlib.image as mpimg
 import pytest
@@ -42,13 +41,7 @@ def _photo_patches(size: int, per_photo: int, seed: int = 0) -> Tensor:
     return torch.stack(patches)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    """The tensors here are tiny; with 2+ intra-op threads on a busy CPU, thread hand-offs dominate (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
