@@ -68,19 +68,7 @@ def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    options = dict(
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-    )
-    return L.Trainer(**{**options, **kwargs})
+    return tiny_trainer(tmp_path, limit_train_batches=2, limit_val_batches=1, **kwargs)
 
 
 def _zca_dm(folder: Path) -> ImageDataModule:

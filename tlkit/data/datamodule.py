@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import functools
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -337,7 +336,7 @@ class ImageDataModule(L.LightningDataModule):
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         dataset = ImageDataset(self.data.train, self.transform(train=False))
         shard = Subset(dataset, range(rank, len(dataset), world))
-        self.preprocess.fit(_unit_float(self._loader(shard)))
+        self.preprocess.fit(self._loader(shard))  # fit takes (uint8 images, labels) batches as they come
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, targets = batch
@@ -369,8 +368,3 @@ def _maybe_cached(dm: ImageDataModule, dataset: Dataset, split: str) -> Dataset:
     from tlkit.features import feature_cache_dataset  # features builds on this module
 
     return feature_cache_dataset(dm, dataset, split)
-
-
-def _unit_float(loader: DataLoader) -> Iterator[torch.Tensor]:
-    for images, _ in loader:
-        yield images.float().div_(255)

@@ -479,11 +479,6 @@ def needs_fit(module: nn.Module) -> bool:
 # ------------------------------------------------------------------------------------------------------ rendering
 
 
-def _to_unit_float(images: Tensor) -> Tensor:
-    """uint8 -> float / 255; float is assumed to be in [0, 1] already."""
-    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-
-
 def _display_range(y: Tensor) -> Tensor:
     """Maps each image's mean +- 3 std (over all its channels and pixels) to [0, 1], clipping the rest.
 
@@ -501,7 +496,7 @@ def _module_device(module: nn.Module) -> torch.device:
 
 def _grid_columns(images: Tensor, modules: Mapping[str, nn.Module]) -> dict[str, Tensor]:
     """Returns the columns to draw as (N, H, W, C) CPU arrays in [0, 1]: the original, then each module's output."""
-    x = _to_unit_float(images)
+    x = _unit_float(images).float()
     columns = {"original": x.clamp(0, 1)}
     with torch.no_grad():
         for name, module in modules.items():
