@@ -347,8 +347,12 @@ def test_loaders_yield_uint8_images_and_labels():
     assert dm.num_classes == 10 and dm.class_names == sorted(dm.class_names)
 
 
-def test_pretrained_normalisation_uses_the_models_weights_config(tmp_path):
+@pytest.mark.parametrize("early_setup", [False, True], ids=["plain", "setup-before-the-model"])
+def test_pretrained_normalisation_uses_the_models_weights_config(tmp_path, early_setup):
     dm = ImageDataModule(source="digits", image_size=32, batch_size=8)
+    if early_setup:  # e.g. to read class names before building the model: ImageNet mean/std until a model comes
+        dm.setup()
+        torch.testing.assert_close(dm.preprocess.mean, torch.tensor([0.485, 0.456, 0.406]))
     model = TransferClassifier("tf_efficientnet_lite0", pretrained="packaged", num_classes=dm.num_classes)
     trainer = tiny_trainer(tmp_path, limit_train_batches=1, limit_val_batches=1)
     trainer.fit(model, dm)

@@ -112,6 +112,7 @@ class ImageDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.preprocess: torch.nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._preprocess_model: Any = None  # the model whose data_config built `preprocess` (None: defaults)
         self._data: SourceData | None = None
         self._reported = False
         self._warned_frozen = False
@@ -150,7 +151,7 @@ class ImageDataModule(L.LightningDataModule):
     def data_config(self) -> dict[str, Any]:
         """The image size, mean/std, interpolation and crop fraction in use: explicit arguments first, then the
         attached model's ``data_config``, then ImageNet defaults."""
-        model = self.trainer.lightning_module if self.trainer is not None else None
+        model = self._attached_model()
         config = dict(getattr(model, "data_config", None) or IMAGENET_DATA_CONFIG)
         hp = self.hparams
         overrides = dict(mean=hp.mean, std=hp.std, interpolation=hp.interpolation, crop_pct=hp.crop_pct)
@@ -159,9 +160,13 @@ class ImageDataModule(L.LightningDataModule):
             config["input_size"] = (3, hp.image_size, hp.image_size)
         return config
 
+    def _attached_model(self) -> Any:
+        return self.trainer.lightning_module if self.trainer is not None else None
+
     def setup(self, stage: str | None = None) -> None:
-        if self.preprocess is None:
+        if self.preprocess is None or self._pretrained_stats_outdated():
             self.preprocess = self._build_preprocess()
+            self._preprocess_model = self._attached_model()
         self._report_skipped()
         self._warn_frozen_pretrained()
 
@@ -223,6 +228,13 @@ class ImageDataModule(L.LightningDataModule):
             "inputs, so the features they give may be worse. Use preprocess='pretrained' with a frozen pretrained "
             "backbone, or unfreeze it (freeze='none') so it can adapt."
         )
+
+    def _pretrained_stats_outdated(self) -> bool:
+        """``pretrained`` mean/std come from the model's weights. A ``setup()`` before any model was attached (say,
+        to read ``class_names`` first) had to use ImageNet's; the model attached since decides. (Fitted kinds learn
+        their statistics from the data, not from the model, and keep them.)"""
+        model = self._attached_model()
+        return self.hparams.preprocess == "pretrained" and model is not None and model is not self._preprocess_model
 
     def _build_preprocess(self) -> torch.nn.Module:
         config, hp = self.data_config(), self.hparams
