@@ -9,15 +9,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import threadpoolctl
 import timm
 import torch
 import torchvision
+from conftest import tiny_trainer, write_image_folder
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import tlkit.export as export_module
 from tlkit import ImageDataModule, TransferClassifier
 from tlkit.cli import main
+from tlkit.data.preprocess import Normalize, Whitening
 from tlkit.export import export, fold_batchnorm, load_checkpoint, load_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -187,3 +190,88 @@ def test_extract_features_from_a_checkpoint_uses_its_preprocessing(checkpoint):
         expected = model.backbone(preprocess(images.float() / 255))
     torch.testing.assert_close(feats.features, expected, atol=1e-5, rtol=0)
     assert feats.metadata["weights"] == f"checkpoint:{checkpoint}"
+
+
+# ------------------------------------------------------------------------------------------- whitened checkpoints
+
+
+@pytest.fixture(scope="module", params=[("zca", "image"), ("pca", "channel")], ids=["zca-image", "pca-channel"])
+def whitened_checkpoint(request, tmp_path_factory) -> str:
+    """A test_resnet briefly trained behind a whitening fitted on its train split, at 16 px. Colour images (the class
+    sets the dominant channel), so that channel-scope whitening has a full-rank colour covariance to fit."""
+    torch.set_num_threads(1)
+    kind, scope = request.param
+    root = tmp_path_factory.mktemp(f"{kind}-{scope}")
+    L.seed_everything(0)
+    folder = write_image_folder(root / "images", size=20)
+    model = TransferClassifier("test_resnet", num_classes=3, class_names=["cat", "dog", "owl"])
+    dm = ImageDataModule(f"folder:{folder}", image_size=16, batch_size=8, preprocess=kind, whiten_scope=scope,
+                         augment="none")  # fmt: skip
+    trainer = tiny_trainer(root, limit_train_batches=2, limit_val_batches=1)
+    # One BLAS thread for SciPy's eigh of the 768 x 768 image covariance: two OpenBLAS threads on a busy 2-core
+    # machine make it take 6 s instead of 0.1 s (one_thread only limits torch).
+    with threadpoolctl.threadpool_limits(1):
+        trainer.fit(model, dm)
+    path = root / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+def _reloaded(checkpoint: str) -> tuple[TransferClassifier, ImageDataModule]:
+    """The model and data module reloaded by Lightning: the data module restores its own fitted whitening."""
+    model = TransferClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
+    return model, ImageDataModule.load_from_checkpoint(checkpoint, weights_only=True)
+
+
+def _images(batch: int) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+def _run_exported(path, format: str, images: torch.Tensor) -> torch.Tensor:
+    if format == "onnx":
+        (logits,) = ort.InferenceSession(str(path)).run(None, {"images": images.numpy()})
+        return torch.from_numpy(logits)
+    with torch.no_grad():
+        if format == "safetensors":
+            model, preprocess = load_safetensors(path)
+            return model(preprocess(images.float() / 255))
+        return torch.jit.load(str(path))(images)
+
+
+@pytest.mark.parametrize(
+    ("format", "fuse_bn"),
+    [("onnx", False), ("onnx", True), ("torchscript", False), ("torchscript", True), ("safetensors", False)],
+    ids=["onnx", "onnx-fuse-bn", "torchscript", "torchscript-fuse-bn", "safetensors"],
+)
+def test_whitened_checkpoint_export_matches_the_data_module_pipeline(whitened_checkpoint, format, fuse_bn, tmp_path):
+    args = ["export", "--ckpt_path", whitened_checkpoint, "--format", format, "--out", str(tmp_path / "m")]
+    main(args + ["--fuse-bn"] * fuse_bn)
+    images = _images(3)  # batch 3: the graph was traced at batch 2
+    model, dm = _reloaded(whitened_checkpoint)
+    with torch.no_grad():
+        expected = model(dm.normalize(images))
+    torch.testing.assert_close(_run_exported(tmp_path / "m", format, images), expected, atol=1e-4, rtol=0)
+
+
+def test_whitened_export_uses_the_checkpoint_whitening_not_a_normalisation(whitened_checkpoint, tmp_path):
+    out = export(whitened_checkpoint, format="torchscript", out=tmp_path / "m.pt")
+    extra = {"tlkit.json": ""}
+    scripted = torch.jit.load(str(out), _extra_files=extra)
+    model, dm = _reloaded(whitened_checkpoint)
+    kind, scope = dm.hparams.preprocess, dm.hparams.whiten_scope
+    preprocess = load_checkpoint(whitened_checkpoint)[1]
+    assert isinstance(preprocess, Whitening) and (preprocess.kind, preprocess.scope) == (kind, scope)
+    assert json.loads(extra["tlkit.json"])["preprocess"]["kind"] == kind
+    # The traced graph keeps the preprocessing's buffers: the fitted matrix and mean, not identity defaults.
+    state = torch.load(whitened_checkpoint, map_location="cpu", weights_only=True)["ImageDataModule"]["preprocess"]
+    assert torch.equal(scripted.preprocess.matrix, state["matrix"])
+    assert torch.equal(scripted.preprocess.mean, state["mean"])
+    assert not torch.equal(state["matrix"], torch.eye(len(state["matrix"])))
+    # A Normalize in its place (the backbone's mean/std, what export falls back to without data module state) must
+    # change the logits by far more than the 1e-4 export tolerance, or the comparisons above could not tell them apart.
+    images = _images(3)
+    normalize = Normalize(model.data_config["mean"], model.data_config["std"])
+    with torch.no_grad():
+        whitened, normalised = model(dm.normalize(images)), model(normalize(images))
+        torch.testing.assert_close(scripted(images), whitened, atol=1e-4, rtol=0)
+    assert (whitened - normalised).abs().max() > 1e-2
