@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
+import threadpoolctl
 import torch
 from torchvision.io import write_png
 
@@ -18,11 +19,13 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFa
 
 @pytest.fixture
 def one_thread():
-    """One intra-op thread: on a shared 2-core machine, tiny tensors and two OpenMP threads spinning against each
-    other make a test up to 100x slower. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    """One intra-op thread for torch and for the BLAS under SciPy (whitening's eigh): on a shared 2-core machine,
+    tiny tensors and two threads spinning against each other make a test up to 100x slower. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpoolctl.threadpool_limits(1):
+        yield
     torch.set_num_threads(threads)
 
 
