@@ -229,6 +229,10 @@ def test_cached_linear_probe_equals_training_without_cache(folder):
     assert {ndim for _, ndim in plain_shapes.shapes} == {4}
     for a, b in zip(cached.head.parameters(), plain.head.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # Computing the cache leaves the frozen BatchNorm layers in eval mode: an image forward in train mode after the
+    # run must not move their running statistics.
+    batchnorms = [m for m in cached.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert cached.training and batchnorms and not any(bn.training for bn in batchnorms)
 
 
 def test_unfreezing_or_augmenting_drops_the_cache(folder):

@@ -780,7 +780,10 @@ def _compute_features(model: Any, dm: ImageDataModule, dataset: Dataset) -> tupl
     loader = DataLoader(
         dataset, batch_size=dm.hparams.batch_size, num_workers=dm.hparams.num_workers, generator=generator
     )
-    backbone, was_training = model.backbone, model.backbone.training
+    backbone = model.backbone
+    # Each module's own mode, restored as it was: backbone.train() would also wake the frozen BatchNorm layers, which
+    # the model keeps in eval mode (they would then update their running statistics in any later forward).
+    modes = {module: module.training for module in backbone.modules()}
     backbone.eval()  # identical to train mode here: BatchNorm frozen, nothing stochastic (see cache_key)
     trainer = getattr(model, "_trainer", None)
     context = trainer.precision_plugin.forward_context() if trainer is not None else _nothing()
@@ -794,7 +797,8 @@ def _compute_features(model: Any, dm: ImageDataModule, dataset: Dataset) -> tupl
                 features.append(backbone(images).float().cpu())
                 labels.append(torch.as_tensor(targets))
     finally:
-        backbone.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     return torch.cat(features), torch.cat(labels)
 
 
