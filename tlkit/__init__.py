@@ -2,7 +2,7 @@
 
 import os
 
-# Every fresh CPU batch of float images (~40 MB at 64 x 224 px) otherwise costs one page fault per 4 KiB, which makes
+# Every fresh CPU batch of float images (38 MB for 64 images of 224 px) otherwise costs a page fault per 4 KiB, making
 # normalising on a CPU "device" 2-3x slower than the arithmetic. PyTorch's CPU allocator backs allocations of 2 MB and
 # more with transparent huge pages when this is set; it reads the variable once, at its first allocation, so this
 # must run before any tensor exists. A value the user set (THP_MEM_ALLOC_ENABLE=0 to opt out) is kept.
