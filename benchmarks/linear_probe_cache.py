@@ -4,10 +4,10 @@ The quickstart recipe (tf_efficientnet_lite0 with its packaged ImageNet weights,
 linear probe: whole backbone frozen, augmentation off, 10 epochs. Baseline: `feature_cache=False` (the backbone runs
 on every batch of every epoch). tlkit: `feature_cache=True` (features computed once). Same seed, same everything else.
 Quality: LogisticRegression (C=1) fitted on the same extracted train features, scored on the val features, vs the
-cached probe run as a linear probe (no dropout or label smoothing, Adam, the same L2 penalty as C=1, more epochs:
-they cost little once the features are cached), over several seeds. The val split has 160 images (one image = 0.625
-points) and the train features are separable, so where an optimiser stops moves the val accuracy by a few images:
-LogisticRegression is reported at its default tolerance and at convergence (the exact optimum of its objective),
+cached probe of ``recipes/linear_probe.yaml`` (no dropout or label smoothing, Adam, the same L2 penalty as C=1, 100
+epochs: they cost little once the features are cached), over several seeds. The val split has 160 images (one image
+= 0.625 points) and the train features are separable, so where an optimiser stops moves the val accuracy by a few
+images: LogisticRegression is reported at its default tolerance and at convergence (the exact optimum of its objective),
 and every probe is also scored on more patches (``--more_val`` per class) cut from the same held-out band of each
 photo as the val set.
 
@@ -29,12 +29,14 @@ from tlkit import ImageDataModule, TransferClassifier
 from tlkit.data import sources
 from tlkit.features import extract_features
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPE = RECIPES / "quickstart.yaml"
+PROBE_RECIPE = RECIPES / "linear_probe.yaml"  # linear-probe settings: Adam, the L2 of C=1, no dropout, 100 epochs
 
 
-def build(cache: bool, **overrides) -> tuple[TransferClassifier, ImageDataModule]:
-    recipe = yaml.safe_load(RECIPE.read_text())
-    model_args = {**recipe["model"]["init_args"], "freeze": "backbone", "feature_cache": cache, **overrides}
+def build(cache: bool, recipe_path: Path = RECIPE) -> tuple[TransferClassifier, ImageDataModule]:
+    recipe = yaml.safe_load(recipe_path.read_text())
+    model_args = {**recipe["model"]["init_args"], "freeze": "backbone", "feature_cache": cache}
     data_args = {**recipe["data"]["init_args"], "augment": "none"}
     dm = ImageDataModule(**data_args)
     model = TransferClassifier(**model_args, num_classes=dm.num_classes, class_names=dm.class_names)
@@ -42,11 +44,11 @@ def build(cache: bool, **overrides) -> tuple[TransferClassifier, ImageDataModule
 
 
 def probe(
-    cache: bool, epochs: int, seed: int = 0, **overrides
+    cache: bool, epochs: int, seed: int = 0, recipe_path: Path = RECIPE
 ) -> tuple[float, float, TransferClassifier, ImageDataModule]:
     """Wall time of ``fit`` (data set-up, training and validation) and the final val accuracy."""
     L.seed_everything(seed, verbose=False)
-    model, dm = build(cache, **overrides)
+    model, dm = build(cache, recipe_path)
     trainer = L.Trainer(
         max_epochs=epochs, deterministic=True, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
@@ -107,7 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--probe_epochs", type=int, default=100, help="epochs of the cached probe in the quality run")
+    probe_epochs = yaml.safe_load(PROBE_RECIPE.read_text())["trainer"]["max_epochs"]
+    parser.add_argument("--probe_epochs", type=int, default=probe_epochs, help="epochs of the quality run's probe")
     parser.add_argument("--seeds", type=int, default=4, help="seeds of the cached probe in the quality run")
     parser.add_argument("--more_val", type=int, default=64, help="more held-out patches per class for the quality run")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on shared CPUs)")
@@ -132,13 +135,9 @@ def main() -> None:
     more_val = backbone_features(model, dm, images), labels
     n_val, n_more = len(dm.data.val), len(labels)
     lr_scores = sklearn_probe(model, dm, more_val)
-    # sklearn's C=1 penalises 0.5 * |W|^2 against the summed loss: weight decay 1 / (C * N) on the mean loss.
-    l2 = 1.0 / len(dm.data.train)
-    linear = dict(optimizer="adam", lr=3e-3, weight_decay=l2, head=dict(dropout=0.0), label_smoothing=0.0,
-                  warmup_epochs=0)  # fmt: skip
     elapsed, val_accs, more_accs = [], [], []
     for seed in range(args.seeds):
-        seconds, acc, probe_model, _ = probe(True, args.probe_epochs, seed=seed, **linear)
+        seconds, acc, probe_model, _ = probe(True, args.probe_epochs, seed=seed, recipe_path=PROBE_RECIPE)
         elapsed.append(seconds)
         val_accs.append(acc)
         more_accs.append(head_accuracy(probe_model, *more_val))
@@ -146,7 +145,7 @@ def main() -> None:
     for name, (score, more) in lr_scores.items():
         print(f"    sklearn LogisticRegression(C=1), {name}: {score:.4f} | {more:.4f}")
     print(f"    tlkit cached probe, recipe settings, {args.epochs} epochs: {accs[True]:.4f}")
-    print(f"    tlkit cached probe, Adam lr 3e-3, weight decay 1/N, {args.probe_epochs} epochs, "
+    print(f"    tlkit cached probe, recipes/{PROBE_RECIPE.name} ({args.probe_epochs} epochs), "
           f"seeds 0-{args.seeds - 1} "
           f"({statistics.mean(elapsed):.1f} s each): mean {statistics.mean(val_accs):.4f} "
           f"(min {min(val_accs):.4f}, max {max(val_accs):.4f}) | mean {statistics.mean(more_accs):.4f} "

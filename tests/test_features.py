@@ -7,10 +7,12 @@ import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -256,6 +258,15 @@ def test_cache_key_changes_with_preprocessing(folder):
     model.set_freeze("stages:1")
     assert cache_key(model, dm, "train") is None
     assert features_module._stochastic(nn.Sequential(nn.Dropout(0.1)))
+
+
+def test_linear_probe_recipe_trains_on_cached_features():
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "linear_probe.yaml").read_text())
+    dm = ImageDataModule(**recipe["data"]["init_args"])
+    model = TransferClassifier(**recipe["model"]["init_args"], num_classes=dm.num_classes)
+    dm.trainer = type("T", (), {"lightning_module": model})()
+    dm.setup()
+    assert cache_key(model, dm, "train") is not None  # frozen, deterministic, no augmentation: the cache applies
 
 
 def test_cli_extract_on_two_ddp_ranks_writes_one_ordered_file(tmp_path, folder):
