@@ -199,6 +199,7 @@ def test_extract_features_from_a_checkpoint_uses_its_preprocessing(checkpoint):
 def whitened_checkpoint(request, tmp_path_factory) -> str:
     """A test_resnet briefly trained behind a whitening fitted on its train split, at 16 px. Colour images (the class
     sets the dominant channel), so that channel-scope whitening has a full-rank colour covariance to fit."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     kind, scope = request.param
     root = tmp_path_factory.mktemp(f"{kind}-{scope}")
@@ -214,6 +215,7 @@ def whitened_checkpoint(request, tmp_path_factory) -> str:
         trainer.fit(model, dm)
     path = root / "model.ckpt"
     trainer.save_checkpoint(path)
+    torch.set_num_threads(threads)
     return str(path)
 
 
