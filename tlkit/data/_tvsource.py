@@ -151,13 +151,18 @@ def _names(ds: Dataset, targets: list[int]) -> list[str]:
     return [str(i) for i in range(max(targets, default=-1) + 1)]
 
 
+def _where(options: SourceOptions) -> SourceOptions:
+    """Only what opening a dataset depends on, so that ``_open``'s cache serves ``class_names`` and ``load`` alike
+    whatever ``val_split`` and ``seed`` the data module has."""
+    return SourceOptions(root=options.root, download=options.download)
+
+
 def class_names(name: str, options: SourceOptions) -> list[str]:
-    ds = _open(name, "train", options)
+    ds = _open(name, "train", _where(options))
     return _names(ds, _targets(ds) or _to_split(ds).targets)
 
 
 def load(name: str, options: SourceOptions) -> _Listing:
-    train = _to_split(_open(name, "train", options))
-    val_ds = _open(name, "val", options)
-    names = _names(_open(name, "train", options), train.targets)
-    return _Listing(names, train, _to_split(val_ds) if val_ds is not None else None)
+    train_ds, val_ds = _open(name, "train", _where(options)), _open(name, "val", _where(options))
+    train = _to_split(train_ds)
+    return _Listing(_names(train_ds, train.targets), train, _to_split(val_ds) if val_ds is not None else None)

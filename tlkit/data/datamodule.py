@@ -164,11 +164,17 @@ class ImageDataModule(L.LightningDataModule):
         return self.trainer.lightning_module if self.trainer is not None else None
 
     def setup(self, stage: str | None = None) -> None:
+        self._ensure_preprocess()
+        self._report_skipped()
+        self._warn_frozen_pretrained()
+
+    def _ensure_preprocess(self) -> torch.nn.Module:
+        """The preprocessing module, built on first use (and again when its pretrained stats come from a newly
+        attached model): cheap enough for ``normalize`` to call on every batch, unlike ``setup``'s checks."""
         if self.preprocess is None or self._pretrained_stats_outdated():
             self.preprocess = self._build_preprocess()
             self._preprocess_model = self._attached_model()
-        self._report_skipped()
-        self._warn_frozen_pretrained()
+        return self.preprocess
 
     def _report_skipped(self) -> None:
         """One warning naming the unreadable (skipped) and non-image (ignored) files, and the full list written to
@@ -210,7 +216,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def _warn_frozen_pretrained(self) -> None:
         """Whitening or dataset statistics in front of a frozen pretrained backbone: say what that does, once."""
-        model = self.trainer.lightning_module if self.trainer is not None else None
+        model = self._attached_model()
         kind = self.hparams.preprocess
         if self._warned_frozen or model is None or kind not in ("dataset", "pca", "zca"):
             return
@@ -358,9 +364,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images on any device → the float inputs the model trains on."""
-        self.setup()
-        self.preprocess.to(images.device)
-        return self.preprocess(images)  # uint8 goes straight in: Normalize folds the 1/255 into its own pass
+        preprocess = self._ensure_preprocess().to(images.device)
+        return preprocess(images)  # uint8 goes straight in: Normalize folds the 1/255 into its own pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"preprocess": self.preprocess.state_dict()} if self.preprocess is not None else {}

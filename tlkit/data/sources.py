@@ -579,8 +579,6 @@ def _file_samples(*splits: Split | None) -> list[str]:
 
 def _check_bad_files(listing: _Listing, on_bad_image: str, workers: int | None) -> list[tuple[str, str]]:
     """Scan the listing's files; raise on a bad one (``raise``) or return them to be dropped (``skip``)."""
-    if on_bad_image not in BAD_IMAGE_POLICIES:
-        raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
     skipped = scan_images(_file_samples(listing.train, listing.val), workers)
     if skipped and on_bad_image == "raise":
         path, reason = skipped[0]
@@ -674,6 +672,8 @@ def load_source(
     Returns:
         The train and val splits, the class names and the skipped and ignored files.
     """
+    if on_bad_image not in BAD_IMAGE_POLICIES:  # before any I/O: a source may take long to load
+        raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
     scheme, arg = _parse_spec(spec)
     options = SourceOptions(val_split=val_split, seed=seed, root=root, download=download)
     listing = scheme.load(arg, options)
