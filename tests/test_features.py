@@ -106,6 +106,13 @@ def test_loader_rows_keep_order_and_labels(images):
     torch.testing.assert_close(feats.features[3:4], alone.features, atol=1e-5, rtol=0)
 
 
+def test_extracting_mid_training_keeps_frozen_batchnorm_in_eval(images):
+    model = TransferClassifier("test_resnet", num_classes=2, freeze="backbone").train()
+    extract_features(model, images[:2])
+    batchnorms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert model.backbone.training and batchnorms and not any(bn.training for bn in batchnorms)
+
+
 def test_featureset_save_load_is_safetensors_with_json_metadata(tmp_path, images):
     feats = extract_features(create_backbone("test_efficientnet"), images, layers=["blocks.0", "blocks.1"])
     path = feats.save(tmp_path / "f.safetensors")

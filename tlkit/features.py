@@ -25,7 +25,7 @@ import os
 import shutil
 import struct
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,7 +51,6 @@ POOLS = ("avg", "max", "token", "none")
 SPLITS = ("train", "val", "predict", "all")
 METADATA_KEY = "tlkit.features"
 DEFAULT_KEY = "features"
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
 
 
 # --------------------------------------------------------------------------------------------------- FeatureSet
@@ -513,8 +512,7 @@ def extract_features(
     with _data_config_for(data, backbone):
         dataset, ids, splits, data_pre, loader_opts = _resolve_data(data, split)
         prep = _resolve_preprocess(preprocess, data_pre, ckpt_preprocess, backbone)
-    was_training = backbone.training  # a model passed in mid-training gets its mode back
-    extractor = FeatureExtractor(backbone, prep, layers=layers, pool=pool).eval()
+    extractor = FeatureExtractor(backbone, prep, layers=layers, pool=pool)
     batch_size = batch_size or loader_opts.get("batch_size", 64)
     workers = loader_opts.get("num_workers", 0) if num_workers is None else num_workers
     meta |= dict(pool=pool, layers=extractor.names, splits=splits, preprocess=_describe(prep))
@@ -528,11 +526,10 @@ def extract_features(
         shutil.rmtree(parts, ignore_errors=True)
         parts.mkdir(parents=True)
     trainer.strategy.barrier()
-    try:
+    with _modes_restored(backbone):  # a model passed in mid-training gets its modes back
+        extractor.eval()
         trainer.predict(_FeatureModule(extractor), datamodule=_ExtractData(dataset, batch_size, workers),
                         return_predictions=False)  # fmt: skip
-    finally:
-        backbone.train(was_training)
     return _finish(trainer, writer, out, parts, ids, meta)
 
 
@@ -773,6 +770,18 @@ def _stochastic(module: nn.Module) -> bool:
     return False
 
 
+@contextmanager
+def _modes_restored(module: nn.Module) -> Iterator[None]:
+    """Gives every submodule its own train/eval mode back on exit. ``module.train()`` would not: it also wakes the
+    frozen BatchNorm layers a TransferClassifier keeps in eval mode, which then update their running statistics."""
+    modes = {m: m.training for m in module.modules()}
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 @torch.no_grad()
 def _compute_features(model: Any, dm: ImageDataModule, dataset: Dataset) -> tuple[Tensor, Tensor]:
     # Its own generator: drawing the loader's base seed from the global RNG would shift the training run's dropout.
@@ -781,27 +790,15 @@ def _compute_features(model: Any, dm: ImageDataModule, dataset: Dataset) -> tupl
         dataset, batch_size=dm.hparams.batch_size, num_workers=dm.hparams.num_workers, generator=generator
     )
     backbone = model.backbone
-    # Each module's own mode, restored as it was: backbone.train() would also wake the frozen BatchNorm layers, which
-    # the model keeps in eval mode (they would then update their running statistics in any later forward).
-    modes = {module: module.training for module in backbone.modules()}
-    backbone.eval()  # identical to train mode here: BatchNorm frozen, nothing stochastic (see cache_key)
     trainer = getattr(model, "_trainer", None)
-    context = trainer.precision_plugin.forward_context() if trainer is not None else _nothing()
+    context = trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
     features, labels = [], []
-    try:
-        with context:
-            for images, targets in loader:
-                images = dm.normalize(images.to(model.device))
-                if model.hparams.get("channels_last"):
-                    images = images.contiguous(memory_format=torch.channels_last)
-                features.append(backbone(images).float().cpu())
-                labels.append(torch.as_tensor(targets))
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with _modes_restored(backbone), context:
+        backbone.eval()  # identical to train mode here: BatchNorm frozen, nothing stochastic (see cache_key)
+        for images, targets in loader:
+            images = dm.normalize(images.to(model.device))
+            if model.hparams.get("channels_last"):
+                images = images.contiguous(memory_format=torch.channels_last)
+            features.append(backbone(images).float().cpu())
+            labels.append(torch.as_tensor(targets))
     return torch.cat(features), torch.cat(labels)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
