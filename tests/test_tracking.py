@@ -103,6 +103,17 @@ def test_ddp_fit_makes_one_offline_wandb_run_with_metrics_figures_config_and_no_
     assert config["lr"] == 0.01  # and the module's hyperparameters
 
 
+def test_ddp_test_writes_the_test_confusion_matrix_once(tmp_path):
+    """`tlkit test` on 2 processes (gloo): the test figure's folder is asked of every rank (a broadcast), or rank 0
+    waits for the others forever."""
+    recipe = _recipe(tmp_path, None, devices=2, strategy="ddp", limit_test_batches=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "tlkit.cli", "test", "--config", str(recipe)]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(tmp_path.rglob("test_confusion_matrix.png"))) == 1
+
+
 def test_wandb_goes_offline_without_credentials_and_says_how_to_sync(tmp_path, monkeypatch, caplog):
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
         monkeypatch.delenv(name, raising=False)

@@ -420,10 +420,11 @@ class ClassificationFigures(Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         matrix = self._matrix.compute()
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, or rank 0 waits forever
         if not trainer.is_global_zero:
             return
         figure = confusion_matrix_figure(matrix, _class_names(pl_module), "test")
-        path = save_figure(figure, Path(trainer.log_dir or ".") / "test_confusion_matrix.png")
+        path = save_figure(figure, Path(log_dir or ".") / "test_confusion_matrix.png")
         rank_zero_info(f"Test confusion matrix: {path}")
         for logger in trainer.loggers:
             if isinstance(logger, _LightningWandbLogger | TensorBoardLogger):
