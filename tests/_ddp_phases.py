@@ -53,7 +53,6 @@ class SaveParameters(L.Callback):
 
 
 def run(devices: int, out: Path) -> list[dict[str, torch.Tensor]]:
-    torch.set_num_threads(1)
     L.seed_everything(0)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 3, (16,), generator=g))
@@ -80,4 +79,5 @@ def run(devices: int, out: Path) -> list[dict[str, torch.Tensor]]:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # in the test process, the one_thread fixture does this (and undoes it)
     run(int(sys.argv[2]), Path(sys.argv[1]))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from _ddp_phases import run
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
@@ -21,6 +22,7 @@ from tlkit.callbacks import TimmSyncBatchNorm
 SCRIPT = Path(__file__).with_name("_ddp_phases.py")
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_ddp_ranks_stay_identical_and_match_one_process_through_unfreezing(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[1]), os.environ.get("PYTHONPATH", "")])}
     subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "2"], check=True, timeout=600, env=env)
