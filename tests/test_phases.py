@@ -11,10 +11,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import tiny_trainer, write_image_folder
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tlkit import TransferClassifier
+from tlkit import ImageDataModule, TransferClassifier
 from tlkit.callbacks import FineTuningPhases, parse_phases
 from tlkit.optim import layer_decay_scales
 
@@ -190,6 +191,16 @@ def test_recalibrate_bn_re_estimates_statistics_before_the_phase() -> None:
     assert not torch.equal(
         rec.end[0]["backbone.model.bn1.running_mean"], rec.start[1]["backbone.model.bn1.running_mean"]
     )
+
+
+def test_recalibrate_bn_on_a_cached_linear_probe_recalibrates_on_images(tmp_path: Path) -> None:
+    """A frozen backbone without augmentation trains on cached features; recalibrating needs the images back."""
+    dm = ImageDataModule(f"folder:{write_image_folder(tmp_path / 'images')}", image_size=16, batch_size=6,
+                         augment="none")  # fmt: skip
+    model = _model([{"freeze": "backbone", "recalibrate_bn": True}])
+    before = model.backbone.model.bn1.running_mean.clone()
+    tiny_trainer(tmp_path).fit(model, dm)
+    assert not torch.equal(before, model.backbone.model.bn1.running_mean)
 
 
 def test_resume_after_and_before_the_phase_change_ends_with_the_same_weights(tmp_path: Path) -> None:

@@ -36,6 +36,8 @@ from timm.layers import convert_sync_batchnorm
 from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
 from torch import nn
 
+from tlkit.features import drop_feature_cache
+
 if TYPE_CHECKING:
     from tlkit.module import TransferClassifier
 
@@ -207,6 +209,7 @@ def recalibrate_bn(trainer: L.Trainer, module: TransferClassifier) -> None:
     norms = [m for m in norms if m.track_running_stats]
     if not norms:
         return
+    drop_feature_cache(module)  # new statistics make cached features stale; the loader goes back to images
     momenta = [m.momentum for m in norms]
     was_training = module.training
     module.eval()
