@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import write_image_folder
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -104,6 +105,14 @@ def test_loader_rows_keep_order_and_labels(images):
     assert feats.ids == ["0", "1", "2", "3", "4"]
     assert backbone.training  # extraction runs in eval mode and hands the module back as it was
     torch.testing.assert_close(feats.features[3:4], alone.features, atol=1e-5, rtol=0)
+
+
+def test_folder_with_a_non_image_file_extracts_its_images(tmp_path):
+    root = write_image_folder(tmp_path / "images")
+    (Path(root) / "cat" / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="not images"):
+        feats = extract_features(create_backbone("test_efficientnet"), root, split="all")
+    assert len(feats) > 0 and not any(path.endswith(".txt") for path in feats.ids)
 
 
 def test_extracting_mid_training_keeps_frozen_batchnorm_in_eval(images):

@@ -611,7 +611,9 @@ def _data_config_for(data: Any, backbone: Backbone) -> Iterator[None]:
     if not isinstance(data, ImageDataModule) or data.trainer is not None:
         yield
         return
-    data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(data_config=backbone.data_config))
+    # No run directory (log_dir None): the data module then lists skipped files in its warning only, as without one.
+    model = SimpleNamespace(data_config=backbone.data_config)
+    data.trainer = SimpleNamespace(lightning_module=model, log_dir=None)
     try:
         yield
     finally:
