@@ -27,7 +27,8 @@ import yaml
 
 from tlkit import ImageDataModule, TransferClassifier
 from tlkit.data import sources
-from tlkit.features import extract_features
+from tlkit.data.sources import ImageDataset, Split
+from tlkit.features import _compute_features, extract_features
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE = RECIPES / "quickstart.yaml"
@@ -62,22 +63,19 @@ def probe(
 def held_out_patches(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
     """More val images: ``per_class`` other random patches per photo from the held-out band the textures val set is
     cut from (train patches come from the rows above it), as uint8 ``(N, 3, 64, 64)`` and their labels."""
-    images, labels = [], []
+    patches = []
     for label, name in enumerate(sources.TEXTURE_PHOTOS):
         photo = sources.load_texture_photo(name)
         _, corners = sources.texture_patch_coords(*photo.shape[:2], n_train=0, n_val=per_class, seed=1000 + label)
-        images += [torch.from_numpy(photo[y : y + sources.PATCH, x : x + sources.PATCH].copy()) for y, x in corners]
-        labels += [label] * per_class
-    return torch.stack(images).permute(0, 3, 1, 2), torch.tensor(labels)
+        patches.append(torch.from_numpy(sources._crop(photo, corners)))  # the textures source's own cutter
+    labels = torch.arange(len(patches)).repeat_interleave(per_class)
+    return torch.cat(patches).permute(0, 3, 1, 2), labels
 
 
-@torch.no_grad()
 def backbone_features(model: TransferClassifier, dm: ImageDataModule, images: torch.Tensor) -> torch.Tensor:
-    """What the feature cache holds for these images: evaluation transform, preprocessing, frozen backbone."""
-    model.eval()
-    transform = dm.transform(train=False)
-    batch = torch.stack([transform(image) for image in images])
-    return torch.cat([model.backbone(dm.normalize(chunk)) for chunk in batch.split(128)])
+    """What the feature cache holds for these images, computed the way the cache computes it."""
+    dataset = ImageDataset(Split(list(images), [-1] * len(images)), dm.transform(train=False))
+    return _compute_features(model, dm, dataset)[0]
 
 
 def sklearn_probe(

@@ -85,16 +85,16 @@ def run(name: str, epochs: int, seed: int) -> dict[str, Any]:
         callbacks=[timer],
     )
     trainer.fit(model, data)
-    trainable = [
-        sum(p.numel() for n, p in model.named_parameters() if n not in _frozen(model, i))
-        for i in range(len(model.phases))
-    ]
-    return {"acc": trainer.callback_metrics["val/acc"].item(), "times": timer.times, "trainable": trainable}
+    return {"acc": trainer.callback_metrics["val/acc"].item(), "times": timer.times, "trainable": _trainable(model)}
 
 
-def _frozen(model: TransferClassifier, phase: int) -> set[str]:
-    model.enter_phase(phase)
-    return {n for n, p in model.named_parameters() if not p.requires_grad}
+def _trainable(model: TransferClassifier) -> list[int]:
+    """Trainable parameter count of each phase (entering each phase once, after the run)."""
+    counts = []
+    for phase in range(len(model.phases)):
+        model.enter_phase(phase)
+        counts.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return counts
 
 
 def time_steps(rounds: int, steps: int) -> None:
