@@ -64,6 +64,23 @@ def test_simulated_schedule_matches_the_learning_rates_of_a_real_run(tmp_path, m
     assert "stem" not in curves and {"head", "head/no_decay", "blocks.4.0+"} <= set(curves)
 
 
+def test_simulated_schedule_of_a_phased_run_matches_the_real_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    phases = [{"epochs": 1, "freeze": "backbone", "lr": 0.05}, {"freeze": "stages:2", "lr": 0.02}]
+    recipe = _recipe(tmp_path, schedule="cosine", phases=phases)
+    curves, _ = recipe_lr_schedule(["--config", str(recipe)])
+    assert len(curves["head"]) == 4 and curves["head"][0] == pytest.approx(0.05)
+    stage = "blocks.4.0+"
+    assert all(math.isnan(v) for v in curves[stage][:2]) and not any(math.isnan(v) for v in curves[stage][2:])
+
+    main(["fit", "--config", str(recipe)])
+    with open(next(tmp_path.glob("lightning_logs/version_*/metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["lr/head"]) for r in rows if r.get("lr/head")] == pytest.approx(curves["head"], rel=1e-6)
+    logged = [float(r[f"lr/{stage}"]) for r in rows if r.get(f"lr/{stage}")]
+    assert logged == pytest.approx(curves[stage][2:], rel=1e-6)  # only trained, so only logged, in phase 2
+
+
 def test_step_counting_follows_batches_limits_accumulation_and_max_steps(tmp_path):
     recipe = ["--config", str(_recipe(tmp_path))]
     # textures: 480 training images; batch 8 -> 60 batches; accumulation 4 -> 15 steps per epoch

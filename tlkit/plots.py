@@ -176,10 +176,36 @@ def module_lr_schedule(module: Any, run: PlannedRun) -> dict[str, list[float]]:
     previous = module._trainer
     module.trainer = run
     try:
+        if len(getattr(module, "phases", ())) > 1:
+            return _phased_lr_schedule(module, run)
         config = module.configure_optimizers()
     finally:
         module.trainer = previous
     return simulate_lr_schedule(config, run.estimated_stepping_batches, run.steps_per_epoch)
+
+
+def _phased_lr_schedule(module: Any, run: PlannedRun) -> dict[str, list[float]]:
+    """A TransferClassifier with fine-tuning phases gets a new optimiser and schedule at each phase start (see
+    :class:`~tlkit.callbacks.FineTuningPhases`): simulate each phase over its own steps. A group that does not
+    train in a phase (frozen, or not yet unfrozen) reads NaN there, which the plot leaves blank."""
+    total, entered = run.estimated_stepping_batches, module.phase_index
+    curves: dict[str, list[float]] = {}
+    done = 0
+    try:
+        for index in range(len(module.phases)):
+            end = min(module._phase_epochs(index)[1] * run.steps_per_epoch, total)
+            if end <= done:
+                break
+            module.enter_phase(index)
+            phase = simulate_lr_schedule(module.configure_optimizers(), end - done, run.steps_per_epoch)
+            for name in phase.keys() - curves.keys():
+                curves[name] = [math.nan] * done
+            for name, values in curves.items():
+                values += phase.get(name, [math.nan] * (end - done))
+            done = end
+    finally:
+        module.enter_phase(entered)  # the freeze state the module had
+    return curves
 
 
 def simulate_lr_schedule(
