@@ -154,8 +154,7 @@ class TransferClassifier(L.LightningModule):
         if phases and freeze_epochs:
             raise ValueError("Give either phases or freeze_epochs (a shorthand for two phases), not both.")
         specs = phases or (fine_tune_phases(freeze_epochs, hp.freeze) if freeze_epochs else [{}])
-        defaults = dict(freeze=hp.freeze, lr=hp.lr, warmup_epochs=hp.warmup_epochs, layer_decay=hp.layer_decay)
-        parsed = parse_phases(specs, defaults)
+        parsed = parse_phases(specs, hp)  # phases inherit freeze, lr, warmup and layer decay from the module
         groups = {"head", *self.backbone.stages}
         for i, phase in enumerate(parsed):
             frozen_parameter_names(self.backbone, phase.freeze)  # a bad spec fails now, not epochs into the run
