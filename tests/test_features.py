@@ -276,6 +276,45 @@ def test_cache_key_changes_with_preprocessing(folder):
     assert features_module._stochastic(nn.Sequential(nn.Dropout(0.1)))
 
 
+def _lbfgs_probe(folder, batch_size: int, epochs: int = 8) -> tuple[TransferClassifier, ImageDataModule]:
+    L.seed_everything(0)
+    dm = ImageDataModule(f"folder:{folder}", image_size=16, batch_size=batch_size, augment="none")
+    dm.setup()
+    model = TransferClassifier("test_resnet", num_classes=dm.num_classes, freeze="backbone", optimizer="lbfgs",
+                               lr=1.0, schedule="constant", weight_decay=1 / len(dm.data.train),
+                               head=dict(dropout=0.0))  # fmt: skip
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, dm)
+    return model, dm
+
+
+def test_lbfgs_probe_reaches_logistic_regressions_optimum(tmp_path):
+    """The standard linear-probe protocol, LogisticRegression(C=1) on the same features, minimises the mean
+    cross-entropy + |W|^2 / (2N): the cached L-BFGS probe with weight_decay=1/N must land on the same weights."""
+    from sklearn.linear_model import LogisticRegression
+
+    folder = write_image_folder(tmp_path, per_class=8, size=16)  # 3 classes: sklearn fits the softmax model
+    model, dm = _lbfgs_probe(folder, batch_size=64)
+    train = model._feature_cache["train"]  # what the head was trained on
+    reference = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(train.features, train.labels)
+    head = model.head.fc
+    torch.testing.assert_close(head.weight.detach(), torch.as_tensor(reference.coef_).float(), atol=2e-3, rtol=1e-2)
+    val = model._feature_cache["val"]
+    probabilities = model.head(val.features).softmax(1).detach()
+    torch.testing.assert_close(probabilities, torch.as_tensor(reference.predict_proba(val.features)).float(),
+                               atol=1e-3, rtol=0)  # fmt: skip
+
+
+def test_lbfgs_probe_says_when_it_cannot_take_full_batch_steps(folder):
+    with pytest.warns(UserWarning, match="full-batch steps, but an epoch has"):
+        _lbfgs_probe(folder, batch_size=6, epochs=1)
+    model = TransferClassifier("test_resnet", num_classes=2, optimizer="lbfgs")
+    model._trainer = type("T", (), {"world_size": 2})()  # as under a two-process DDP strategy
+    with pytest.raises(ValueError, match="runs on one device, not 2 processes"):
+        model._check_full_batch()
+
+
 def test_linear_probe_recipe_trains_on_cached_features():
     recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "linear_probe.yaml").read_text())
     dm = ImageDataModule(**recipe["data"]["init_args"])
@@ -283,6 +322,7 @@ def test_linear_probe_recipe_trains_on_cached_features():
     dm.trainer = type("T", (), {"lightning_module": model})()
     dm.setup()
     assert cache_key(model, dm, "train") is not None  # frozen, deterministic, no augmentation: the cache applies
+    assert model.hparams.optimizer == "lbfgs" and dm.hparams.batch_size >= len(dm.data.train)  # full-batch steps
 
 
 def test_cli_extract_on_two_ddp_ranks_writes_one_ordered_file(tmp_path, folder):

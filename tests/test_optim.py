@@ -16,6 +16,7 @@ from tlkit.optim import (
     create_optimizer,
     create_scheduler,
     l1_penalty,
+    l2_penalty,
     param_groups,
     uses_weight_decay,
 )
@@ -173,3 +174,30 @@ def test_l1_penalty_on_decayed_params() -> None:
     expected = sum(p.abs().sum() for p in decayed)
     torch.testing.assert_close(l1_penalty(decayed), expected)
     assert l1_penalty([]).item() == 0.0
+
+
+def test_lbfgs_merges_the_groups_into_one_and_needs_one_lr() -> None:
+    model = _tiny_model()
+    groups = param_groups(model.named_parameters(), weight_decay=0.05, base_lr=0.01, group_of=_group_of)
+    optimizer = create_optimizer(groups, "lbfgs", lr=0.5)
+    assert type(optimizer) is torch.optim.LBFGS and len(optimizer.param_groups) == 1  # torch's LBFGS takes one
+    (group,) = optimizer.param_groups
+    assert list(map(id, group["params"])) == [id(p) for g in groups for p in g["params"]]
+    assert len(group["params"]) == len(list(model.parameters()))
+    assert group["lr"] == pytest.approx(0.01) and group["name"] == "all" and group["line_search_fn"] == "strong_wolfe"
+    head_only = [g for g in groups if g["name"].startswith("head")]
+    assert create_optimizer(head_only, "lbfgs", lr=0.01).param_groups[0]["name"] == "head"
+    scaled = param_groups(
+        model.named_parameters(), weight_decay=0.05, base_lr=0.01, group_of=_group_of, lr_scale={"head": 10.0}
+    )
+    with pytest.raises(ValueError, match="one learning rate") as err:
+        create_optimizer(scaled, "lbfgs", lr=0.01)
+    assert "0.01 (stem)" in str(err.value) and "0.1 (head)" in str(err.value)
+
+
+def test_l2_penalty_has_the_gradient_of_weight_decay() -> None:
+    decayed = [p for p in _tiny_model().parameters() if uses_weight_decay(p)]
+    l2_penalty(decayed).backward()
+    for param in decayed:
+        torch.testing.assert_close(param.grad, param.detach())  # d/dw (|w|^2 / 2) = w, SGD's weight-decay term
+    assert l2_penalty([]).item() == 0.0

@@ -22,6 +22,7 @@ from tlkit.optim import (
     create_optimizer,
     create_scheduler,
     l1_penalty,
+    l2_penalty,
     layer_decay_scales,
     param_groups,
     uses_weight_decay,
@@ -43,7 +44,9 @@ class TransferClassifier(L.LightningModule):
         freeze: ``"none"``, ``"backbone"``, ``"stages:K"`` or ``"regex:<pattern>"`` (see :mod:`tlkit.freezing`).
         freeze_bn: keep BatchNorm layers whose parameters are frozen in eval mode (running statistics unchanged).
         head: options of :class:`~tlkit.heads.ClassifierHead`: ``hidden``, ``dropout``, ``activation``, ``init``.
-        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"rmsprop"``.
+        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or ``"lbfgs"`` (full-batch L-BFGS with a line
+            search, for linear probes: one batch per epoch, one device; ``weight_decay`` becomes an L2 term of the
+            loss, so it converges to the optimum LogisticRegression finds; ``lr`` 1 and ``schedule="constant"``).
         lr: peak learning rate (after warmup).
         momentum: momentum of SGD/RMSprop.
         nesterov: Nesterov momentum for SGD.
@@ -205,9 +208,12 @@ class TransferClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self._shared_step(batch, self.train_metrics)
-        if self.hparams.l1:
-            penalised = (p for p in self.parameters() if p.requires_grad and uses_weight_decay(p))
-            loss = loss + self.hparams.l1 * l1_penalty(penalised)
+        hp = self.hparams
+        penalised = [p for p in self.parameters() if p.requires_grad and uses_weight_decay(p)]
+        if hp.l1:
+            loss = loss + hp.l1 * l1_penalty(penalised)
+        if hp.optimizer == "lbfgs" and hp.weight_decay:  # L-BFGS has no weight decay of its own
+            loss = loss + hp.weight_decay * l2_penalty(penalised)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch[1]))
         for group in self._logged_groups():
             self.log(f"lr/{group['name']}", group["lr"], on_step=True, on_epoch=False)
@@ -256,7 +262,25 @@ class TransferClassifier(L.LightningModule):
             lr_scale=scales,
         )
         optimizer = create_optimizer(groups, hp.optimizer, lr=phase.lr, momentum=hp.momentum, nesterov=hp.nesterov)
+        if hp.optimizer == "lbfgs":
+            self._check_full_batch()
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
+
+    def _check_full_batch(self) -> None:
+        """L-BFGS builds its curvature estimate and line search on one objective: it needs the whole training set
+        in every step, on one device (each DDP rank would search its own shard's loss)."""
+        if self.trainer.world_size > 1:
+            raise ValueError(
+                f"optimizer='lbfgs' runs on one device, not {self.trainer.world_size} processes: drop the DDP "
+                "strategy (a linear probe on cached features needs no more), or use optimizer='sgd'/'adam'."
+            )
+        _, per_epoch = self._schedule_steps()
+        if per_epoch > 1:
+            rank_zero_warn(
+                f"optimizer='lbfgs' takes full-batch steps, but an epoch has {per_epoch:g} batches: each step sees "
+                "one batch. Set data.batch_size to at least the number of training images (with the feature cache, "
+                "a batch of features is small), or use optimizer='adam'."
+            )
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         """The schedule restarts over the phase (warmup included), or continues the run-wide one (``restart``)."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import lr_scheduler
 
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "rmsprop")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "rmsprop", "lbfgs")
 SCHEDULES: tuple[str, ...] = ("constant", "step", "cosine", "linear")
 NO_DECAY_SUFFIX = "/no_decay"
 
@@ -93,7 +93,10 @@ def create_optimizer(
     """Builds a torch optimizer over ``groups`` (e.g. from ``param_groups``).
 
     Per-group ``lr`` and ``weight_decay`` override the defaults; groups without ``weight_decay`` get 0 (AdamW's own
-    default of 1e-2 is not used). With ``"adamw"`` the decay is decoupled, with the others it is an L2 gradient term.
+    default of 1e-2 is not used). With ``"adamw"`` the decay is decoupled, with ``"sgd"``, ``"adam"`` and
+    ``"rmsprop"`` it is an L2 gradient term. ``"lbfgs"`` (torch's L-BFGS with a strong-Wolfe line search, for
+    full-batch problems such as a linear probe on cached features) takes one parameter group: the groups are merged,
+    which needs one learning rate, and their weight decay is ignored: add :func:`l2_penalty` to the loss instead.
 
     Args:
         groups: Param group dicts.
@@ -108,11 +111,14 @@ def create_optimizer(
         The optimizer.
 
     Raises:
-        ValueError: If ``name`` is unknown or ``nesterov`` is set for a non-SGD optimizer.
+        ValueError: If ``name`` is unknown, ``nesterov`` is set for a non-SGD optimizer, or the groups of
+            ``"lbfgs"`` have different learning rates.
     """
     _check_choice("optimizer", name, OPTIMIZERS)
     if nesterov and name != "sgd":
         raise ValueError(f"nesterov=True is only supported by 'sgd', not {name!r}")
+    if name == "lbfgs":
+        return _lbfgs(groups, lr)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0)
     if name == "adam":
@@ -120,6 +126,25 @@ def create_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
     return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, eps=eps, weight_decay=0.0)
+
+
+def _lbfgs(groups: list[dict], lr: float) -> torch.optim.LBFGS:
+    rates: dict[float, str] = {}  # each learning rate and the first group (stage) that has it
+    for group in groups:
+        rates.setdefault(group.get("lr", lr), group.get("name", "all").split(NO_DECAY_SUFFIX)[0])
+    if len(rates) > 1:
+        raise ValueError(
+            "optimizer='lbfgs' takes one learning rate for all trainable parameters, got "
+            + ", ".join(f"{rate:g} ({name})" for rate, name in rates.items())
+            + "; drop layer_decay and lr_scale, or use another optimizer."
+        )
+    names = {group.get("name", "all").split(NO_DECAY_SUFFIX)[0] for group in groups}
+    merged = {
+        "params": [param for group in groups for param in group["params"]],
+        "lr": next(iter(rates), lr),
+        "name": names.pop() if len(names) == 1 else "all",  # the name Lightning's LearningRateMonitor shows
+    }
+    return torch.optim.LBFGS([merged], lr=lr, line_search_fn="strong_wolfe")
 
 
 @dataclass
@@ -275,6 +300,15 @@ def l1_penalty(params: Iterable[Tensor]) -> Tensor:
     return torch.stack(terms).sum()
 
 
+def l2_penalty(params: Iterable[Tensor]) -> Tensor:
+    """Returns ``sum(w ** 2) / 2`` over ``params`` (0 if empty): times ``weight_decay``, its gradient is the
+    ``weight_decay * w`` that SGD and Adam add to the gradient, for optimizers that take no weight decay (L-BFGS)."""
+    terms = [p.pow(2).sum() for p in params]
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).sum() / 2
+
+
 __all__ = [
     "NO_DECAY_SUFFIX",
     "OPTIMIZERS",
@@ -283,6 +317,7 @@ __all__ = [
     "create_optimizer",
     "create_scheduler",
     "l1_penalty",
+    "l2_penalty",
     "layer_decay_scales",
     "param_groups",
     "uses_weight_decay",
