@@ -189,8 +189,11 @@ def rewrap_ddp(trainer: L.Trainer) -> None:
 def carry_optimizer_state(before: torch.optim.Optimizer, after: torch.optim.Optimizer) -> None:
     """Copy the per-parameter state of ``before`` into ``after`` for the parameters ``after`` optimises.
 
-    Parameters that are no longer optimised are left behind with the old optimizer: no stale state.
+    Parameters that are no longer optimised are left behind with the old optimizer: no stale state. L-BFGS starts
+    afresh: its state is not per parameter but the curvature history of the old parameter vector as a whole.
     """
+    if isinstance(after, torch.optim.LBFGS):
+        return
     for group in after.param_groups:
         for param in group["params"]:
             if param in before.state:
