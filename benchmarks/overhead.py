@@ -108,8 +108,9 @@ class Stopwatch(L.Callback):
         self.end = time.perf_counter()
 
 
-def tlkit_fit(args, batches, device) -> float:
-    """img/s of `Trainer.fit` on a TransferClassifier with the same model, optimiser and schedule."""
+def tlkit_fit(args, batches, device, callbacks=(), **trainer_options) -> float:
+    """img/s of `Trainer.fit` on a TransferClassifier with the same model, optimiser and schedule (``callbacks`` and
+    ``trainer_options`` are for benchmarks/gpu_syncs.py, which runs this same setup)."""
     torch.manual_seed(0)
     model = TransferClassifier(
         args.model, num_classes=args.num_classes, optimizer="sgd", lr=0.01, schedule="cosine",
@@ -117,11 +118,12 @@ def tlkit_fit(args, batches, device) -> float:
     )  # fmt: skip
     data = OnDeviceData(batches, args.steps, model.data_config["mean"], model.data_config["std"])
     watch = Stopwatch(args.warmup, device)
-    trainer = L.Trainer(
+    options = dict(
         max_steps=args.steps, max_epochs=1, accelerator=device.type, devices=1, precision=args.precision,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, callbacks=[watch],
+        limit_val_batches=0, callbacks=[watch, *callbacks],
     )  # fmt: skip
+    trainer = L.Trainer(**{**options, **trainer_options})
     trainer.fit(model, data)
     return (args.steps - args.warmup) * args.batch_size / (watch.end - watch.start)
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.functional.classification.stat_scores import _multiclass_stat_scores_tensor_validation
 
 from tlkit.backbones import Pretrained, create_backbone
 from tlkit.callbacks import FineTuningPhases, Phase, fine_tune_phases, parse_phases
@@ -209,14 +210,20 @@ class TransferClassifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self._shared_step(batch, self.train_metrics)
         hp = self.hparams
-        penalised = [p for p in self.parameters() if p.requires_grad and uses_weight_decay(p)]
-        if hp.l1:
-            loss = loss + hp.l1 * l1_penalty(penalised)
-        if hp.optimizer == "lbfgs" and hp.weight_decay:  # L-BFGS has no weight decay of its own
-            loss = loss + hp.weight_decay * l2_penalty(penalised)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch[1]))
+        l2 = hp.weight_decay if hp.optimizer == "lbfgs" else 0.0  # L-BFGS has no weight decay of its own
+        if hp.l1 or l2:  # (a pass over every parameter: not in every step when there is no penalty)
+            penalised = [p for p in self.parameters() if p.requires_grad and uses_weight_decay(p)]
+            if hp.l1:
+                loss = loss + hp.l1 * l1_penalty(penalised)
+            if l2:
+                loss = loss + l2 * l2_penalty(penalised)
+        # Lightning reads progress-bar values back to the host after every step (a host-device synchronisation that
+        # stalls the queue of GPU work), so the loss goes to the bar only when there is one.
+        bar = self.trainer.progress_bar_callback is not None
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=bar, batch_size=len(batch[1]))
         for group in self._logged_groups():
-            self.log(f"lr/{group['name']}", group["lr"], on_step=True, on_epoch=False)
+            # A CPU tensor: Lightning would copy a Python float to the module's device, which synchronises too.
+            self.log(f"lr/{group['name']}", torch.tensor(group["lr"]), on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
@@ -241,11 +248,12 @@ class TransferClassifier(L.LightningModule):
         """Cross-entropy and logits of the batch; updates and logs the epoch metrics."""
         images, targets = batch
         logits = self(images)
-        metrics.update(logits, targets)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=metrics is self.val_metrics)
         training = metrics is self.train_metrics  # class weights shape the training loss, not the reported ones
         weight = self.class_weight.to(logits.device) if training and self.class_weight is not None else None
+        # The loss first: it rejects labels outside [0, num_classes), which the metrics do not check in logits' case.
         loss = F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.hparams.label_smoothing)
+        metrics.update(logits, targets)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=metrics is self.val_metrics)
         return loss, logits
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -363,10 +371,38 @@ def _build_head(in_features: int, num_classes: int, options: dict[str, Any]) -> 
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Accuracy, macro F1 and top-5 accuracy, updated without host-device synchronisations (see :class:`_MacroF1`).
+
+    No compute groups: the collection merges metrics whose states are equal after the first batch (comparing them
+    on the host), so a first batch without a top-1 mistake merged F1 into top-5 accuracy, and F1 was then computed
+    from top-5 hits.
+    """
     metrics = {
         "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "f1": MulticlassF1Score(num_classes, average="macro"),
+        "f1": _MacroF1(num_classes),
     }
     if num_classes >= 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics, prefix=prefix)
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+
+
+class _MacroF1(MulticlassF1Score):
+    """``MulticlassF1Score(average="macro")`` that counts each batch's confusion matrix with a scatter-add:
+    torchmetrics counts it with ``torch.bincount``, which on CUDA reads its input's min and max back to the host, two
+    synchronisations in every step."""
+
+    def __init__(self, num_classes: int, **kwargs: Any):
+        super().__init__(num_classes, average="macro", **kwargs)
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """``preds``: logits ``(N, C)`` or labels ``(N,)``; ``target``: labels ``(N,)``."""
+        if self.validate_args:  # shapes only for logits; labels as preds are counted on the host (torch.unique)
+            _multiclass_stat_scores_tensor_validation(preds, target, self.num_classes)
+        k = self.num_classes
+        predicted = preds.argmax(dim=1) if preds.ndim == target.ndim + 1 else preds
+        cells = (target.long() * k + predicted.long()).flatten()  # (true, predicted) -> cell of the k x k matrix
+        counts = torch.zeros(k * k, dtype=torch.long, device=cells.device)
+        confusion = counts.scatter_add_(0, cells, torch.ones_like(cells)).view(k, k)
+        tp = confusion.diag()
+        fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
+        self._update_state(tp, fp, cells.numel() - (tp + fp + fn), fn)

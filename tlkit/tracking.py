@@ -328,12 +328,13 @@ class TrainingSpeed(Callback):
         if trainer.global_step % max(trainer.log_every_n_steps, 1) != 0:
             return
         elapsed = time.perf_counter() - self._since
+        # CPU tensors: Lightning would copy a Python number to the module's device, a host-device synchronisation.
         if elapsed > 0:
             rate = self._images * trainer.world_size / elapsed  # every process sees its own share of the batch
-            pl_module.log("perf/img_per_s", rate, on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log("perf/img_per_s", torch.tensor(rate), on_step=True, on_epoch=False, batch_size=1)
         phase = _phase(pl_module)
         if phase is not None:
-            pl_module.log("phase", float(phase), on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log("phase", torch.tensor(float(phase)), on_step=True, on_epoch=False, batch_size=1)
         self._images, self._since = 0, time.perf_counter()
 
 
