@@ -17,6 +17,16 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFa
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
 
 
+@pytest.fixture(autouse=True)
+def deterministic_mode_restored():
+    """``Trainer(deterministic=True)`` switches torch's deterministic algorithms on for the rest of the process; a later
+    test must not inherit that (torchmetrics, for one, then counts without ``torch.bincount``)."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for torch and for the BLAS under SciPy (whitening's eigh): on a shared 2-core machine,
