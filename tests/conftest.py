@@ -18,13 +18,13 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(autouse=True)
-def deterministic_mode_restored():
-    """``Trainer(deterministic=True)`` switches torch's deterministic algorithms on for the rest of the process; a later
-    test must not inherit that (torchmetrics, for one, then counts without ``torch.bincount``)."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+def deterministic_mode_off():
+    """``Trainer(deterministic=True)`` switches torch's deterministic algorithms on for the rest of the process (also
+    from a module-scoped fixture); every test starts with torch's default instead (torchmetrics, for one, counts
+    without ``torch.bincount`` in deterministic mode)."""
+    torch.use_deterministic_algorithms(False)
     yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch.use_deterministic_algorithms(False)
 
 
 @pytest.fixture
