@@ -33,7 +33,7 @@ from tlkit.features import _compute_features, extract_features
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RECIPE = RECIPES / "quickstart.yaml"
-PROBE_RECIPE = RECIPES / "linear_probe.yaml"  # linear-probe settings: Adam, the L2 of C=1, no dropout, 100 epochs
+PROBE_RECIPE = RECIPES / "linear_probe.yaml"  # linear-probe settings: full-batch L-BFGS, the L2 of C=1, no dropout
 
 
 def build(cache: bool, recipe_path: Path = RECIPE) -> tuple[TransferClassifier, ImageDataModule]:

@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -276,7 +277,7 @@ def test_cache_key_changes_with_preprocessing(folder):
     assert features_module._stochastic(nn.Sequential(nn.Dropout(0.1)))
 
 
-def _lbfgs_probe(folder, batch_size: int, epochs: int = 8) -> tuple[TransferClassifier, ImageDataModule]:
+def _lbfgs_probe(folder, batch_size: int, epochs: int = 8, callbacks=()) -> tuple[TransferClassifier, ImageDataModule]:
     L.seed_everything(0)
     dm = ImageDataModule(f"folder:{folder}", image_size=16, batch_size=batch_size, augment="none")
     dm.setup()
@@ -284,7 +285,7 @@ def _lbfgs_probe(folder, batch_size: int, epochs: int = 8) -> tuple[TransferClas
                                lr=1.0, schedule="constant", weight_decay=1 / len(dm.data.train),
                                head=dict(dropout=0.0))  # fmt: skip
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)  # fmt: skip
+                        enable_model_summary=False, callbacks=list(callbacks))  # fmt: skip
     trainer.fit(model, dm)
     return model, dm
 
@@ -307,12 +308,38 @@ def test_lbfgs_probe_reaches_logistic_regressions_optimum(tmp_path):
 
 
 def test_lbfgs_probe_says_when_it_cannot_take_full_batch_steps(folder):
-    with pytest.warns(UserWarning, match="full-batch steps, but an epoch has"):
+    with pytest.warns(UserWarning, match="full-batch steps, but an epoch has 4 batches"):
         _lbfgs_probe(folder, batch_size=6, epochs=1)
     model = TransferClassifier("test_resnet", num_classes=2, optimizer="lbfgs")
-    model._trainer = type("T", (), {"world_size": 2})()  # as under a two-process DDP strategy
-    with pytest.raises(ValueError, match="runs on one device, not 2 processes"):
+    fine = dict(world_size=1, accumulate_grad_batches=1, gradient_clip_val=None, estimated_stepping_batches=1,
+                num_training_batches=1, precision="32-true")  # fmt: skip
+    for change, message in [
+        (dict(world_size=2), "runs on one device, not 2 processes"),  # as under a two-process DDP strategy
+        (dict(accumulate_grad_batches=2), "exact gradient of each step: drop accumulate_grad_batches \\(=2\\)"),
+        (dict(gradient_clip_val=1.0), "gradient_clip_val \\(=1.0\\)"),
+    ]:
+        model._trainer = SimpleNamespace(**{**fine, **change})
+        with pytest.raises(ValueError, match=message):
+            model._check_full_batch()
+    model._trainer = SimpleNamespace(**{**fine, "precision": "bf16-mixed"})
+    with pytest.warns(UserWarning, match="precision='bf16-mixed'"):
         model._check_full_batch()
+    phases = [{"epochs": 1, "freeze": "backbone"}, {"freeze": "none", "layer_decay": 0.7}]
+    with pytest.raises(ValueError, match="Phase 1 sets layer_decay or lr_scale, but optimizer='lbfgs'"):
+        TransferClassifier("test_resnet", optimizer="lbfgs", phases=phases)  # fails at once, not a phase later
+
+
+def test_lbfgs_probe_counts_metrics_once_per_step(folder):
+    """L-BFGS evaluates the batch at every line-search point; the train metrics describe each step once."""
+    counts = []
+
+    class Counted(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            counts.append(int(pl_module.train_metrics["acc"].tp.sum() + pl_module.train_metrics["acc"].fn.sum()))
+
+    model, dm = _lbfgs_probe(folder, batch_size=64, epochs=3, callbacks=[Counted()])
+    assert counts == [len(dm.data.train)] * 3
+    assert model.trainer.optimizers[0].state_dict()["state"][0]["func_evals"] > 3  # it did evaluate more often
 
 
 def test_linear_probe_recipe_trains_on_cached_features():

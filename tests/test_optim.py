@@ -185,6 +185,7 @@ def test_lbfgs_merges_the_groups_into_one_and_needs_one_lr() -> None:
     assert list(map(id, group["params"])) == [id(p) for g in groups for p in g["params"]]
     assert len(group["params"]) == len(list(model.parameters()))
     assert group["lr"] == pytest.approx(0.01) and group["name"] == "all" and group["line_search_fn"] == "strong_wolfe"
+    assert group["history_size"] == 10  # scikit-learn's and SciPy's memory, not torch's 100 vectors
     head_only = [g for g in groups if g["name"].startswith("head")]
     assert create_optimizer(head_only, "lbfgs", lr=0.01).param_groups[0]["name"] == "head"
     scaled = param_groups(

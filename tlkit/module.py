@@ -46,8 +46,9 @@ class TransferClassifier(L.LightningModule):
         freeze_bn: keep BatchNorm layers whose parameters are frozen in eval mode (running statistics unchanged).
         head: options of :class:`~tlkit.heads.ClassifierHead`: ``hidden``, ``dropout``, ``activation``, ``init``.
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or ``"lbfgs"`` (full-batch L-BFGS with a line
-            search, for linear probes: one batch per epoch, one device; ``weight_decay`` becomes an L2 term of the
-            loss, so it converges to the optimum LogisticRegression finds; ``lr`` 1 and ``schedule="constant"``).
+            search, for linear probes: one batch per epoch, one device, ``lr`` 1 and ``schedule="constant"``;
+            ``weight_decay`` becomes an L2 term of the loss, so with ``weight_decay=1/N``, no dropout and no label
+            smoothing it converges to the optimum of ``LogisticRegression(C=1)`` on the same features).
         lr: peak learning rate (after warmup).
         momentum: momentum of SGD/RMSprop.
         nesterov: Nesterov momentum for SGD.
@@ -124,6 +125,7 @@ class TransferClassifier(L.LightningModule):
         self.phases = self._build_phases(phases, freeze_epochs)
         self.phase_index = 0
         self.enter_phase(0)
+        self._evaluated: tuple[int, int] | None = None  # (step, batch) of the last training_step call
         self.train_metrics = _metrics(num_classes, "train/")
         self.val_metrics = _metrics(num_classes, "val/")
         self.test_metrics = _metrics(num_classes, "test/")
@@ -164,6 +166,11 @@ class TransferClassifier(L.LightningModule):
             frozen_parameter_names(self.backbone, phase.freeze)  # a bad spec fails now, not epochs into the run
             if unknown := sorted(set(phase.lr_scale) - groups):
                 raise ValueError(f"Phase {i} lr_scale names unknown groups {unknown}; groups are {sorted(groups)}.")
+            if hp.optimizer == "lbfgs" and (phase.layer_decay or any(v != 1 for v in phase.lr_scale.values())):
+                raise ValueError(
+                    f"Phase {i} sets layer_decay or lr_scale, but optimizer='lbfgs' takes one learning rate for all "
+                    "trainable parameters; drop them or use another optimizer."
+                )
         return parsed
 
     def phase_at(self, epoch: int) -> int:
@@ -208,7 +215,11 @@ class TransferClassifier(L.LightningModule):
         return self.head(self.backbone(images))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._shared_step(batch, self.train_metrics)
+        # L-BFGS evaluates the batch again at every point of its line search, within one step. Metrics and logs
+        # describe the weights the step starts from, once, as with the other optimisers: not those trial points.
+        first = (self.global_step, batch_idx) != self._evaluated
+        self._evaluated = (self.global_step, batch_idx)
+        loss, _ = self._shared_step(batch, self.train_metrics if first else None)
         hp = self.hparams
         l2 = hp.weight_decay if hp.optimizer == "lbfgs" else 0.0  # L-BFGS has no weight decay of its own
         if hp.l1 or l2:  # (a pass over every parameter: not in every step when there is no penalty)
@@ -217,9 +228,11 @@ class TransferClassifier(L.LightningModule):
                 loss = loss + hp.l1 * l1_penalty(penalised)
             if l2:
                 loss = loss + l2 * l2_penalty(penalised)
+        if not first:
+            return loss
         # Lightning reads progress-bar values back to the host after every step (a host-device synchronisation that
         # stalls the queue of GPU work), so the loss goes to the bar only when there is one.
-        bar = self.trainer.progress_bar_callback is not None
+        bar = self._trainer is not None and self._trainer.progress_bar_callback is not None
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=bar, batch_size=len(batch[1]))
         for group in self._logged_groups():
             # A CPU tensor: Lightning would copy a Python float to the module's device, which synchronises too.
@@ -243,17 +256,18 @@ class TransferClassifier(L.LightningModule):
         return self(images).softmax(dim=-1)
 
     def _shared_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy and logits of the batch; updates and logs the epoch metrics."""
+        """Cross-entropy and logits of the batch; updates and logs the epoch metrics (unless ``metrics`` is None)."""
         images, targets = batch
         logits = self(images)
-        training = metrics is self.train_metrics  # class weights shape the training loss, not the reported ones
+        training = metrics is not self.val_metrics and metrics is not self.test_metrics  # class weights: training only
         weight = self.class_weight.to(logits.device) if training and self.class_weight is not None else None
         # The loss first: it rejects labels outside [0, num_classes), which the metrics do not check in logits' case.
         loss = F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.hparams.label_smoothing)
-        metrics.update(logits, targets)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=metrics is self.val_metrics)
+        if metrics is not None:
+            metrics.update(logits, targets)
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=metrics is self.val_metrics)
         return loss, logits
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -276,18 +290,31 @@ class TransferClassifier(L.LightningModule):
 
     def _check_full_batch(self) -> None:
         """L-BFGS builds its curvature estimate and line search on one objective: it needs the whole training set
-        in every step, on one device (each DDP rank would search its own shard's loss)."""
-        if self.trainer.world_size > 1:
+        in every step, its exact gradient (no clipping, no accumulation across batches) in float32 or better, on
+        one device (each DDP rank would search its own shard's loss)."""
+        trainer = self.trainer
+        if trainer.world_size > 1:
             raise ValueError(
-                f"optimizer='lbfgs' runs on one device, not {self.trainer.world_size} processes: drop the DDP "
+                f"optimizer='lbfgs' runs on one device, not {trainer.world_size} processes: drop the DDP "
                 "strategy (a linear probe on cached features needs no more), or use optimizer='sgd'/'adam'."
             )
-        _, per_epoch = self._schedule_steps()
-        if per_epoch > 1:
+        if trainer.accumulate_grad_batches != 1 or trainer.gradient_clip_val:
+            raise ValueError(
+                "optimizer='lbfgs' needs the exact gradient of each step: drop accumulate_grad_batches "
+                f"(={trainer.accumulate_grad_batches}) and gradient_clip_val (={trainer.gradient_clip_val}), "
+                "and give the whole training set as one batch instead."
+            )
+        trainer.estimated_stepping_batches  # noqa: B018  (reading it sets up the train loader and its length)
+        if trainer.num_training_batches > 1:
             rank_zero_warn(
-                f"optimizer='lbfgs' takes full-batch steps, but an epoch has {per_epoch:g} batches: each step sees "
-                "one batch. Set data.batch_size to at least the number of training images (with the feature cache, "
-                "a batch of features is small), or use optimizer='adam'."
+                f"optimizer='lbfgs' takes full-batch steps, but an epoch has {trainer.num_training_batches} batches: "
+                "each step sees one batch. Set data.batch_size to at least the number of training images (with the "
+                "feature cache, a batch of features is small), or use optimizer='adam'."
+            )
+        if "32" not in str(trainer.precision) and "64" not in str(trainer.precision):
+            rank_zero_warn(
+                f"optimizer='lbfgs' under precision={trainer.precision!r}: its line search compares losses rounded to "
+                "that precision; use precision 32 (a head on cached features is cheap in float32)."
             )
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -391,8 +418,8 @@ class _MacroF1(MulticlassF1Score):
     torchmetrics counts it with ``torch.bincount``, which on CUDA reads its input's min and max back to the host, two
     synchronisations in every step."""
 
-    def __init__(self, num_classes: int, **kwargs: Any):
-        super().__init__(num_classes, average="macro", **kwargs)
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes, average="macro")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         """``preds``: logits ``(N, C)`` or labels ``(N,)``; ``target``: labels ``(N,)``."""

@@ -144,7 +144,9 @@ def _lbfgs(groups: list[dict], lr: float) -> torch.optim.LBFGS:
         "lr": next(iter(rates), lr),
         "name": names.pop() if len(names) == 1 else "all",  # the name Lightning's LearningRateMonitor shows
     }
-    return torch.optim.LBFGS([merged], lr=lr, line_search_fn="strong_wolfe")
+    # 10 curvature pairs, as scikit-learn's and SciPy's L-BFGS keep (torch's default of 100 holds 200 copies of the
+    # parameter vector: small for a head, gigabytes for a backbone).
+    return torch.optim.LBFGS([merged], lr=lr, history_size=10, line_search_fn="strong_wolfe")
 
 
 @dataclass
