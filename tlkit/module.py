@@ -219,7 +219,7 @@ class TransferClassifier(L.LightningModule):
         # describe the weights the step starts from, once, as with the other optimisers: not those trial points.
         first = (self.global_step, batch_idx) != self._evaluated
         self._evaluated = (self.global_step, batch_idx)
-        loss, _ = self._shared_step(batch, self.train_metrics if first else None)
+        loss, _ = self._shared_step(batch, self.train_metrics, count=first)
         hp = self.hparams
         l2 = hp.weight_decay if hp.optimizer == "lbfgs" else 0.0  # L-BFGS has no weight decay of its own
         if hp.l1 or l2:  # (a pass over every parameter: not in every step when there is no penalty)
@@ -256,16 +256,16 @@ class TransferClassifier(L.LightningModule):
         return self(images).softmax(dim=-1)
 
     def _shared_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection | None
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, count: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy and logits of the batch; updates and logs the epoch metrics (unless ``metrics`` is None)."""
+        """Cross-entropy and logits of the batch; with ``count``, updates and logs the epoch metrics."""
         images, targets = batch
         logits = self(images)
-        training = metrics is not self.val_metrics and metrics is not self.test_metrics  # class weights: training only
+        training = metrics is self.train_metrics  # class weights shape the training loss, not the reported ones
         weight = self.class_weight.to(logits.device) if training and self.class_weight is not None else None
         # The loss first: it rejects labels outside [0, num_classes), which the metrics do not check in logits' case.
         loss = F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.hparams.label_smoothing)
-        if metrics is not None:
+        if count:
             metrics.update(logits, targets)
             self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=metrics is self.val_metrics)
         return loss, logits
