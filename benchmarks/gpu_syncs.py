@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import make_batches, tlkit_fit  # noqa: E402  (the benchmark's setup, not a copy of it)
+from overhead import add_setting_arguments, make_batches, tlkit_fit  # noqa: E402  (the benchmark's setup, not a copy of it)
 
 from tlkit.tracking import TrainingSpeed  # noqa: E402
 
@@ -67,16 +67,9 @@ def _where(frame: traceback.FrameSummary) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-classes", type=int, default=10)
+    add_setting_arguments(parser)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--from-step", type=int, default=5, help="first batch run in sync debug mode")
-    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
     parser.add_argument("--logger", action="store_true", help="a CSV logger and TrainingSpeed, as `tlkit fit` has")
     parser.add_argument("--log-every-n-steps", type=int, default=50)
     parser.add_argument("--progress-bar", action="store_true")

@@ -129,20 +129,20 @@ def create_optimizer(
 
 
 def _lbfgs(groups: list[dict], lr: float) -> torch.optim.LBFGS:
-    rates: dict[float, str] = {}  # each learning rate and the first group (stage) that has it
-    for group in groups:
-        rates.setdefault(group.get("lr", lr), group.get("name", "all").split(NO_DECAY_SUFFIX)[0])
+    stages = [group.get("name", "all").split(NO_DECAY_SUFFIX)[0] for group in groups]
+    rates: dict[float, str] = {}  # each learning rate and the first stage that has it
+    for group, stage in zip(groups, stages, strict=True):
+        rates.setdefault(group.get("lr", lr), stage)
     if len(rates) > 1:
         raise ValueError(
             "optimizer='lbfgs' takes one learning rate for all trainable parameters, got "
             + ", ".join(f"{rate:g} ({name})" for rate, name in rates.items())
             + "; drop layer_decay and lr_scale, or use another optimizer."
         )
-    names = {group.get("name", "all").split(NO_DECAY_SUFFIX)[0] for group in groups}
     merged = {
         "params": [param for group in groups for param in group["params"]],
         "lr": next(iter(rates), lr),
-        "name": names.pop() if len(names) == 1 else "all",  # the name Lightning's LearningRateMonitor shows
+        "name": stages[0] if len(set(stages)) == 1 else "all",  # the name Lightning's LearningRateMonitor shows
     }
     # 10 curvature pairs, as scikit-learn's and SciPy's L-BFGS keep (torch's default of 100 holds 200 copies of the
     # parameter vector: small for a head, gigabytes for a backbone).
