@@ -26,13 +26,15 @@ worker started. Results are appended to a JSONL file as they come, so a sweep re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
+import io
 import json
 import multiprocessing as mp
 import os
+import random
 import re
 import time
-import traceback
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
@@ -90,10 +92,8 @@ class NotApplicable(Exception):
 
 def _reason(err: BaseException) -> str:
     """The exception's last line, trimmed: enough to group failures and to start debugging."""
-    lines = "".join(traceback.format_exception_only(type(err), err)).strip().splitlines()
-    text = lines[-1] if lines else type(err).__name__
-    if not text.startswith(type(err).__name__):
-        text = f"{type(err).__name__}: {text}"
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[-1].strip()}" if lines else type(err).__name__
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
 
 
@@ -324,23 +324,23 @@ def reference_pre_logits(backbone: Any, x: Any) -> Any:
 
 def check_features(backbone: Any, x: Any) -> str:
     """``extract_features`` (the model's own pool, no preprocessing) equals the model's pre-logits."""
-    import torch
 
     from tlkit import extract_features
     from tlkit.features import POOLS
 
-    pool = getattr(backbone.model, "global_pool", None)
-    pool = getattr(pool, "pool_type", pool)
-    pool = pool if isinstance(pool, str) and pool in POOLS else "avg"
+    own = getattr(backbone.model, "global_pool", None)
+    own = getattr(own, "pool_type", own)  # timm keeps the pool type in a SelectAdaptivePool2d, or as a string
+    pool = own if isinstance(own, str) and own in POOLS else "avg"
+    pool_note = f"pool={pool}" + (f", the model's own pool is {own!r}" if own not in (None, pool) else "")
     feats = extract_features(backbone, x, pool=pool, device="cpu", preprocess="none", batch_size=len(x)).features
     ref = reference_pre_logits(backbone, x).flatten(1)
     if feats.shape != ref.shape:
-        raise CheckFailed(f"features {tuple(feats.shape)} but pre-logits {tuple(ref.shape)} (pool={pool})")
+        raise CheckFailed(f"features {tuple(feats.shape)} but pre-logits {tuple(ref.shape)} ({pool_note})")
     diff = (feats - ref).abs()
     bad = diff > FEATURE_TOLERANCE * (1 + ref.abs())
     if bool(bad.any()):
-        raise CheckFailed(f"features differ from pre-logits by up to {diff.max():.2e} (pool={pool})")
-    return f"pool={pool}, max diff {diff.max():.1e}" if torch.isfinite(diff.max()) else None
+        raise CheckFailed(f"features differ from pre-logits by up to {diff.max():.2e} ({pool_note})")
+    return f"{pool_note}, max diff {diff.max():.1e}"
 
 
 def check_onnx(clf: Any, x: Any, workdir: Path) -> str:
@@ -356,7 +356,8 @@ def check_onnx(clf: Any, x: Any, workdir: Path) -> str:
     net = InferenceModel(torch.nn.Identity(), clf.backbone, clf.head, input="float").eval()
     with torch.no_grad():
         expected = net(x)
-    folded = fuse(net, x)
+    with contextlib.redirect_stdout(io.StringIO()):  # fuse prints the difference it checks; the record keeps ours
+        folded = fuse(net, x)
     path = workdir / "model.onnx"
     axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
     torch.onnx.export(folded, (x,), str(path), dynamo=False, opset_version=17, input_names=["images"],
@@ -390,11 +391,11 @@ def check_model(name: str, workdir: str | os.PathLike | None = None) -> dict[str
     def build() -> str:
         try:
             box["clf"] = TransferClassifier(backbone=name, pretrained=False, num_classes=NUM_CLASSES)
+            box["size"] = pick_input_size(box["clf"].backbone, name)
         except Exception:
             if not name.startswith(TORCHVISION) and (why := _timm_runs_alone(name)):
                 record["excluded"] = f"timm: timm itself cannot run it on CPU ({why})"
             raise
-        box["size"] = pick_input_size(box["clf"].backbone, name)
         box["x"] = torch.rand(BATCH, 3, box["size"], box["size"])
         record["input_size"] = box["size"]
         return f"{box['size']}px, {sum(p.numel() for p in box['clf'].parameters()) / 1e6:.1f}M params"
@@ -406,9 +407,11 @@ def check_model(name: str, workdir: str | os.PathLike | None = None) -> dict[str
         _run(checks, "width", lambda: _check_width(bb, x))
         _run(checks, "logits", lambda: _check_logits(clf, x))
         head = {n for n, _ in clf.named_parameters() if n.startswith("head.")}
+        initial = _snapshot(clf)
         _run(checks, "freeze_backbone", lambda: check_freeze(clf, "backbone", head, x))
         _run(checks, "freeze_stages1", lambda: check_freeze(clf, "stages:1", expected_stages1_trainable(clf), x))
         clf.set_freeze("none")
+        clf.load_state_dict(initial)  # the later checks see the initial weights, not those of the training steps
         _run(checks, "stages", lambda: check_stages(bb, x))
         _run(checks, "features", lambda: check_features(bb, x))
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -669,10 +672,11 @@ def write_report(results: Path, report: Path) -> str:
 
 
 def select(names: list[str], pattern: str | None, done: set[str], limit: int | None) -> list[str]:
-    """Names matching ``pattern`` (shell-style; several separated by commas), not yet in the results, at most
-    ``limit``."""
+    """Names matching ``pattern`` (shell-style; several separated by commas), not yet in the results, in a fixed
+    shuffled order, at most ``limit``."""
     patterns = pattern.split(",") if pattern else None
     chosen = [n for n in names if n not in done and (patterns is None or any(fnmatch.fnmatch(n, p) for p in patterns))]
+    random.Random(0).shuffle(chosen)  # a partial sweep (or --limit) is then a fair sample of the zoo, not its "a"s
     return chosen[:limit] if limit else chosen
 
 
@@ -681,7 +685,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--filter", help="shell-style pattern(s), comma-separated: 'resnet*,torchvision/*'")
     parser.add_argument("--limit", type=int, help="check at most N models (after --filter and resume)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per model before its worker is killed")
-    parser.add_argument("--max-rss-gb", type=float, default=6.0, help="kill a worker whose memory grows past this")
+    parser.add_argument("--max-rss-gb", type=float, default=5.0, help="kill a worker whose memory grows past this")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSONL results, appended, resumable")
     parser.add_argument("--report", type=Path, nargs="?", const=DEFAULT_REPORT,
