@@ -122,7 +122,8 @@ def _size_candidates(name: str) -> list[int]:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
         smallest = max(weights.meta.get("min_size", (1, 1)))
         default = weights.transforms().crop_size[0]
-        return sorted({s for s in (*CANDIDATE_SIZES, smallest, default) if smallest <= s <= default})
+        extra = {smallest} if smallest > 1 else set()  # (1, 1) means "anything": start at 32 px as for timm
+        return sorted({s for s in (*CANDIDATE_SIZES, *extra, default) if smallest <= s <= default})
     cfg = timm.models.get_pretrained_cfg(name) or {}
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     default = cfg.get("input_size", (3, 224, 224))[-1]
