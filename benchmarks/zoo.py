@@ -244,7 +244,7 @@ def expected_stages1_trainable(clf: Any) -> set[str]:
 def check_stages(backbone: Any, x: Any) -> str:
     """Every parameter in exactly one stage, unique names, stages in forward order."""
     stage_params = backbone.stage_params()
-    names = backbone.stages
+    names = list(stage_params)
     if len(set(names)) != len(names) or names[0] != "stem":
         raise CheckFailed(f"stage names not unique or first is not 'stem': {names}")
     owner: dict[str, list[str]] = defaultdict(list)
@@ -269,6 +269,8 @@ def check_stages(backbone: Any, x: Any) -> str:
     listed = [s for s in names if s in calls]
     if calls != listed:
         raise CheckFailed(f"stages run in the order {calls}, listed as {listed}")
+    if backbone.stages != names:
+        raise CheckFailed(f"Backbone.stages {backbone.stages} differ from the keys of stage_params() {names}")
     return f"{len(names)} stages"
 
 

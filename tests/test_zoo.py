@@ -1,0 +1,148 @@
+"""The zoo sweep's harness (benchmarks/zoo.py): its per-model checks pass on models tlkit handles, and each one fails
+when the behaviour it checks is broken (frozen parameters that train, BatchNorm statistics that move, a stage
+partition with a hole, features that are not the pre-logits, a BatchNorm fold that changes the output)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import zoo  # noqa: E402
+
+import tlkit.export  # noqa: E402
+import tlkit.module  # noqa: E402
+from tlkit.backbones import Backbone  # noqa: E402
+from tlkit.features import FeatureExtractor  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def statuses(record: dict) -> dict[str, str]:
+    return {check: result["status"] for check, result in record["checks"].items()}
+
+
+def test_cnn_passes_every_check_with_time_and_memory():
+    record = zoo.check_model("test_resnet")
+    assert statuses(record) == dict.fromkeys(zoo.CHECKS, zoo.PASS), record
+    assert zoo.outcome(record) == zoo.PASS
+    assert record["input_size"] == 32  # the smallest candidate size that runs
+    assert record["time_s"] > 0 and record["peak_rss_mb"] > 100
+
+
+def test_fixed_size_transformer_uses_its_input_size_and_skips_onnx():
+    record = zoo.check_model("test_vit")
+    assert record["input_size"] == 160  # test_vit is fixed-size: its pretrained_cfg input_size
+    assert record["checks"]["onnx"] == {"status": zoo.NA, "reason": "no BatchNorm"}
+    assert all(s == zoo.PASS for c, s in statuses(record).items() if c != "onnx"), record
+    assert "pool=token" in record["checks"]["features"]["note"]  # a ViT's own pool: the class token
+
+
+def test_torchvision_pre_logits_come_from_the_full_model():
+    record = zoo.check_model("torchvision/resnet18")
+    assert statuses(record)["features"] == zoo.PASS, record
+    assert record["input_size"] == 32
+
+
+def test_frozen_parameters_that_train_fail_the_freeze_checks(monkeypatch):
+    monkeypatch.setattr(tlkit.module, "apply_freeze", lambda module, frozen: None)  # nothing gets frozen
+    record = zoo.check_model("test_resnet")
+    assert statuses(record)["freeze_backbone"] == zoo.FAIL
+    assert "trainable but should be frozen" in record["checks"]["freeze_backbone"]["reason"]
+    assert statuses(record)["freeze_stages1"] == zoo.FAIL
+
+
+def test_moving_frozen_batchnorm_statistics_fail_the_freeze_checks(monkeypatch):
+    monkeypatch.setattr(tlkit.module, "keep_frozen_bn_eval", lambda module: None)  # frozen BN layers train
+    record = zoo.check_model("test_resnet")
+    assert statuses(record)["freeze_backbone"] == zoo.FAIL
+    assert "running_mean" in record["checks"]["freeze_backbone"]["reason"]
+
+
+def test_stage_partition_with_a_hole_fails(monkeypatch):
+    original = Backbone.stage_params
+    monkeypatch.setattr(Backbone, "stage_params", lambda self: {s: p[1:] for s, p in original(self).items()})
+    record = zoo.check_model("test_resnet")
+    assert statuses(record)["stages"] == zoo.FAIL
+    assert "in none" in record["checks"]["stages"]["reason"]
+
+
+def test_stages_out_of_forward_order_fail():
+    backbone = tlkit.create_backbone("test_resnet")
+    params = backbone.stage_params()
+    names = list(params)
+    swapped = {names[0]: params[names[0]], names[2]: params[names[2]], names[1]: params[names[1]]}
+    swapped |= {n: params[n] for n in names[3:]}
+    backbone.stage_params = lambda: swapped
+    with pytest.raises(zoo.CheckFailed, match="order"):
+        zoo.check_stages(backbone, torch.rand(2, 3, 32, 32))
+
+
+def test_features_that_are_not_the_pre_logits_fail(monkeypatch):
+    forward = FeatureExtractor.forward
+    monkeypatch.setattr(
+        FeatureExtractor, "forward", lambda self, x: {k: v * 1.001 for k, v in forward(self, x).items()}
+    )
+    record = zoo.check_model("test_resnet")
+    assert statuses(record)["features"] == zoo.FAIL
+    assert "differ from pre-logits" in record["checks"]["features"]["reason"]
+
+
+def test_a_fold_that_changes_the_output_fails_onnx(monkeypatch):
+    fuse = tlkit.export.fuse
+
+    def bad_fuse(net, example):
+        folded = fuse(net, example)
+        with torch.no_grad():
+            next(p for p in folded.backbone.parameters() if p.ndim == 4).mul_(2)
+        return folded
+
+    monkeypatch.setattr(tlkit.export, "fuse", bad_fuse)
+    record = zoo.check_model("test_resnet")
+    assert statuses(record)["onnx"] == zoo.FAIL
+    assert "onnxruntime differs" in record["checks"]["onnx"]["reason"]
+
+
+def test_family_is_the_prefix_before_underscore_or_digits():
+    assert zoo.family("resnet18") == "resnet"
+    assert zoo.family("vit_small_patch16_224") == "vit"
+    assert zoo.family("convnext_tiny") == "convnext"
+    assert zoo.family("torchvision/resnet18") == "torchvision/resnet"
+
+
+def test_sweep_records_a_timeout_and_a_result(tmp_path):
+    # The first model's clock starts while the worker still imports torch: a 0.5 s limit kills it.
+    [timed_out] = list(zoo.sweep(["test_resnet"], workers=1, timeout=0.5, max_rss_mb=1e6))
+    assert zoo.outcome(timed_out) == "excluded" and timed_out["excluded"].startswith("timeout")
+    [record] = list(zoo.sweep(["test_efficientnet"], workers=1, timeout=120, max_rss_mb=1e6))
+    assert zoo.outcome(record) == zoo.PASS, record
+
+
+def test_main_resumes_and_reports_from_results(tmp_path, capsys):
+    results, report = tmp_path / "r.jsonl", tmp_path / "zoo.md"
+    ok = zoo.check_model("test_resnet")
+    bad = {**ok, "name": "other_model", "family": "other"}
+    bad["checks"] = {**ok["checks"], "stages": {"status": zoo.FAIL, "reason": "CheckFailed: boom"}}
+    killed = zoo._killed_record("big_model", "memory", "RSS over 5 MB", 3.0, 6.0)
+    results.write_text("".join(json.dumps(r) + "\n" for r in (ok, bad, killed)))
+    zoo.main(["--filter", "test_resnet,other_model,big_model", "--results", str(results), "--write-report",
+              str(report)])  # fmt: skip
+    assert "0 models to check (3 already" in capsys.readouterr().out  # resumed: nothing run again
+    zoo.main(["--results", str(results), "--report", str(report)])
+    summary = capsys.readouterr().out.strip()
+    assert summary.startswith("timm: 1/3 pass every applicable check (33.3%), 1 fail, 1 excluded")
+    text = report.read_text()
+    assert summary in text
+    assert "- `other_model` stages: CheckFailed: boom" in text
+    assert "- `big_model`: memory: RSS over 5 MB" in text
+    assert "| test | 1 | 1 | 0 | 1/1 |" in text  # family of test_resnet
