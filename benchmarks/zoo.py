@@ -638,6 +638,10 @@ def render_report(records: list[dict[str, Any]], totals: dict[str, int] | None =
         outcomes = [outcome(r) for r in rs]
         lines.append(f"| {fam} | {len(rs)} | {outcomes.count(PASS)} | {outcomes.count('excluded')} | "
                      + " | ".join(cells) + " |")  # fmt: skip
+    lines += ["", "## Failures by cause", "", "| check | cause (numbers and names generalised) | models | examples |",
+              "|---|---|---|---|"]  # fmt: skip
+    for (check, cause), names in sorted(failure_causes(records).items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"| {check} | {_md(cause)} | {len(names)} | {', '.join(f'`{n}`' for n in names[:4])} |")
     lines += ["", "## Failures", ""]
     for r in sorted(records, key=lambda r: r["name"]):
         if outcome(r) != FAIL:
@@ -652,6 +656,25 @@ def render_report(records: list[dict[str, Any]], totals: dict[str, int] | None =
     lines += [f"- `{r['name']}`: {_md(r['excluded'])}" for r in sorted(records, key=lambda r: r["name"])
               if outcome(r) == "excluded"]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def failure_causes(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
+    """Failed checks grouped by their reason with numbers, lists and class names generalised, so one tlkit bug shows
+    as one row however many models it hits."""
+    causes: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for r in sorted(records, key=lambda r: r["name"]):
+        if r.get("harness_error"):
+            causes[("harness", _generalise(r["harness_error"]))].append(r["name"])
+        for check, result in r.get("checks", {}).items():
+            if result["status"] == FAIL and outcome(r) == FAIL:
+                causes[(check, _generalise(result["reason"]))].append(r["name"])
+    return causes
+
+
+def _generalise(reason: str) -> str:
+    reason = re.sub(r"\[[^\]]*\]", "[...]", reason)  # lists of parameter names, shapes
+    reason = re.sub(r"'[A-Za-z_][\w.]*' object", "'<class>' object", reason)
+    return re.sub(r"\d+(\.\d+)?(e[+-]?\d+)?", "#", reason)
 
 
 def _md(text: str) -> str:
