@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fnmatch
+import gc
 import io
 import json
 import multiprocessing as mp
@@ -447,7 +449,13 @@ def _check_logits(clf: Any, x: Any) -> None:
 
 
 def _reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark of this process (Linux ``clear_refs`` 5), so each model gets its own peak."""
+    """Give the previous model's freed memory back to the OS and reset the kernel's peak-RSS mark of this process
+    (Linux ``clear_refs`` 5), so each model gets its own peak (and the memory cap is not hit by a predecessor)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages resident until trimmed
+    except (OSError, AttributeError):  # not glibc: the peak may include memory freed by the previous model
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:  # not Linux, or not allowed: the peak is then the worker's lifetime peak
