@@ -94,8 +94,11 @@ class NotApplicable(Exception):
 
 def _reason(err: BaseException) -> str:
     """The exception's last line, trimmed: enough to group failures and to start debugging."""
-    lines = str(err).strip().splitlines()
-    text = f"{type(err).__name__}: {lines[-1].strip()}" if lines else type(err).__name__
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    line = (
+        lines[0] if len(lines) > 5 else lines[-1] if lines else ""
+    )  # a long message is a dump (a graph): its head says why
+    text = f"{type(err).__name__}: {line}" if line else type(err).__name__
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
 
 
