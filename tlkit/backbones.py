@@ -10,17 +10,20 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import inspect
 import logging
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
 import torchvision
-from timm.models._manipulate import group_parameters
+from timm.models import group_parameters
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 TORCHVISION_PREFIX = "torchvision/"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 Pretrained = bool | str
+RESERVED_STAGE_NAMES = ("stem", "head")  # "head" is the classifier's own optimizer group in TransferClassifier
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class Backbone(nn.Module):
         self.num_features = num_features
         self.data_config = data_config
         self._stage_params = _name_stages(groups)
+        _check_partition(model, name, self._stage_params)
 
     @property
     def stages(self) -> list[str]:
@@ -118,6 +124,8 @@ def create_backbone(name: str, pretrained: Pretrained = False, **kwargs: Any) ->
 
 
 def _create(name: str, hub: bool, **kwargs: Any) -> Backbone:
+    if hub:
+        _check_hub_reachable(name)
     try:
         if name.startswith(TORCHVISION_PREFIX):
             return _create_torchvision(name, hub, **kwargs)
@@ -138,30 +146,87 @@ def _looks_like_network_error(err: BaseException) -> bool:
 
 def _create_timm(name: str, hub: bool, **kwargs: Any) -> Backbone:
     model = timm.create_model(name, pretrained=hub, num_classes=0, **kwargs)
-    groups = list(group_parameters(model, model.group_matcher(coarse=True)).values())
     config = timm.data.resolve_model_data_config(model)
     data_config = {key: config[key] for key in ("input_size", "mean", "std", "interpolation", "crop_pct")}
-    return Backbone(model, name, model.num_features, data_config, groups)
+    return Backbone(model, name, _timm_output_width(model), data_config, _timm_groups(model))
+
+
+def _timm_output_width(model: nn.Module) -> int:
+    """Width of what ``model(x)`` returns with ``num_classes=0``: ``head_hidden_size`` where a conv or MLP sits
+    after the pooling (MobileNetV3/V4, GhostNet, LCNet, VGG), which ``num_features`` (the pooled width) misses."""
+    return getattr(model, "head_hidden_size", None) or model.num_features
+
+
+def _timm_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter groups from the stem to the last stage: timm's ``group_matcher(coarse=True)`` where the model has
+    one, else the stages of its ``feature_info`` (MetaFormer/PoolFormer, PiT, and models whose coarse matcher
+    is not implemented)."""
+    matcher = getattr(model, "group_matcher", None)
+    if matcher is not None:
+        try:
+            return list(group_parameters(model, matcher(coarse=True)).values())
+        except (AssertionError, NotImplementedError) as err:  # timm asserts where coarse grouping is missing
+            log.info("%s: group_matcher(coarse=True) failed (%s); stages from feature_info.", type(model).__name__, err)
+    return _feature_info_groups(model)
+
+
+def _feature_info_groups(model: nn.Module) -> list[list[str]]:
+    """Stages from ``feature_info`` (timm's list of stage output modules, in forward order): each stage module's
+    parameters form a stage; parameters before the first are the stem, loose ones after a stage (a final norm)
+    join it. Without ``feature_info``, each parameter-holding top-level child is a stage."""
+    modules = [info["module"] for info in getattr(model, "feature_info", None) or []]
+    if not modules:
+        modules = [name for name, child in model.named_children() if any(True for _ in child.parameters())][1:]
+    groups: list[list[str]] = [[] for _ in range(len(modules) + 1)]
+    current = 0
+    for param_name, _ in model.named_parameters():
+        owner = next((i + 1 for i, m in enumerate(modules) if param_name.startswith(f"{m}.")), None)
+        current = owner if owner is not None else current
+        groups[current].append(param_name)
+    return [group for group in groups if group]
 
 
 def _create_torchvision(name: str, hub: bool, **kwargs: Any) -> Backbone:
     arch = name[len(TORCHVISION_PREFIX) :]
     default_weights = torchvision.models.get_model_weights(arch).DEFAULT
+    kwargs = _without_aux_logits(name, arch, kwargs)
     model = torchvision.models.get_model(arch, weights=default_weights if hub else None, **kwargs)
-    num_features = _drop_last_linear(model)
+    num_features = _drop_classifier(model, name)
     return Backbone(model, name, num_features, _torchvision_data_config(default_weights), _torchvision_groups(model))
 
 
-def _drop_last_linear(model: nn.Module) -> int:
-    """Replace the model's final Linear (its classifier) by Identity; return the feature width it took in.
+def _without_aux_logits(name: str, arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """GoogLeNet and Inception v3 return auxiliary logits in training mode (and keep them when built without
+    weights); tlkit trains one head on one feature tensor, so they are built with ``aux_logits=False``."""
+    model_class = inspect.signature(torchvision.models.get_model_builder(arch)).return_annotation
+    if not inspect.isclass(model_class) or "aux_logits" not in inspect.signature(model_class).parameters:
+        return kwargs
+    if kwargs.get("aux_logits"):
+        raise ValueError(f"{name!r} with aux_logits=True returns several outputs; tlkit needs aux_logits=False.")
+    return {**kwargs, "aux_logits": False}
+
+
+def _drop_classifier(model: nn.Module, name: str) -> int:
+    """Replace the model's classifier by Identity; return the width of the features it took in.
 
     torchvision has no common head attribute (``fc``, ``classifier[-1]``, ``heads.head``), but every
-    classification model ends in one Linear whose input is the pooled feature vector.
+    classification model ends in its classifier: the last module that holds parameters, a Linear, or a 1x1
+    Conv2d followed by global pooling (SqueezeNet).
     """
-    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    setattr(parent, name.rpartition(".")[2], nn.Identity())
-    return last.in_features
+    holders = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    module_name, last = holders[-1]
+    if isinstance(last, nn.Linear):
+        width = last.in_features
+    elif isinstance(last, nn.Conv2d) and last.kernel_size == (1, 1):
+        width = last.in_channels
+    else:
+        raise ValueError(
+            f"Cannot find the classifier of {name!r}: its last layer {module_name!r} is a {type(last).__name__}, "
+            "not a Linear or a 1x1 Conv2d. Use a timm model, or report the model."
+        )
+    parent = model.get_submodule(module_name.rpartition(".")[0])
+    setattr(parent, module_name.rpartition(".")[2], nn.Identity())
+    return width
 
 
 def _torchvision_data_config(weights: Any) -> dict[str, Any]:
@@ -204,26 +269,57 @@ def _torchvision_groups(model: nn.Module) -> list[list[str]]:
 
 
 def _name_stages(groups: list[list[str]]) -> dict[str, list[str]]:
-    """Name each parameter group by the module path its parameters share (``layer1``, ``blocks.3``), cut to the
-    depth most groups share; the first is ``stem``. A group that spans several top modules (the last block plus
-    a final conv) is named ``<first module>+``."""
+    """Name each parameter group by the module path of its first parameter, cut to the shallowest depth at which
+    all names are unique (``layer1``, ``blocks.3``, ``features.denseblock2``); the first group is ``stem``. A group
+    with parameters outside that path (a block plus its transition, the last block plus a final norm) is named
+    ``<path>+``. Names are never merged: if no depth separates two groups, they are numbered ``<path>#<k>``."""
     groups = [g for g in groups if g]
-    common = [os.path.commonprefix([n.split(".") for n in names]) for names in groups]
-    common = [
-        c[:-1] if len(names) == 1 else c for c, names in zip(common, groups, strict=False)
-    ]  # drop ".weight" of a lone param
-    depths = [len(c) for c in common[1:] if c]
-    depth = max(set(depths), key=depths.count) if depths else 1
-    named: dict[str, list[str]] = {"stem": groups[0]}
-    for names, prefix in zip(groups[1:], common[1:], strict=False):
-        if len(prefix) >= depth:
-            stage = ".".join(prefix[:depth])
-        elif prefix:
-            stage = ".".join(prefix)
-        else:
-            stage = ".".join(names[0].split(".")[:depth]) + "+"
-        named[stage] = names
-    return named
+    paths = [names[0].split(".")[:-1] or names[0].split(".") for names in groups[1:]]
+    names: list[str] = []
+    for depth in range(1, max((len(p) for p in paths), default=1) + 1):
+        names = [_stage_name(group, path[:depth]) for group, path in zip(groups[1:], paths, strict=True)]
+        if _unique(names):
+            break
+    names = _numbered(names)
+    return dict(zip(["stem", *names], groups, strict=True))
+
+
+def _stage_name(params: list[str], path: list[str]) -> str:
+    prefix = ".".join(path)
+    inside = all(p.startswith(f"{prefix}.") for p in params)
+    return prefix if inside else f"{prefix}+"
+
+
+def _unique(names: list[str]) -> bool:
+    return len(set(names)) == len(names) and not set(names) & set(RESERVED_STAGE_NAMES)
+
+
+def _numbered(names: list[str]) -> list[str]:
+    """Number repeated (or reserved) names so that no stage overwrites another."""
+    taken = set(RESERVED_STAGE_NAMES)
+    out = []
+    for name in names:
+        unique, k = name, 1
+        while unique in taken:
+            k += 1
+            unique = f"{name}#{k}"
+        taken.add(unique)
+        out.append(unique)
+    return out
+
+
+def _check_partition(model: nn.Module, name: str, stages: dict[str, list[str]]) -> None:
+    """Every parameter of the model is in exactly one stage (stage freezing and layer-wise LR rely on it)."""
+    listed = [p for params in stages.values() for p in params]
+    params = [p for p, _ in model.named_parameters()]
+    twice = sorted({p for p in listed if listed.count(p) > 1}) if len(listed) != len(set(listed)) else []
+    missing, unknown = sorted(set(params) - set(listed)), sorted(set(listed) - set(params))
+    if twice or missing or unknown:
+        raise ValueError(
+            f"The stages of {name!r} are not a partition of its parameters: in several stages {twice[:5]}, in none "
+            f"{missing[:5]}, not parameters {unknown[:5]}. Please report the model; freeze='regex:<pattern>' "
+            "selects parameters by name without stages."
+        )
 
 
 def _create_packaged(name: str, **kwargs: Any) -> Backbone:
@@ -313,14 +409,57 @@ def list_backbones(filter: str | None = None, pretrained: bool = False) -> list[
 
 
 def _check_name(name: str) -> None:
-    known = (
-        torchvision.models.list_models(module=torchvision.models)
-        if name.startswith(TORCHVISION_PREFIX)
-        else timm.list_models()
-    )
-    bare = name.removeprefix(TORCHVISION_PREFIX)
+    """Refuse unknown names with the closest ones; timm's ``name.tag`` (a pretrained tag) must be one of its tags."""
+    torchvision_name = name.startswith(TORCHVISION_PREFIX)
+    arch, _, tag = (name, "", "") if torchvision_name else name.partition(".")
+    known = torchvision.models.list_models(module=torchvision.models) if torchvision_name else timm.list_models()
+    bare = arch.removeprefix(TORCHVISION_PREFIX)
     if bare not in known:
         close = difflib.get_close_matches(bare, known, n=5, cutoff=0.5)
-        prefix = TORCHVISION_PREFIX if name.startswith(TORCHVISION_PREFIX) else ""
+        prefix = TORCHVISION_PREFIX if torchvision_name else ""
         hint = f" Closest names: {', '.join(prefix + c for c in close)}." if close else ""
         raise ValueError(f"Unknown backbone {name!r}.{hint} See `tlkit backbones --filter '<pattern>'`.")
+    if tag:
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        if tag not in tags:
+            close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.5)
+            hint = f" Closest: {', '.join(f'{arch}.{c}' for c in close)}." if close else ""
+            raise ValueError(f"Unknown weights tag {tag!r} for {arch!r}.{hint} Its tags: {tags or 'none'}.")
+
+
+def _check_hub_reachable(name: str) -> None:
+    """Fail in seconds, not after a minute of download retries, when the weights are not cached and their host
+    cannot be reached (huggingface_hub retries each file with back-off before giving up)."""
+    url, cached = _weights_source(name)
+    if url is None or cached:
+        return
+    host = urlparse(url)
+    try:
+        socket.create_connection((host.hostname, host.port or 443), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        raise RuntimeError(
+            f"Cannot download the pretrained weights of {name!r}: {host.hostname} is unreachable ({err}) and they "
+            f"are not in the local cache. With no network, use pretrained='packaged' (available for "
+            f"{sorted(PACKAGED_WEIGHTS)}), a local weights file, or pretrained=False."
+        ) from err
+
+
+def _weights_source(name: str) -> tuple[str | None, bool]:
+    """Where the default weights of ``name`` download from, and whether they are already in the local cache."""
+    if name.startswith(TORCHVISION_PREFIX):
+        url = torchvision.models.get_model_weights(name[len(TORCHVISION_PREFIX) :]).DEFAULT.url
+        return url, _in_torch_hub_cache(url)
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return None, False
+    if cfg.hf_hub_id:
+        import huggingface_hub
+
+        files = [f for f in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin") if f]
+        cached = any(isinstance(huggingface_hub.try_to_load_from_cache(cfg.hf_hub_id, f), str) for f in files)
+        return huggingface_hub.constants.ENDPOINT, cached
+    return cfg.url or None, bool(cfg.url) and _in_torch_hub_cache(cfg.url)
+
+
+def _in_torch_hub_cache(url: str) -> bool:
+    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)).is_file()

@@ -155,7 +155,8 @@ class FeatureExtractor(nn.Module):
         self.preprocess = preprocess if preprocess is not None else nn.Identity()
         self.pool = pool
         self.torchvision = backbone.name.startswith(TORCHVISION_PREFIX)
-        self.prefix_tokens = getattr(backbone.model, "num_prefix_tokens", 1)
+        # Class/register tokens lead the sequence; timm says how many, torchvision's ViT has one class token.
+        self.prefix_tokens = getattr(backbone.model, "num_prefix_tokens", 1 if self.torchvision else 0)
         self.layers = [str(x) for x in layers] if layers else None
         self._indices = [int(x) for x in layers] if layers and all(_is_int(x) for x in layers) else None
         self._graph = self._build_graph() if self.layers or (self.torchvision and pool != "avg") else None
@@ -223,11 +224,18 @@ class FeatureExtractor(nn.Module):
 
 
 def _timm_pool_type(model: nn.Module) -> str | None:
-    """The global pool a timm model applies in ``forward_head`` (``avg``, ``max``, ``token``...), if it says."""
-    pool = getattr(model, "global_pool", None)
-    if pool is None:  # ConvNeXt & co. keep it in their head module (pool, norm, ...)
-        pool = getattr(getattr(model, "head", None), "global_pool", None)
-    return pool if isinstance(pool, str) else getattr(pool, "pool_type", None)
+    """The global pool a timm model applies in ``forward_head`` (``avg``, ``max``, ``token``...), if it says.
+
+    timm keeps it as ``global_pool`` (a string or a ``SelectAdaptivePool2d``) on the model or on its head module
+    (ConvNeXt), or as ``pool_type`` on the head (Hiera's ``NormClassifierHead``).
+    """
+    head = getattr(model, "head", None)
+    for owner, attr in ((model, "global_pool"), (head, "global_pool"), (head, "pool_type")):
+        pool = getattr(owner, attr, None)
+        pool = pool if isinstance(pool, str) else getattr(pool, "pool_type", None)
+        if pool:
+            return pool
+    return None
 
 
 def _is_int(x: str | int) -> bool:
