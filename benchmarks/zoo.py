@@ -55,6 +55,7 @@ FEATURE_TOLERANCE = 1e-5  # |extracted - pre-logits| <= tol * (1 + |pre-logits|)
 ONNX_TOLERANCE = 1e-4  # max |onnx - pytorch| <= tol * max(1, max |pytorch|)
 CANDIDATE_SIZES = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288, 320, 384)
 REASON_CHARS = 240
+WALL_FACTOR = 5  # a model is also stopped after this many times --timeout of wall time, however loaded the machine
 # Outcomes that say the model could not be checked here, not that tlkit failed it (the brief's "valid reasons").
 EXCLUDED = ("timeout", "memory", "timm")
 
@@ -476,6 +477,15 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15 of stat
+
+
 def rss_mb(pid: int) -> float:
     """Current resident memory of process ``pid`` in MB (0 if it is gone)."""
     try:
@@ -521,7 +531,11 @@ class Worker:
 
     def send(self, name: str) -> None:
         self.name, self.started, self.peak_mb = name, time.monotonic(), 0.0
+        self.cpu_start = cpu_seconds(self.process.pid)
         self.conn.send(name)
+
+    def cpu_used(self) -> float:
+        return cpu_seconds(self.process.pid) - self.cpu_start
 
     def kill(self) -> None:
         self.process.kill()
@@ -561,9 +575,14 @@ def sweep(names: list[str], workers: int, timeout: float, max_rss_mb: float) -> 
                     else:
                         w.name = None
                     yield record
-                elif seconds > timeout or w.peak_mb > max_rss_mb or not w.process.is_alive():
-                    kind = "timeout" if seconds > timeout else "memory" if w.peak_mb > max_rss_mb else "crash"
-                    detail = {"timeout": f"over {timeout:.0f}s", "memory": f"RSS over {max_rss_mb:.0f} MB",
+                    continue
+                # CPU time, not wall time: on shared cores a model must not be "too slow" because others ran.
+                cpu = w.cpu_used()
+                slow = cpu > timeout or seconds > WALL_FACTOR * timeout
+                if slow or w.peak_mb > max_rss_mb or not w.process.is_alive():
+                    kind = "timeout" if slow else "memory" if w.peak_mb > max_rss_mb else "crash"
+                    detail = {"timeout": f"over {timeout:.0f} CPU s ({cpu:.0f} CPU s, {seconds:.0f} s wall)",
+                              "memory": f"RSS over {max_rss_mb:.0f} MB",
                               "crash": f"worker died (exit {w.process.exitcode})"}[kind]  # fmt: skip
                     yield _killed_record(w.name, kind, detail, seconds, w.peak_mb)
                     pool[i] = _replace(w, ctx)
@@ -721,7 +740,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--filter", help="shell-style pattern(s), comma-separated: 'resnet*,torchvision/*'")
     parser.add_argument("--limit", type=int, help="check at most N models (after --filter and resume)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per model before its worker is killed")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="CPU seconds per model before its worker is killed (also stopped at 5x this in wall time)",
+    )
     parser.add_argument("--max-rss-gb", type=float, default=5.0, help="kill a worker whose memory grows past this")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--nice", type=int, default=10, help="lower the sweep's priority by this (workers inherit it)")

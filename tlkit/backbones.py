@@ -125,7 +125,7 @@ def create_backbone(name: str, pretrained: Pretrained = False, **kwargs: Any) ->
 
 def _create(name: str, hub: bool, **kwargs: Any) -> Backbone:
     if hub:
-        _check_hub_reachable(name)
+        _check_hub_reachable(name, kwargs)
     try:
         if name.startswith(TORCHVISION_PREFIX):
             return _create_torchvision(name, hub, **kwargs)
@@ -427,10 +427,10 @@ def _check_name(name: str) -> None:
             raise ValueError(f"Unknown weights tag {tag!r} for {arch!r}.{hint} Its tags: {tags or 'none'}.")
 
 
-def _check_hub_reachable(name: str) -> None:
+def _check_hub_reachable(name: str, kwargs: dict[str, Any]) -> None:
     """Fail in seconds, not after a minute of download retries, when the weights are not cached and their host
     cannot be reached (huggingface_hub retries each file with back-off before giving up)."""
-    url, cached = _weights_source(name)
+    url, cached = _weights_source(name, kwargs)
     if url is None or cached:
         return
     host = urlparse(url)
@@ -444,14 +444,16 @@ def _check_hub_reachable(name: str) -> None:
         ) from err
 
 
-def _weights_source(name: str) -> tuple[str | None, bool]:
-    """Where the default weights of ``name`` download from, and whether they are already in the local cache."""
+def _weights_source(name: str, kwargs: dict[str, Any]) -> tuple[str | None, bool]:
+    """Where the weights of ``name`` download from (None: nowhere, a local file), and whether they are cached."""
     if name.startswith(TORCHVISION_PREFIX):
         url = torchvision.models.get_model_weights(name[len(TORCHVISION_PREFIX) :]).DEFAULT.url
         return url, _in_torch_hub_cache(url)
-    cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is None:
-        return None, False
+    cfg = timm.models.resolve_pretrained_cfg(  # the user's pretrained_cfg(_overlay) may point at a local file
+        name, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
+    )
+    if cfg.file or cfg.state_dict is not None:
+        return None, True
     if cfg.hf_hub_id:
         import huggingface_hub
 
