@@ -5,7 +5,9 @@ partition with a hole, features that are not the pre-logits, a BatchNorm fold th
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,3 +148,13 @@ def test_main_resumes_and_reports_from_results(tmp_path, capsys):
     assert "- `other_model` stages: CheckFailed: boom" in text
     assert "- `big_model`: memory: RSS over 5 MB" in text
     assert "| test | 1 | 1 | 0 | 1/1 |" in text  # family of test_resnet
+
+
+def test_timeouts_count_cpu_time_not_waiting():
+    before = zoo.cpu_seconds(os.getpid())
+    time.sleep(0.3)  # waiting (as a worker does while other jobs hold the cores) costs no CPU time
+    slept = zoo.cpu_seconds(os.getpid()) - before
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    assert slept < 0.1 and zoo.cpu_seconds(os.getpid()) - before >= 0.25
