@@ -39,7 +39,7 @@ def test_cnn_passes_every_check_with_time_and_memory():
     assert statuses(record) == dict.fromkeys(zoo.CHECKS, zoo.PASS), record
     assert zoo.outcome(record) == zoo.PASS
     assert record["input_size"] == 32  # the smallest candidate size that runs
-    assert record["time_s"] > 0 and record["peak_rss_mb"] > 100
+    assert record["time_s"] > 0 and record["cpu_s"] > 0 and record["peak_rss_mb"] > 100
 
 
 def test_fixed_size_transformer_uses_its_input_size_and_skips_onnx():
