@@ -320,3 +320,147 @@ def test_list_backbones():
     with_weights = set(list_backbones(pretrained=True))
     assert "coatnet_0_224" in everything and "coatnet_0_224" not in with_weights  # timm has no weights for it
     assert with_weights < set(everything)
+
+
+# --- the zoo's failure classes: one contract over diverse small models ------------------------------------------
+
+PARTITION = [  # (name, input size in px, create_backbone kwargs): each stands for a class of models that broke
+    ("resnet18", 32, {}),
+    ("test_vit", 64, {}),
+    ("test_efficientnet", 48, {}),
+    ("test_convnext", 32, {}),  # head norm after the pool
+    ("mobilenetv3_small_050", 32, {}),  # head_hidden_size: a conv after the pool
+    ("lcnet_050", 32, {}),  # head_hidden_size
+    ("poolformer_s12", 32, {}),  # MetaFormer: no group_matcher
+    ("pit_ti_224", 64, {"img_size": 64}),  # no group_matcher
+    ("densenet121", 32, {}),  # groups whose common module path collides (features)
+    ("torchvision/resnet18", 32, {}),
+    ("torchvision/squeezenet1_0", 64, {}),  # classifier is a 1x1 Conv2d
+    ("torchvision/googlenet", 64, {}),  # aux logits
+]
+
+
+def _first_calls(backbone: Backbone, x: torch.Tensor) -> dict[str, int]:
+    """Index of the first call of each module that holds parameters directly, in one forward pass."""
+    order: dict[str, int] = {}
+
+    def note(name: str):
+        def hook(_module, _args) -> None:  # returns None: a pre-hook's return value would replace the input
+            order.setdefault(name, len(order))
+
+        return hook
+
+    handles = [
+        module.register_forward_pre_hook(note(name))
+        for name, module in backbone.named_modules()
+        if any(True for _ in module.parameters(recurse=False))
+    ]
+    try:
+        with torch.no_grad():
+            backbone(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def _assert_forward_order(backbone: Backbone, x: torch.Tensor) -> None:
+    calls = _first_calls(backbone, x)
+    firsts = {}
+    for stage, params in backbone.stage_params().items():
+        called = [calls[p.rpartition(".")[0]] for p in params if p.rpartition(".")[0] in calls]
+        if called:  # loose parameters (a class token) are not modules that run
+            firsts[stage] = min(called)
+    assert sorted(firsts, key=firsts.get) == [s for s in backbone.stages if s in firsts]
+
+
+@pytest.mark.parametrize("name, size, kwargs", PARTITION, ids=[p[0] for p in PARTITION])
+def test_width_stages_and_freezing_hold_for_every_model_class(name, size, kwargs):
+    from tlkit.freezing import frozen_parameter_names
+
+    backbone = create_backbone(name, **kwargs)
+    x = torch.randn(2, 3, size, size)
+    backbone.train()  # googlenet/inception return aux outputs in training mode unless built without them
+    out = backbone(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, backbone.num_features)
+
+    stage_params = backbone.stage_params()
+    flat = [p for params in stage_params.values() for p in params]
+    assert sorted(flat) == sorted(n for n, _ in backbone.named_parameters())  # complete, each parameter once
+    assert len(set(backbone.stages)) == len(backbone.stages) and backbone.stages[0] == "stem"
+    assert all(stage_params.values())
+    _assert_forward_order(backbone.eval(), x)
+
+    assert frozen_parameter_names(backbone, "backbone") == set(flat)
+    first_two = set(stage_params["stem"]) | set(stage_params[backbone.stages[1]])
+    assert frozen_parameter_names(backbone, "stages:1") == first_two
+
+
+def test_head_width_is_what_the_backbone_returns():
+    from tlkit import TransferClassifier
+
+    model = TransferClassifier("mobilenetv3_small_050", num_classes=3)  # num_features 288, conv_head -> 1024
+    assert model.backbone.num_features == 1024
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_models_whose_coarse_matcher_fails_get_feature_info_stages(monkeypatch):
+    def not_implemented(self, coarse=False):
+        raise AssertionError("coarse grouping is not implemented")  # what timm's RDNet does
+
+    monkeypatch.setattr(timm.models.resnet.ResNet, "group_matcher", not_implemented)
+    assert create_backbone("resnet18").stages == ["stem", "layer1", "layer2", "layer3", "layer4"]
+
+
+def test_densenet_stages_are_kept_apart_and_stages_1_freezes_the_first_block_only():
+    from tlkit.freezing import frozen_parameter_names
+
+    backbone = create_backbone("densenet121")
+    assert len(backbone.stages) == 6, backbone.stages  # stem, 4 dense blocks (with transitions), norm5
+    frozen = {n.removeprefix("model.") for n in frozen_parameter_names(backbone, "stages:1")}
+    assert {n.split(".")[1] for n in frozen} == {"conv0", "norm0", "denseblock1", "transition1"}
+    assert frozen_parameter_names(backbone, "stages:5") == {n for n, _ in backbone.named_parameters()}
+
+
+def test_colliding_group_names_are_disambiguated_never_merged():
+    groups = [["conv.weight"], ["features.a.0.w", "features.t1.w"], ["features.b.0.w", "features.t2.w"], ["norm.w"]]
+    named = backbones_module._name_stages(groups)
+    assert list(named) == ["stem", "features.a+", "features.b+", "norm"]
+    assert list(named.values()) == groups
+    same = backbones_module._name_stages([["s.w"], ["x.w"], ["x.b"], ["head.w"]])  # no depth separates them
+    assert list(same) == ["stem", "x", "x#2", "head#2"]
+
+
+def test_a_partition_that_loses_parameters_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"'tiny' are not a partition.*in none \['1.bias'\].*regex:"):
+        Backbone(model, "tiny", 2, {}, [["0.weight", "0.bias"], ["1.weight"]])
+
+
+def test_name_tag_selects_the_weights_config():
+    backbone = create_backbone("test_vit.r160_in1k")
+    assert backbone.name == "test_vit.r160_in1k"
+    assert backbone.data_config["input_size"] == (3, 160, 160)
+
+
+def test_unknown_tag_lists_the_models_tags():
+    with pytest.raises(ValueError, match=r"Unknown weights tag 'r160_in21k' for 'test_vit'.*test_vit\.r160_in1k"):
+        create_backbone("test_vit.r160_in21k")
+
+
+def test_torchvision_aux_logits_cannot_be_asked_for():
+    with pytest.raises(ValueError, match="torchvision/googlenet.*aux_logits=False"):
+        create_backbone("torchvision/googlenet", aux_logits=True)
+
+
+def test_hub_weights_without_network_fail_in_seconds(monkeypatch, tmp_path):
+    import time
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"'test_vit'.*127\.0\.0\.1 is unreachable.*pretrained='packaged'"):
+        create_backbone("test_vit", pretrained=True)
+    assert time.perf_counter() - start < 2
