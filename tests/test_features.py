@@ -367,3 +367,23 @@ def test_cli_extract_on_two_ddp_ranks_writes_one_ordered_file(tmp_path, folder):
     assert merged.ids == single.ids and merged.labels.tolist() == single.labels.tolist()
     torch.testing.assert_close(merged.features, single.features, atol=1e-5, rtol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.safetensors", "weights.safetensors"]
+
+
+def test_hiera_features_use_its_head_pool_and_norm_and_keep_every_token():
+    # Hiera keeps its pool type in head.pool_type and normalises after pooling; it has no class token to drop.
+    backbone = create_backbone("hiera_tiny_224")
+    x = torch.rand(2, 3, 224, 224)
+    feats = extract_features(backbone, x, pool="avg", preprocess="none").features
+    with torch.no_grad():
+        model = backbone.model.eval()
+        expected = model.forward_head(model.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(feats, expected, atol=1e-5, rtol=0)
+
+
+def test_token_sequences_without_prefix_tokens_average_every_token():
+    from tlkit.features import FeatureExtractor
+
+    backbone = create_backbone("hiera_tiny_224")
+    tokens = torch.randn(2, 49, 768)
+    pooled = FeatureExtractor(backbone, pool="avg")._pool(tokens)
+    torch.testing.assert_close(pooled, tokens.mean(dim=1))
