@@ -69,7 +69,7 @@ class _LeafTracer(fx.Tracer):
     """Keeps convolutions, BatchNorms and timm's untraceable modules as single call_module nodes."""
 
     def __init__(self):
-        from timm.layers._fx import get_notrace_functions, get_notrace_modules
+        from timm.layers import get_notrace_functions, get_notrace_modules
 
         super().__init__(autowrap_functions=tuple(get_notrace_functions()))
         self.notrace = tuple(get_notrace_modules())
