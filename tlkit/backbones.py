@@ -269,22 +269,47 @@ def _torchvision_groups(model: nn.Module) -> list[list[str]]:
 
 
 def _name_stages(groups: list[list[str]]) -> dict[str, list[str]]:
-    """Name each parameter group by the module path of its first parameter, cut to the shallowest depth at which
-    all names are unique (``layer1``, ``blocks.3``, ``features.denseblock2``); the first group is ``stem``. A group
-    with parameters outside that path (a block plus its transition, the last block plus a final norm) is named
-    ``<path>+``. Names are never merged: if no depth separates two groups, they are numbered ``<path>#<k>``."""
+    """Name each parameter group by the module path its parameters share (``layer1``, ``blocks.3``), cut to the
+    depth most groups share; the first group is ``stem``. A group spanning several modules (the last block plus a
+    final norm) is named ``<first module>+``. Where two names would be equal (DenseNet's blocks and transitions all
+    share ``features``), every group is named by its first parameter's path, deepened until the names differ
+    (``features.denseblock1+``); if no depth separates them they are numbered ``<name>#<k>``, never merged."""
     groups = [g for g in groups if g]
-    paths = [names[0].split(".")[:-1] or names[0].split(".") for names in groups[1:]]
+    commons = [_common_module(names) for names in groups[1:]]
+    depth = _most_common_depth(commons)
+    names = [_shared_name(names, common, depth) for names, common in zip(groups[1:], commons, strict=True)]
+    if not _unique(names):
+        names = _deepened_names(groups[1:], depth)
+    return dict(zip(["stem", *_numbered(names)], groups, strict=True))
+
+
+def _common_module(names: list[str]) -> list[str]:
+    common = os.path.commonprefix([n.split(".") for n in names])
+    return common[:-1] if len(names) == 1 else common  # a lone parameter: its module, not ".weight"
+
+
+def _most_common_depth(commons: list[list[str]]) -> int:
+    depths = [len(c) for c in commons if c]
+    return max(set(depths), key=depths.count) if depths else 1
+
+
+def _shared_name(names: list[str], common: list[str], depth: int) -> str:
+    if common:
+        return ".".join(common[:depth])
+    return ".".join(names[0].split(".")[:depth]) + "+"
+
+
+def _deepened_names(groups: list[list[str]], depth: int) -> list[str]:
+    paths = [names[0].split(".")[:-1] or names[0].split(".") for names in groups]
     names: list[str] = []
-    for depth in range(1, max((len(p) for p in paths), default=1) + 1):
-        names = [_stage_name(group, path[:depth]) for group, path in zip(groups[1:], paths, strict=True)]
+    for d in range(depth, max(len(p) for p in paths) + 1):
+        names = [_path_name(group, path[:d]) for group, path in zip(groups, paths, strict=True)]
         if _unique(names):
             break
-    names = _numbered(names)
-    return dict(zip(["stem", *names], groups, strict=True))
+    return names
 
 
-def _stage_name(params: list[str], path: list[str]) -> str:
+def _path_name(params: list[str], path: list[str]) -> str:
     prefix = ".".join(path)
     inside = all(p.startswith(f"{prefix}.") for p in params)
     return prefix if inside else f"{prefix}+"
