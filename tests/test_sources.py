@@ -219,6 +219,7 @@ def test_error_class_without_val_sample(tmp_path: Path) -> None:
 
 def test_error_val_class_not_in_train(tmp_path: Path) -> None:
     _make_class_dir(tmp_path / "train", "cat", 2)
+    _make_class_dir(tmp_path / "train", "dog", 2, seed=1)
     _make_class_dir(tmp_path / "val", "ghost", 2)
     with pytest.raises(ValueError, match="ghost"):
         load_source(f"folder:{tmp_path}")
