@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -177,8 +177,9 @@ def _decode_file(path: Path, max_pixels: int | None) -> torch.Tensor:
         target = f" (a symlink to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
         raise FileNotFoundError(f"Image file not found: {path}{target}")
     try:
-        with _open_within_limit(path, max_pixels) as img:
-            image = _decode_opened(path, img)
+        data = path.read_bytes()  # read once: PIL checks the header, torchvision may decode the same bytes
+        with _open_within_limit(path, data, max_pixels) as img:
+            image = _decode_opened(data, img)
     except ImageTooLargeError:
         raise
     # Any exception: PIL's plugins raise OSError, SyntaxError, struct.error, IndexError, ... on damaged files, and
@@ -190,11 +191,11 @@ def _decode_file(path: Path, max_pixels: int | None) -> torch.Tensor:
     return image
 
 
-def _open_within_limit(path: Path, max_pixels: int | None) -> Image.Image:
-    """Open ``path`` with PIL (header only) and refuse it when it declares more than ``max_pixels`` pixels."""
+def _open_within_limit(path: Path, data: bytes, max_pixels: int | None) -> Image.Image:
+    """Open the file's bytes with PIL (header only) and refuse it when it declares more than ``max_pixels`` pixels."""
     _let_pil_open(max_pixels)
     try:
-        img = Image.open(path)
+        img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:  # PIL's own, fixed limit: say which setting to change
         raise ImageTooLargeError(f"Image {path} is too large to decode: {err} {_limit_hint(max_pixels)}") from err
     width, height = img.size
@@ -222,12 +223,13 @@ def _let_pil_open(max_pixels: int | None) -> None:
         Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max_pixels // 2 + 1
 
 
-def _decode_opened(path: Path, img: Image.Image) -> torch.Tensor:
+def _decode_opened(data: bytes, img: Image.Image) -> torch.Tensor:
     """Decode an opened file. JPEG keeps torchvision's libjpeg-turbo path (faster; a damaged JPEG raises there,
     and it applies the EXIF orientation itself); everything else goes through PIL, which raises an error where
     torchvision's libpng aborts the whole process (a PNG chunk with a bad CRC, issue 11)."""
     if img.format == "JPEG" and img.mode in ("RGB", "L"):  # CMYK/YCCK JPEGs: PIL converts them exactly
-        return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # bytearray: frombuffer wants it writable
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     return _pil_to_rgb(ImageOps.exif_transpose(img))
 
 
