@@ -38,6 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; loader workers' rows may then interleave
+    fcntl = None
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -322,21 +327,17 @@ class ImageDataset(Dataset):
 def append_skipped(csv_path: str | os.PathLike, rows: Sequence[tuple[str, str]]) -> None:
     """Append ``(path, reason)`` rows to a skipped-files CSV, writing its ``path,reason`` header when new.
 
-    Each call is one ``O_APPEND`` write, so loader workers appending at the same time do not interleave rows.
+    Loader workers append at the same time: an exclusive ``flock`` (where the OS has one) makes the header come first
+    and the rows whole.
     """
     Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    try:  # O_EXCL: exactly one process creates the file and writes the header
-        fd = os.open(csv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-        writer.writerow(["path", "reason"])
-    except FileExistsError:
-        fd = os.open(csv_path, os.O_WRONLY | os.O_APPEND)
-    writer.writerows(rows)
-    try:
-        os.write(fd, buffer.getvalue().encode())
-    finally:
-        os.close(fd)
+    with open(csv_path, "a", newline="") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        writer = csv.writer(f)
+        if f.seek(0, os.SEEK_END) == 0:  # the size now, under the lock (not when the file was opened)
+            writer.writerow(["path", "reason"])
+        writer.writerows(rows)
 
 
 # --------------------------------------------------------------------------- splitting
