@@ -700,3 +700,26 @@ def test_file_damaged_after_the_scan_is_replaced_and_reported(tmp_path: Path) ->
     strict._data = dm.data  # the same scan result
     with pytest.raises(ValueError, match=f"Could not decode image {val[1]}: .*truncated"):
         next(iter(strict.val_dataloader()))
+
+
+def _append_rows(csv_path: str, worker: int, start) -> None:
+    start.wait()  # all at once: the first appends race to create the file
+    for row in range(20):
+        sources.append_skipped(csv_path, [(f"w{worker}/{row}.png", "changed after the scan")])
+
+
+def test_skipped_list_appended_by_concurrent_workers_keeps_its_header_first(tmp_path: Path) -> None:
+    context = torch.multiprocessing.get_context("fork")
+    for attempt in range(6):  # the race is rare: try it a few times
+        path = str(tmp_path / f"run{attempt}" / "skipped_files.csv")
+        (tmp_path / f"run{attempt}").mkdir()
+        start = context.Barrier(8)
+        workers = [context.Process(target=_append_rows, args=(path, w, start)) for w in range(8)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        expected = {f"w{w}/{r}.png" for w in range(8) for r in range(20)}
+        assert len(rows) == 160 and {r["path"] for r in rows} == expected, f"attempt {attempt}"
