@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import struct
+import subprocess
+import sys
+import zlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.io import write_jpeg, write_png
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -219,6 +224,7 @@ def test_error_class_without_val_sample(tmp_path: Path) -> None:
 
 def test_error_val_class_not_in_train(tmp_path: Path) -> None:
     _make_class_dir(tmp_path / "train", "cat", 2)
+    _make_class_dir(tmp_path / "train", "dog", 2, seed=1)
     _make_class_dir(tmp_path / "val", "ghost", 2)
     with pytest.raises(ValueError, match="ghost"):
         load_source(f"folder:{tmp_path}")
@@ -504,3 +510,216 @@ def test_scan_images_reports_every_bad_file_in_order(tmp_path: Path) -> None:
     _make_class_dir(tmp_path, "ok", 3)
     paths = sorted(str(p) for p in tmp_path.rglob("*.*"))
     assert [Path(p).name for p, _ in sources.scan_images(paths, workers=2)] == sorted(bad)
+
+
+# --------------------------------------------------------------------------- damaged files, orientation, limits
+
+
+def _run_isolated(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a child Python, so that a decoder that aborts (a signal) fails the test instead of pytest."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def _png_with_bad_idat_crc(path: Path) -> None:
+    """A PNG whose IDAT data changed after its CRC was computed: libpng (torchvision.io) aborts on it."""
+    Image.fromarray(_photo(5)).save(path)
+    data = bytearray(path.read_bytes())
+    idat = data.index(b"IDAT")
+    data[idat + 10] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_png_with_bad_idat_crc_is_listed_with_its_reason_not_a_crash(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        _make_class_dir(tmp_path, name, 3, seed=len(name) + ord(name))
+    _png_with_bad_idat_crc(tmp_path / "a" / "bad_crc.png")
+    code = f"from tlkit.data.sources import load_source; print(load_source('folder:{tmp_path}').skipped)"
+    done = _run_isolated(code)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-500:]}"
+    assert "bad_crc.png" in done.stdout and "crc" in done.stdout.lower()
+
+
+def test_fuzzed_sample_is_listed_or_decoded_without_a_crash(tmp_path: Path) -> None:
+    """~50 files of the fuzz benchmark (every format x mutation) through the scan, in a child process."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        import fuzz_images
+    finally:
+        sys.path.pop(0)
+    pairs = fuzz_images.make_files(tmp_path, 56, seed=3)
+    code = (
+        "import sys; from tlkit.data.sources import load_source, scan_images\n"
+        f"data = load_source('folder:{tmp_path / 'fuzz'}', val_split=0.5)\n"
+        "print(len(data.train) + len(data.val), len(data.skipped), all(r for _, r in data.skipped))"
+    )
+    done = _run_isolated(code)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-500:]}"
+    kept, listed, all_have_reasons = done.stdout.split()
+    assert int(kept) + int(listed) == len(pairs) and int(listed) >= 20 and all_have_reasons == "True"
+
+
+def _oriented_jpeg(path: Path, orientation: int = 6) -> torch.Tensor:
+    """A 48x32 (w x h) JPEG stored sideways with an EXIF orientation tag; returns the upright image PIL sees."""
+    stored = np.zeros((32, 48, 3), dtype=np.uint8)
+    stored[:16, :24] = (255, 0, 0)  # one coloured corner, so a rotation or a flip shows
+    stored[16:, 24:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, quality=95, exif=exif)
+    with Image.open(path) as img:
+        return pil_to_tensor(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png", "webp"])
+def test_exif_orientation_is_applied(tmp_path: Path, fmt: str) -> None:
+    upright = _oriented_jpeg(tmp_path / "phone.jpg")
+    path = tmp_path / f"phone.{fmt}"
+    if fmt != "jpg":  # PNG eXIf chunk, WebP EXIF chunk: the same pixels and tag
+        with Image.open(tmp_path / "phone.jpg") as img:
+            img.save(path, exif=img.getexif(), **({"lossless": True} if fmt == "webp" else {}))
+    image = read_image(str(path))
+    assert image.shape == (3, 48, 32) == upright.shape  # sideways would be (3, 32, 48)
+    assert (image.float() - upright.float()).abs().mean() < 2.0
+
+
+def test_orientation_is_upright_in_val_loader_predict_and_extract_features(tmp_path: Path) -> None:
+    from tlkit import ImageDataModule, create_backbone, extract_features
+
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(2):
+            _oriented_jpeg(tmp_path / "data" / name / f"{i}.jpg")
+    (tmp_path / "upright").mkdir()
+    (tmp_path / "rotated").mkdir()
+    upright = _oriented_jpeg(tmp_path / "rotated" / "r.jpg")
+    Image.fromarray(upright.permute(1, 2, 0).numpy()).save(tmp_path / "upright" / "u.png")
+
+    def data_module(predict: str) -> ImageDataModule:
+        spec = f"folder:{tmp_path / 'data'}"
+        return ImageDataModule(spec, image_size=32, crop_pct=1.0, batch_size=4, val_split=0.5, predict_source=predict)
+
+    dm = data_module(str(tmp_path / "rotated"))
+    # Evaluation view of the upright image: resize to 32 on the short side, then centre-crop 32x32.
+    expected = dm.transform(train=False)(upright).float()
+    for loader in (dm.val_dataloader(), dm.predict_dataloader()):
+        images, _ = next(iter(loader))
+        assert (images[0].float() - expected).abs().mean() < 3.0
+    sideways = dm.transform(train=False)(upright.rot90(1, dims=(1, 2))).float()
+    assert (sideways - expected).abs().mean() > 30  # the check above can tell sideways from upright
+    backbone = create_backbone("test_resnet", pretrained=False)  # one set of random weights for both
+    rotated, straight = (
+        extract_features(backbone, data_module(str(tmp_path / d)), split="predict").features
+        for d in ("rotated", "upright")
+    )
+    torch.testing.assert_close(rotated, straight, atol=0.05, rtol=0.05)
+
+
+def _png_declaring(path: Path, width: int, height: int) -> None:
+    """A small PNG whose header declares ``width`` x ``height`` (CRC fixed): a decompression bomb's header."""
+    Image.fromarray(_photo(1)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def test_pixel_limit_names_the_file_and_the_setting(tmp_path: Path) -> None:
+    _png_declaring(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(sources.ImageTooLargeError, match=r"bomb.png .*400,?000,?000 pixels.*raise max_image_pixels"):
+        read_image(str(tmp_path / "bomb.png"))
+    for name in ("a", "b"):
+        _make_class_dir(tmp_path / "data", name, 3, seed=ord(name))  # 40x40 = 1,600 pixels each
+    spec = f"folder:{tmp_path / 'data'}"
+    with pytest.raises(ValueError, match=r"Unreadable image \S+/a/img0.png: .*1,600 pixels, over the limit of 1,000"):
+        load_source(spec, on_bad_image="raise", max_image_pixels=1000)
+    assert len(load_source(spec, max_image_pixels=1600).skipped) == 0
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(tmp_path / "data" / "b" / "wide.png")  # 2,400 pixels
+    data = load_source(spec, max_image_pixels=2000)
+    assert [(Path(p).name, "max_image_pixels" in r) for p, r in data.skipped] == [("wide.png", True)]
+
+
+def test_pixel_limit_above_pils_own_is_honoured(tmp_path: Path) -> None:
+    """PIL refuses > 2 * Image.MAX_IMAGE_PIXELS on open; a higher max_image_pixels must still open the file."""
+    _png_declaring(tmp_path / "big.png", 20000, 20000)
+    with pytest.raises(ValueError, match="Could not decode image"):  # past the limit: the (short) data is the error
+        read_image(str(tmp_path / "big.png"), max_pixels=400_000_000)
+
+
+def test_dangling_symlink_and_loose_root_image_are_listed_in_skipped_files(tmp_path: Path) -> None:
+    from conftest import tiny_trainer
+
+    from tlkit import ImageDataModule
+
+    root = tmp_path / "data"
+    for name in ("a", "b"):
+        _make_class_dir(root, name, 4, seed=ord(name))
+    (root / "a" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    Image.fromarray(_photo(2)).save(root / "loose.png")
+    dm = ImageDataModule(f"folder:{root}", image_size=16, val_split=0.25)
+    dm.trainer = tiny_trainer(tmp_path / "run")
+    with pytest.warns(
+        UserWarning, match="loose.png .outside any class folder.*gone.jpg .dangling symlink to .*deleted.jpg"
+    ):
+        dm.setup("fit")
+    with open(tmp_path / "run" / "skipped_files.csv") as f:
+        rows = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(f)}
+    assert rows["gone.jpg"].startswith("dangling symlink") and rows["loose.png"].startswith("outside any class")
+
+
+def test_one_class_folder_is_an_error_naming_the_folder(tmp_path: Path) -> None:
+    _make_class_dir(tmp_path, "only", 4)
+    with pytest.raises(ValueError, match=rf"{tmp_path} has only one class folder \('only'\).* at least 2 classes"):
+        load_source(f"folder:{tmp_path}")
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        list_class_names(f"folder:{tmp_path}")
+
+
+def test_file_damaged_after_the_scan_is_replaced_and_reported(tmp_path: Path) -> None:
+    from conftest import tiny_trainer
+
+    from tlkit import ImageDataModule
+
+    for name in ("a", "b"):
+        _make_class_dir(tmp_path / "data", name, 4, seed=ord(name))
+    dm = ImageDataModule(f"folder:{tmp_path / 'data'}", image_size=40, crop_pct=1.0, batch_size=8, val_split=0.5)
+    dm.trainer = tiny_trainer(tmp_path / "run")
+    val = dm.data.val.samples
+    Path(val[1]).write_bytes(Path(val[1]).read_bytes()[:100])  # damaged (truncated) after the scan
+    with pytest.warns(UserWarning, match=rf"Skipped {val[1]} in the loader, replaced by {val[2]}"):
+        images, targets = next(iter(dm.val_dataloader()))
+    assert torch.equal(images[1], images[2]) and targets[1] == targets[2]  # the next readable sample, every run
+    assert torch.equal(images[0], read_image(val[0]))
+    with open(tmp_path / "run" / "skipped_files.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [val[1]] and "changed after the scan" in rows[0]["reason"]
+    Path(val[3]).unlink()  # removed after the scan: also replaced (by the first sample, wrapping around)
+    with pytest.warns(UserWarning, match=rf"Skipped {val[3]}"):
+        images, _ = next(iter(dm.val_dataloader()))
+    assert torch.equal(images[3], images[0])
+    strict = ImageDataModule(f"folder:{tmp_path / 'data'}", image_size=40, on_bad_image="raise", val_split=0.5)
+    strict._data = dm.data  # the same scan result
+    with pytest.raises(ValueError, match=f"Could not decode image {val[1]}: .*truncated"):
+        next(iter(strict.val_dataloader()))
+
+
+def _append_rows(csv_path: str, worker: int, start) -> None:
+    start.wait()  # all at once: the first appends race to create the file
+    for row in range(20):
+        sources.append_skipped(csv_path, [(f"w{worker}/{row}.png", "changed after the scan")])
+
+
+def test_skipped_list_appended_by_concurrent_workers_keeps_its_header_first(tmp_path: Path) -> None:
+    context = torch.multiprocessing.get_context("fork")
+    for attempt in range(6):  # the race is rare: try it a few times
+        path = str(tmp_path / f"run{attempt}" / "skipped_files.csv")
+        (tmp_path / f"run{attempt}").mkdir()
+        start = context.Barrier(8)
+        workers = [context.Process(target=_append_rows, args=(path, w, start)) for w in range(8)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        expected = {f"w{w}/{r}.png" for w in range(8) for r in range(20)}
+        assert len(rows) == 160 and {r["path"] for r in rows} == expected, f"attempt {attempt}"

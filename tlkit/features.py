@@ -662,7 +662,8 @@ def _from_data_module(dm: ImageDataModule, split: str) -> tuple[Dataset, list[st
     datasets, ids, ranges, start = [], [], {}, 0
     for name in names:
         part = parts[name]()
-        datasets.append(ImageDataset(part, dm.transform(train=False)))
+        limits = dict(max_pixels=dm.hparams.max_image_pixels, on_bad_image=dm.hparams.on_bad_image)
+        datasets.append(ImageDataset(part, dm.transform(train=False), **limits))
         ids += [s if isinstance(s, str) else f"{name}/{i}" for i, s in enumerate(part.samples)]
         ranges[name] = [start, start + len(part)]
         start += len(part)

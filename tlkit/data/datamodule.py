@@ -19,6 +19,7 @@ from tlkit.data.preprocess import build_preprocess, needs_fit
 from tlkit.data.sources import (
     BAD_IMAGE_POLICIES,
     IMAGE_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
     ImageDataset,
     SourceData,
     Split,
@@ -69,11 +70,16 @@ class ImageDataModule(L.LightningDataModule):
         crop_pct: evaluation images are resized to ``image_size / crop_pct`` and centre-cropped.
         predict_source: a folder of images (searched recursively) for ``predict``; default: the val split.
         on_bad_image: ``"skip"``: unreadable image files are left out, listed in one warning and written to
-            ``skipped_files.csv`` in the run directory; ``"raise"``: stop with an error naming the file.
+            ``skipped_files.csv`` in the run directory (so are dangling symlinks and images outside any class
+            folder, and files that became unreadable after the scan, which the loaders replace by the next readable
+            sample); ``"raise"``: stop with an error naming the file.
         sampler: ``None`` (shuffle) or ``"balanced"``: sample training images with probability inversely proportional
             to their class size (with replacement), so every class is seen equally often.
         data_root: folder of ``torchvision:`` datasets (default ``~/.cache/tlkit/datasets``).
         download: let ``torchvision:`` datasets download when missing (needs a network).
+        max_image_pixels: image files declaring more pixels (width x height) are unreadable, before any decoding
+            (a guard against decompression bombs); default ~179 MP (PIL's hard limit; fits 108 MP phone photos);
+            None: no limit.
     """
 
     def __init__(
@@ -101,6 +107,7 @@ class ImageDataModule(L.LightningDataModule):
         sampler: str | None = None,
         data_root: str | None = None,
         download: bool = False,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ):
         super().__init__()
         if augment not in AUGMENTATIONS:
@@ -137,6 +144,7 @@ class ImageDataModule(L.LightningDataModule):
                 on_bad_image=hp.on_bad_image,
                 root=hp.data_root,
                 download=hp.download,
+                max_image_pixels=hp.max_image_pixels,
             )
         return self._data
 
@@ -198,12 +206,16 @@ class ImageDataModule(L.LightningDataModule):
         parts.append(f"The full list is in {where}." if where else "With a Trainer, the list goes to its run folder.")
         rank_zero_warn(" ".join(parts))
 
+    def _skipped_path(self) -> Path | None:
+        """``skipped_files.csv`` in the run directory, or None without a Trainer."""
+        log_dir = self.trainer.log_dir if self.trainer is not None else None
+        return Path(log_dir) / SKIPPED_FILE if log_dir else None
+
     def _write_skipped(self, rows: list[tuple[str, str]]) -> str | None:
         """Write ``path,reason`` rows to the run directory (rank 0, atomically); returns the file or None."""
-        log_dir = self.trainer.log_dir if self.trainer is not None else None
-        if not log_dir:
+        out = self._skipped_path()
+        if out is None:
             return None
-        out = Path(log_dir) / SKIPPED_FILE
         if self.trainer.is_global_zero:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(f".{out.name}.tmp")
@@ -279,7 +291,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._fit_preprocess()
-        dataset = ImageDataset(self.data.train, self.transform(train=True))
+        dataset = self._dataset(self.data.train, self.transform(train=True))
         dataset = _maybe_cached(self, dataset, "train")
         if self.hparams.sampler == "balanced":
             return self._loader(dataset, sampler=self._balanced_sampler())
@@ -297,14 +309,14 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self._fit_preprocess()
-        return self._loader(_maybe_cached(self, ImageDataset(self.data.val, self.transform(train=False)), "val"))
+        return self._loader(_maybe_cached(self, self._dataset(self.data.val, self.transform(train=False)), "val"))
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
         self._fit_preprocess()
-        return self._loader(ImageDataset(self.predict_split(), self.transform(train=False)))
+        return self._loader(self._dataset(self.predict_split(), self.transform(train=False)))
 
     def predict_split(self) -> Split:
         """The images ``predict`` runs on: ``predict_source`` (labels -1) or the val split."""
@@ -319,7 +331,7 @@ class ImageDataModule(L.LightningDataModule):
         if not root.is_dir():
             raise FileNotFoundError(f"predict_source {str(root)!r} is not a folder of images.")
         paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        bad = scan_images(paths)
+        bad = scan_images(paths, max_pixels=self.hparams.max_image_pixels)
         if bad and self.hparams.on_bad_image == "raise":
             raise ValueError(f"Unreadable image {bad[0][0]}: {bad[0][1]} (predict_source; {len(bad)} unreadable)")
         if bad:
@@ -329,6 +341,14 @@ class ImageDataModule(L.LightningDataModule):
         if not paths:
             raise ValueError(f"predict_source {str(root)!r} holds no readable images ({', '.join(IMAGE_EXTENSIONS)}).")
         return Split(paths, [-1] * len(paths))
+
+    def _dataset(self, split: Split, transform: v2.Transform) -> ImageDataset:
+        """A split's dataset: files unreadable since the scan are replaced and appended to the skipped-files list."""
+        hp = self.hparams
+        log = self._skipped_path()
+        return ImageDataset(
+            split, transform, max_pixels=hp.max_image_pixels, on_bad_image=hp.on_bad_image, skipped_log=log
+        )
 
     def _loader(self, dataset: Dataset, shuffle: bool = False, sampler: Sampler | None = None) -> DataLoader:
         workers = self.hparams.num_workers
@@ -352,7 +372,7 @@ class ImageDataModule(L.LightningDataModule):
         if not needs_fit(self.preprocess):
             return
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        dataset = ImageDataset(self.data.train, self.transform(train=False))
+        dataset = self._dataset(self.data.train, self.transform(train=False))
         shard = Subset(dataset, range(rank, len(dataset), world))
         self.preprocess.fit(self._loader(shard))  # fit takes (uint8 images, labels) batches as they come
 

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,13 +38,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; loader workers' rows may then interleave
+    fcntl = None
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.functional import pil_to_tensor
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
-# torchvision.io.decode_image only handles jpeg/png/gif/webp; these go through PIL instead.
-_PIL_EXTENSIONS: frozenset[str] = frozenset({".bmp", ".tif", ".tiff"})
 BAD_IMAGE_POLICIES = ("skip", "raise")
+# Default pixel limit of a decoded file: PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS, ~179 MP), not its ~89 MP
+# warning level, so that 108 MP phone photos (12000x9000) load, while a 20000x20000 "bomb" (400 MP) is refused.
+MAX_IMAGE_PIXELS: int = 178_956_970
 
 PATCH = 64
 TEXTURE_TRAIN_PER_CLASS = 48
@@ -113,6 +123,7 @@ class _Listing:
     train: Split
     val: Split | None = None
     ignored: list[str] = field(default_factory=list)
+    unusable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): listed, whatever the policy
 
 
 @dataclass(frozen=True)
@@ -128,19 +139,27 @@ class SourceOptions:
 # --------------------------------------------------------------------------- decoding
 
 
-def read_image(sample: Sample | os.PathLike | torch.Tensor) -> torch.Tensor:
+def read_image(sample: Sample | os.PathLike | torch.Tensor, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Decode or convert one sample to a ``uint8`` ``(3, H, W)`` RGB tensor.
+
+    Files are shown the way people see them: the EXIF orientation (JPEG, PNG ``eXIf``, WebP, TIFF) is applied.
 
     Args:
         sample: A file path, a ``uint8`` numpy array (``HxW``, ``HxWx1``, ``HxWx3`` or ``HxWx4``),
             or a ``uint8`` tensor (``HxW`` or ``CxHxW`` with C in 1, 3, 4). Alpha is dropped.
+        max_pixels: Largest width x height a file may declare before anything is decoded (None: no limit).
 
     Returns:
         ``uint8`` tensor of shape ``(3, H, W)``: contiguous for arrays and tensors; for decoded files, a view of
         channels-last (HWC) memory, which the uint8 resize kernels read fastest.
+
+    Raises:
+        FileNotFoundError: The file (or a symlink's target) does not exist.
+        ImageTooLargeError: The file declares more than ``max_pixels`` pixels.
+        ValueError: The file cannot be decoded (the message names it).
     """
     if isinstance(sample, str | os.PathLike):
-        return _decode_file(Path(sample))
+        return _decode_file(Path(sample), max_pixels)
     if isinstance(sample, np.ndarray):
         if sample.ndim == 3:
             sample = sample.transpose(2, 0, 1)  # HWC -> CHW
@@ -153,35 +172,77 @@ def read_image(sample: Sample | os.PathLike | torch.Tensor) -> torch.Tensor:
     raise TypeError(f"Unsupported sample type {type(sample).__name__}; expected a path, numpy array or tensor")
 
 
-def _decode_file(path: Path) -> torch.Tensor:
-    """Decode an image file to uint8 RGB CHW."""
-    if not path.is_file():
-        raise FileNotFoundError(f"Image file not found: {path}")
-    try:
-        if path.suffix.lower() in _PIL_EXTENSIONS:
-            image = _decode_with_pil(path)
-        else:
-            image = decode_image(str(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError) as err:
-        raise ValueError(f"Could not decode image {path}: {err}") from err
-    if image.dtype != torch.uint8:  # e.g. 16-bit PNG
-        from torchvision.transforms.v2.functional import to_dtype
+class ImageTooLargeError(ValueError):
+    """An image file declares more pixels than the decoding limit allows (a decompression bomb, or a huge photo)."""
 
-        image = to_dtype(image, torch.uint8, scale=True)
+
+def _decode_file(path: Path, max_pixels: int | None) -> torch.Tensor:
+    """Decode an image file to uint8 RGB CHW, upright, within the pixel limit; any failure names the file."""
+    if not path.is_file():
+        target = f" (a symlink to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
+        raise FileNotFoundError(f"Image file not found: {path}{target}")
+    try:
+        data = path.read_bytes()  # read once: PIL checks the header, torchvision may decode the same bytes
+        with _open_within_limit(path, data, max_pixels) as img:
+            image = _decode_opened(data, img)
+    except ImageTooLargeError:
+        raise
+    # Any exception: PIL's plugins raise OSError, SyntaxError, struct.error, IndexError, ... on damaged files, and
+    # one bad file must become one named, skippable error, never a crash of the scan or of a loader worker.
+    except Exception as err:
+        raise ValueError(f"Could not decode image {path}: {err}") from err
     # No .contiguous(): decoders return a (3, H, W) view of HWC memory (channels-last), which torchvision's uint8
     # resize kernels read ~1.6x faster than planar CHW; copying it to CHW would cost a pass and slow the resize.
     return image
 
 
-def _decode_with_pil(path: Path) -> torch.Tensor:
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
+def _open_within_limit(path: Path, data: bytes, max_pixels: int | None) -> Image.Image:
+    """Open the file's bytes with PIL (header only) and refuse it when it declares more than ``max_pixels`` pixels."""
+    _let_pil_open(max_pixels)
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:  # PIL's own, fixed limit: say which setting to change
+        raise ImageTooLargeError(f"Image {path} is too large to decode: {err} {_limit_hint(max_pixels)}") from err
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        img.close()
+        raise ImageTooLargeError(
+            f"Image {path} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+            f"(a guard against decompression bombs). {_limit_hint(max_pixels)}"
+        )
+    return img
 
-    with Image.open(path) as img:
-        if img.mode.startswith("I"):  # 16/32-bit integer (e.g. 16-bit TIFF): PIL's convert("RGB") clips, so rescale
-            array = np.asarray(img, dtype=np.float64)
-            return read_image(np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8))
-        return pil_to_tensor(img.convert("RGB"))
+
+def _limit_hint(max_pixels: int | None) -> str:
+    return (
+        f"If the file is genuine, raise max_image_pixels (now {max_pixels}) on the ImageDataModule or load_source, "
+        "or set it to None for no limit."
+    )
+
+
+def _let_pil_open(max_pixels: int | None) -> None:
+    """PIL refuses files over ``2 * Image.MAX_IMAGE_PIXELS`` when opening them, before our own check runs. Our limit
+    is the one users set, so PIL's is lifted to it when it is higher (only ever raised, never lowered)."""
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and (max_pixels is None or max_pixels > 2 * current):
+        Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max_pixels // 2 + 1
+
+
+def _decode_opened(data: bytes, img: Image.Image) -> torch.Tensor:
+    """Decode an opened file. JPEG keeps torchvision's libjpeg-turbo path (faster; a damaged JPEG raises there,
+    and it applies the EXIF orientation itself); everything else goes through PIL, which raises an error where
+    torchvision's libpng aborts the whole process (a PNG chunk with a bad CRC, issue 11)."""
+    if img.format == "JPEG" and img.mode in ("RGB", "L"):  # CMYK/YCCK JPEGs: PIL converts them exactly
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # bytearray: frombuffer wants it writable
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    return _pil_to_rgb(ImageOps.exif_transpose(img))
+
+
+def _pil_to_rgb(img: Image.Image) -> torch.Tensor:
+    if img.mode.startswith("I"):  # 16/32-bit integer (16-bit PNG/TIFF): PIL's convert("RGB") clips, so rescale
+        array = np.asarray(img, dtype=np.float64)
+        return read_image(np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8))
+    return pil_to_tensor(img.convert("RGB"))
 
 
 def _to_rgb_chw(image: torch.Tensor, what: str) -> torch.Tensor:
@@ -198,20 +259,85 @@ def _to_rgb_chw(image: torch.Tensor, what: str) -> torch.Tensor:
 
 
 class ImageDataset(Dataset):
-    """Dataset over a :class:`Split` yielding ``(uint8 (3, H, W) image after transform, target)``."""
+    """Dataset over a :class:`Split` yielding ``(uint8 (3, H, W) image after transform, target)``.
 
-    def __init__(self, split: Split, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    A file that became unreadable after the source's scan (damaged, removed) does not stop the loader: with
+    ``on_bad_image="skip"`` it is named in a warning, appended to ``skipped_log`` and replaced by the next readable
+    sample of the split (with that sample's target), so a rerun sees the same batches. ``"raise"`` re-raises.
+
+    Args:
+        split: The samples and their targets.
+        transform: uint8 → uint8 transform applied to each image.
+        max_pixels: Pixel limit of decoded files (see :func:`read_image`).
+        on_bad_image: ``"skip"`` or ``"raise"``, as for :func:`load_source`.
+        skipped_log: CSV file (``path,reason``) that replaced files are appended to, e.g. the run's
+            ``skipped_files.csv``; None: the warning only.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        max_pixels: int | None = MAX_IMAGE_PIXELS,
+        on_bad_image: str = "skip",
+        skipped_log: str | os.PathLike | None = None,
+    ) -> None:
         self.split = split
         self.transform = transform
+        self.max_pixels = max_pixels
+        self.on_bad_image = on_bad_image
+        self.skipped_log = skipped_log
+        self._reported: set[str] = set()  # per process (each loader worker has its own copy)
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = read_image(self.split.samples[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.split.targets[index])
+        for offset in range(len(self)):
+            position = (index + offset) % len(self)  # deterministic substitute: the next readable sample
+            sample = self.split.samples[position]
+            try:
+                image = read_image(sample, self.max_pixels)
+            except (ValueError, OSError) as err:
+                if self.on_bad_image == "raise" or not isinstance(sample, str):
+                    raise
+                self._report_unreadable(sample, err, self.split.samples[(position + 1) % len(self)])
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return image, int(self.split.targets[position])
+        raise ValueError(f"None of the {len(self)} images of this split can be read any more; see the warnings above")
+
+    def _report_unreadable(self, path: str, err: Exception, replacement: Sample) -> None:
+        """Warn once per file and process, and append the file to the skipped-files CSV."""
+        if path in self._reported:
+            return
+        self._reported.add(path)
+        reason = f"unreadable when loaded (changed after the scan): {_short_reason(err)}"
+        named = f" by {replacement}" if isinstance(replacement, str) else ""
+        warnings.warn(f"Skipped {path} in the loader, replaced{named}: {reason}", stacklevel=2)
+        if self.skipped_log is not None:
+            try:
+                append_skipped(self.skipped_log, [(path, reason)])
+            except OSError as log_err:  # the list is a report; failing to write it must not stop training
+                warnings.warn(f"Could not add {path} to {self.skipped_log}: {log_err}", stacklevel=2)
+
+
+def append_skipped(csv_path: str | os.PathLike, rows: Sequence[tuple[str, str]]) -> None:
+    """Append ``(path, reason)`` rows to a skipped-files CSV, writing its ``path,reason`` header when new.
+
+    Loader workers append at the same time: an exclusive ``flock`` (where the OS has one) makes the header come first
+    and the rows whole.
+    """
+    Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "a", newline="") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        writer = csv.writer(f)
+        if f.seek(0, os.SEEK_END) == 0:  # the size now, under the lock (not when the file was opened)
+            writer.writerow(["path", "reason"])
+        writer.writerows(rows)
 
 
 # --------------------------------------------------------------------------- splitting
@@ -310,7 +436,8 @@ def _list_files(class_dir: Path) -> tuple[list[str], list[str]]:
     """
     images, others = [], []
     for p in sorted(class_dir.rglob("*")):
-        if p.is_file() and not p.name.startswith("."):
+        # A dangling symlink is listed as an image (when its name says so), so the scan names it rather than losing it.
+        if (p.is_file() or p.is_symlink()) and not p.is_dir() and not p.name.startswith("."):
             (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(str(p))
     if not images:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
@@ -318,8 +445,12 @@ def _list_files(class_dir: Path) -> tuple[list[str], list[str]]:
     return images, others
 
 
-def _scan_folder(root: Path, class_to_idx: dict[str, int], ignored: list[str]) -> Split:
-    """List every image of every class dir in ``root`` with its label; non-image files go to ``ignored``."""
+def _scan_folder(
+    root: Path, class_to_idx: dict[str, int], ignored: list[str], unusable: list[tuple[str, str]]
+) -> Split:
+    """List every image of every class dir in ``root`` with its label; non-image files go to ``ignored``, images
+    lying in ``root`` itself (no class) to ``unusable``."""
+    unusable.extend(_loose_images(root))
     samples: list[Sample] = []
     targets: list[int] = []
     for name in _class_dirs(root):
@@ -333,22 +464,42 @@ def _scan_folder(root: Path, class_to_idx: dict[str, int], ignored: list[str]) -
     return Split(samples=samples, targets=targets)
 
 
+def _loose_images(folder: Path) -> list[tuple[str, str]]:
+    """Image files directly in ``folder``, outside any class folder, with the reason they are not used."""
+    loose = sorted(e.path for e in os.scandir(folder) if Path(e.name).suffix.lower() in IMAGE_EXTENSIONS)
+    return [(path, f"outside any class folder: move it to {folder}/<class>/ to use it") for path in loose]
+
+
+def _training_classes(root: Path) -> list[str]:
+    """Class folder names of a training folder; a classifier needs at least two."""
+    names = _class_dirs(root)
+    if len(names) < 2:
+        raise ValueError(
+            f"Image folder {root} has only one class folder ({names[0]!r}); a classifier needs at least 2 classes: "
+            f"put each class's images in its own sub-folder {root}/<class>/"
+        )
+    return names
+
+
 def _folder_class_names(arg: str, options: SourceOptions) -> list[str]:
     root = _folder_root(arg)
     presplit = _presplit_dirs(root)
-    return _class_dirs(presplit[0] if presplit else root)
+    return _training_classes(presplit[0] if presplit else root)
 
 
 def _load_folder(arg: str, options: SourceOptions) -> _Listing:
     root = _folder_root(arg)
     presplit = _presplit_dirs(root)
-    class_names = _class_dirs(presplit[0] if presplit else root)
+    class_names = _training_classes(presplit[0] if presplit else root)
     class_to_idx = {name: i for i, name in enumerate(class_names)}
     ignored: list[str] = []
-    if presplit:
-        train = _scan_folder(presplit[0], class_to_idx, ignored)
-        return _Listing(class_names, train, _scan_folder(presplit[1], class_to_idx, ignored), ignored)
-    return _Listing(class_names, _scan_folder(root, class_to_idx, ignored), None, ignored)
+    unusable: list[tuple[str, str]] = []
+    if not presplit:
+        return _Listing(class_names, _scan_folder(root, class_to_idx, ignored, unusable), None, ignored, unusable)
+    unusable.extend(_loose_images(root))
+    train = _scan_folder(presplit[0], class_to_idx, ignored, unusable)
+    val = _scan_folder(presplit[1], class_to_idx, ignored, unusable)
+    return _Listing(class_names, train, val, ignored, unusable)
 
 
 # --------------------------------------------------------------------------- csv:<file>
@@ -536,22 +687,30 @@ def _load_digits(arg: str, options: SourceOptions) -> _Listing:
 # --------------------------------------------------------------------------- bad files
 
 
-def _check_image(path: str) -> str | None:
+def _check_image(path: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> str | None:
     """Why ``path`` cannot be used as an image, or None when it decodes."""
     try:
-        read_image(path)
+        read_image(path, max_pixels)
     except FileNotFoundError:
-        return "file not found"
+        return f"dangling symlink to {os.readlink(path)}" if os.path.islink(path) else "file not found"
     except (ValueError, TypeError, OSError, RuntimeError) as err:
-        cause = err.__cause__ or err
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
-        # torchvision's messages start with the C++ source location; keep the readable end.
-        return str(cause).strip().splitlines()[-1][-200:] or type(cause).__name__
+        return _short_reason(err)
     return None
 
 
-def scan_images(paths: Sequence[str], workers: int | None = None) -> list[tuple[str, str]]:
+def _short_reason(err: Exception) -> str:
+    """The decoder's own words, without the path (the listing names it) or C++ source locations."""
+    if isinstance(err, ImageTooLargeError):
+        return str(err)
+    cause = err.__cause__ or err
+    return str(cause).strip().splitlines()[-1][-200:] if str(cause).strip() else type(cause).__name__
+
+
+def scan_images(
+    paths: Sequence[str], workers: int | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> list[tuple[str, str]]:
     """Decode every file in ``paths`` once, in parallel threads, and return ``(path, reason)`` of the bad ones.
 
     Decoding releases the GIL (libjpeg/libpng/PIL), so threads scale with cores without the cost of processes.
@@ -559,12 +718,14 @@ def scan_images(paths: Sequence[str], workers: int | None = None) -> list[tuple[
     Args:
         paths: Image file paths.
         workers: Threads; default ``min(32, cpu count)``.
+        max_pixels: Pixel limit of a file (see :func:`read_image`).
     """
     if not paths:
         return []
     workers = workers or min(32, os.cpu_count() or 1)
+    check = functools.partial(_check_image, max_pixels=max_pixels)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(_check_image, paths, chunksize=max(1, len(paths) // (workers * 8))))
+        reasons = list(pool.map(check, paths, chunksize=max(1, len(paths) // (workers * 8))))
     return [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
 
 
@@ -577,9 +738,11 @@ def _file_samples(*splits: Split | None) -> list[str]:
     return [s for split in splits if split is not None for s in split.samples if isinstance(s, str)]
 
 
-def _check_bad_files(listing: _Listing, on_bad_image: str, workers: int | None) -> list[tuple[str, str]]:
+def _check_bad_files(
+    listing: _Listing, on_bad_image: str, workers: int | None, max_pixels: int | None
+) -> list[tuple[str, str]]:
     """Scan the listing's files; raise on a bad one (``raise``) or return them to be dropped (``skip``)."""
-    skipped = scan_images(_file_samples(listing.train, listing.val), workers)
+    skipped = scan_images(_file_samples(listing.train, listing.val), workers, max_pixels)
     if skipped and on_bad_image == "raise":
         path, reason = skipped[0]
         more = f" (and {len(skipped) - 1} more unreadable file(s))" if len(skipped) > 1 else ""
@@ -656,6 +819,7 @@ def load_source(
     root: str | None = None,
     download: bool = False,
     scan_workers: int | None = None,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> SourceData:
     """Load train/val samples and class names for a source spec, leaving out (or stopping at) unreadable files.
 
@@ -668,6 +832,8 @@ def load_source(
         root: Folder of ``torchvision:`` datasets (default ``~/.cache/tlkit/datasets``).
         download: Let ``torchvision:`` datasets download themselves when missing (needs a network).
         scan_workers: Threads of the bad-file scan (default: one per core, at most 32).
+        max_image_pixels: Files declaring more pixels (width x height) are unreadable (listed, or an error with
+            ``"raise"``); None: no limit. The default, ~179 MP, is PIL's hard limit.
 
     Returns:
         The train and val splits, the class names and the skipped and ignored files.
@@ -677,7 +843,7 @@ def load_source(
     scheme, arg = _parse_spec(spec)
     options = SourceOptions(val_split=val_split, seed=seed, root=root, download=download)
     listing = scheme.load(arg, options)
-    skipped = _check_bad_files(listing, on_bad_image, scan_workers)
+    skipped = _check_bad_files(listing, on_bad_image, scan_workers, max_image_pixels)
     bad = {path for path, _ in skipped}
     train = _drop_bad(listing.train, bad)
     _check_classes(train, listing.class_names, skipped)
@@ -686,6 +852,7 @@ def load_source(
         train, val = (_split_by_indices(train.samples, train.targets, idx) for idx in (train_idx, val_idx))
     else:
         val = _drop_bad(listing.val, bad)
+    skipped = [*listing.unusable, *skipped]
     return SourceData(train, val, listing.class_names, skipped=skipped, ignored=listing.ignored)
 
 
@@ -698,12 +865,15 @@ def list_class_names(spec: str, *, root: str | None = None, download: bool = Fal
 __all__ = [
     "BAD_IMAGE_POLICIES",
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "PATCH",
     "TEXTURE_PHOTOS",
     "ImageDataset",
+    "ImageTooLargeError",
     "SourceData",
     "SourceOptions",
     "Split",
+    "append_skipped",
     "list_class_names",
     "load_source",
     "load_texture_photo",
