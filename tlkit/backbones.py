@@ -56,6 +56,7 @@ PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
             std=(0.5, 0.5, 0.5),
             interpolation="bilinear",
             crop_pct=0.875,
+            crop_mode="center",
         ),
     ),
 }
@@ -68,7 +69,8 @@ class Backbone(nn.Module):
         model: the wrapped timm or torchvision model (classifier removed).
         name: the name it was created from (``resnet18``, ``torchvision/resnet18``).
         num_features: width of the pooled features.
-        data_config: ``input_size``, ``mean``, ``std``, ``interpolation`` and ``crop_pct`` of its weights.
+        data_config: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct`` and ``crop_mode`` of its
+            weights (and torchvision's ``resize_size``).
     """
 
     def __init__(self, model: nn.Module, name: str, num_features: int, data_config: dict[str, Any], groups: list):
@@ -140,7 +142,8 @@ def _create_timm(name: str, hub: bool, **kwargs: Any) -> Backbone:
     model = timm.create_model(name, pretrained=hub, num_classes=0, **kwargs)
     groups = list(group_parameters(model, model.group_matcher(coarse=True)).values())
     config = timm.data.resolve_model_data_config(model)
-    data_config = {key: config[key] for key in ("input_size", "mean", "std", "interpolation", "crop_pct")}
+    keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+    data_config = {key: config[key] for key in keys}
     return Backbone(model, name, model.num_features, data_config, groups)
 
 
@@ -165,14 +168,24 @@ def _drop_last_linear(model: nn.Module) -> int:
 
 
 def _torchvision_data_config(weights: Any) -> dict[str, Any]:
+    """What ``weights.transforms()`` does (resize the shorter side to ``resize_size``, centre-crop ``crop_size``,
+    normalise), as a data config. ``resize_size`` is kept as it is: ``crop / crop_pct`` can round to the wrong pixel
+    (240 / 255 -> 254.99); ``crop_pct`` is its exact fraction, for other image sizes."""
     transform = weights.transforms()
+    if not (hasattr(transform, "crop_size") and hasattr(transform, "resize_size")):
+        raise ValueError(
+            f"{weights} have no resize + crop evaluation transform ({type(transform).__name__}); tlkit builds the "
+            "evaluation transform of torchvision classification weights (transforms.ImageClassification)."
+        )
     crop, resize = transform.crop_size[0], transform.resize_size[0]
     return dict(
         input_size=(3, crop, crop),
         mean=tuple(transform.mean),
         std=tuple(transform.std),
         interpolation=transform.interpolation.value,
-        crop_pct=round(crop / resize, 4),
+        crop_pct=crop / resize,
+        crop_mode="center",
+        resize_size=resize,
     )
 
 
