@@ -169,8 +169,8 @@ def _drop_last_linear(model: nn.Module) -> int:
 
 def _torchvision_data_config(weights: Any) -> dict[str, Any]:
     """What ``weights.transforms()`` does (resize the shorter side to ``resize_size``, centre-crop ``crop_size``,
-    normalise), as a data config. ``resize_size`` is kept as it is: ``crop / crop_pct`` can round to the wrong pixel
-    (240 / 255 -> 254.99); ``crop_pct`` is its exact fraction, for other image sizes."""
+    normalise), as a data config. ``resize_size`` is the weights' own number (the transform uses it rather than
+    re-deriving it from a float ratio); ``crop_pct`` is its exact fraction, which other image sizes keep."""
     transform = weights.transforms()
     if not (hasattr(transform, "crop_size") and hasattr(transform, "resize_size")):
         raise ValueError(
