@@ -75,7 +75,7 @@ def test_backbone_contract(name: str, size: int):
     assert flat == [param for param, _ in backbone.named_parameters()]
 
     config = backbone.data_config
-    assert set(config) == {"input_size", "mean", "std", "interpolation", "crop_pct"}
+    assert set(config) - {"resize_size"} == {"input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode"}
     assert len(config["input_size"]) == 3 and config["input_size"][0] == 3
     assert len(config["mean"]) == len(config["std"]) == 3
     assert config["interpolation"] in ("bilinear", "bicubic", "nearest")
@@ -100,6 +100,8 @@ def test_data_config_comes_from_the_weights():
         std=(0.229, 0.224, 0.225),
         interpolation="bilinear",
         crop_pct=pytest.approx(224 / 256, abs=1e-4),
+        crop_mode="center",
+        resize_size=256,
     )
 
 

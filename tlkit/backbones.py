@@ -61,6 +61,7 @@ PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
             std=(0.5, 0.5, 0.5),
             interpolation="bilinear",
             crop_pct=0.875,
+            crop_mode="center",
         ),
     ),
 }
@@ -73,7 +74,8 @@ class Backbone(nn.Module):
         model: the wrapped timm or torchvision model (classifier removed).
         name: the name it was created from (``resnet18``, ``torchvision/resnet18``).
         num_features: width of the pooled features.
-        data_config: ``input_size``, ``mean``, ``std``, ``interpolation`` and ``crop_pct`` of its weights.
+        data_config: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct`` and ``crop_mode`` of its
+            weights (and torchvision's ``resize_size``).
     """
 
     def __init__(self, model: nn.Module, name: str, num_features: int, data_config: dict[str, Any], groups: list):
@@ -147,7 +149,8 @@ def _looks_like_network_error(err: BaseException) -> bool:
 def _create_timm(name: str, hub: bool, **kwargs: Any) -> Backbone:
     model = timm.create_model(name, pretrained=hub, num_classes=0, **kwargs)
     config = timm.data.resolve_model_data_config(model)
-    data_config = {key: config[key] for key in ("input_size", "mean", "std", "interpolation", "crop_pct")}
+    keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+    data_config = {key: config[key] for key in keys}
     return Backbone(model, name, _timm_output_width(model), data_config, _timm_groups(model))
 
 
@@ -230,14 +233,24 @@ def _drop_classifier(model: nn.Module, name: str) -> int:
 
 
 def _torchvision_data_config(weights: Any) -> dict[str, Any]:
+    """What ``weights.transforms()`` does (resize the shorter side to ``resize_size``, centre-crop ``crop_size``,
+    normalise), as a data config. ``resize_size`` is the weights' own number (the transform uses it rather than
+    re-deriving it from a float ratio); ``crop_pct`` is its exact fraction, which other image sizes keep."""
     transform = weights.transforms()
+    if not (hasattr(transform, "crop_size") and hasattr(transform, "resize_size")):
+        raise ValueError(
+            f"{weights} have no resize + crop evaluation transform ({type(transform).__name__}); tlkit builds the "
+            "evaluation transform of torchvision classification weights (transforms.ImageClassification)."
+        )
     crop, resize = transform.crop_size[0], transform.resize_size[0]
     return dict(
         input_size=(3, crop, crop),
         mean=tuple(transform.mean),
         std=tuple(transform.std),
         interpolation=transform.interpolation.value,
-        crop_pct=round(crop / resize, 4),
+        crop_pct=crop / resize,
+        crop_mode="center",
+        resize_size=resize,
     )
 
 

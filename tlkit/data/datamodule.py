@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
+from timm.data import ResizeKeepRatio
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, WeightedRandomSampler
 from torchvision.transforms import InterpolationMode, v2
 
@@ -35,8 +37,12 @@ SKIPPED_FILE = "skipped_files.csv"
 _WARN_MAX_PATHS = 20
 IMAGENET_DATA_CONFIG = dict(
     input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear",
-    crop_pct=0.875,
+    crop_pct=0.875, crop_mode="center",
 )  # fmt: skip
+# timm's evaluation crop modes (`timm.data.transforms_imagenet_eval`); a data_config without one means "center".
+CROP_MODES = ("center", "squash", "border")
+# The modes torchvision resizes uint8 tensors with (PIL's box/hamming/lanczos have no tensor kernel).
+TENSOR_INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -66,8 +72,9 @@ class ImageDataModule(L.LightningDataModule):
         randaugment_magnitude: RandAugment magnitude (0-30).
         mean: overrides the backbone's mean for ``preprocess="pretrained"``.
         std: overrides the backbone's std.
-        interpolation: resize interpolation (``bilinear``, ``bicubic``, ...); default: the backbone's.
-        crop_pct: evaluation images are resized to ``image_size / crop_pct`` and centre-cropped.
+        interpolation: resize interpolation (``bilinear``, ``bicubic``, ``nearest``); default: the backbone's.
+        crop_pct: fraction of the resized image that the evaluation crop keeps (the resize is
+            ``floor(image_size / crop_pct)``, as in timm); default: the backbone's.
         predict_source: a folder of images (searched recursively) for ``predict``; default: the val split.
         on_bad_image: ``"skip"``: unreadable image files are left out, listed in one warning and written to
             ``skipped_files.csv`` in the run directory (so are dangling symlinks and images outside any class
@@ -157,15 +164,21 @@ class ImageDataModule(L.LightningDataModule):
     # --------------------------------------------------------------------------------------------- configuration
 
     def data_config(self) -> dict[str, Any]:
-        """The image size, mean/std, interpolation and crop fraction in use: explicit arguments first, then the
-        attached model's ``data_config``, then ImageNet defaults."""
+        """The image size, mean/std, interpolation and crop (fraction, mode) in use: explicit arguments first, then
+        the attached model's ``data_config``, then ImageNet defaults.
+
+        An ``image_size`` override keeps the weights' crop fraction: a torchvision ``resize_size`` scales with the
+        crop, timm's ``crop_pct`` holds as it is. An explicit ``crop_pct`` replaces torchvision's ``resize_size``.
+        """
         model = self._attached_model()
         config = dict(getattr(model, "data_config", None) or IMAGENET_DATA_CONFIG)
         hp = self.hparams
         overrides = dict(mean=hp.mean, std=hp.std, interpolation=hp.interpolation, crop_pct=hp.crop_pct)
         config.update({k: v for k, v in overrides.items() if v is not None})
+        if hp.crop_pct is not None:
+            config.pop("resize_size", None)
         if hp.image_size:
-            config["input_size"] = (3, hp.image_size, hp.image_size)
+            config = _with_image_size(config, hp.image_size)
         return config
 
     def _attached_model(self) -> Any:
@@ -270,13 +283,16 @@ class ImageDataModule(L.LightningDataModule):
         return module
 
     def transform(self, train: bool) -> v2.Transform:
-        """uint8 → uint8 transform of the train (augmenting) or evaluation (resize + centre crop) images."""
+        """uint8 → uint8 transform of the train (augmenting) or evaluation images.
+
+        The evaluation transform (val, test, predict, feature extraction, the preprocessing fit) is the weights'
+        own: see :func:`eval_transform`.
+        """
         config = self.data_config()
-        size = config["input_size"][1:]
-        interpolation = InterpolationMode(config["interpolation"])
         if not train or self.hparams.augment == "none":
-            resize = [round(s / config["crop_pct"]) for s in size]
-            return v2.Compose([v2.Resize(resize, interpolation, antialias=True), v2.CenterCrop(size)])
+            return eval_transform(config)
+        size = config["input_size"][1:]
+        interpolation = interpolation_mode(config["interpolation"])
         hp = self.hparams
         steps = [v2.RandomResizedCrop(size, scale=tuple(hp.crop_scale), interpolation=interpolation, antialias=True)]
         if hp.hflip:
@@ -398,6 +414,97 @@ class ImageDataModule(L.LightningDataModule):
             self._pending_state = state  # built in setup(), once the model's data_config is known
         else:
             self.preprocess.load_state_dict(state)
+
+
+def _with_image_size(config: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """``config`` at a square ``image_size``, with the weights' crop fraction kept."""
+    config = dict(config)
+    crop = config["input_size"][1]
+    if "resize_size" in config and image_size != crop:
+        config["resize_size"] = image_size * config["resize_size"] // crop  # integer: no float rounding of a ratio
+    config["input_size"] = (3, image_size, image_size)
+    return config
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    """The torchvision mode of an interpolation name, checked to work on tensors (a bad one would otherwise fail
+    only in a loader worker)."""
+    if name not in TENSOR_INTERPOLATIONS:
+        raise ValueError(f"interpolation={name!r} cannot resize tensors; use one of {TENSOR_INTERPOLATIONS}.")
+    return InterpolationMode(name)
+
+
+def eval_transform(config: dict[str, Any]) -> v2.Compose:
+    """The evaluation transform of ``config``'s weights, on uint8 ``(3, H, W)`` tensors, without the float
+    conversion and normalisation (the data module runs those on the device).
+
+    It equals torchvision's ``weights.transforms()`` when ``config`` has a ``resize_size`` (shorter side to it,
+    centre crop), and otherwise timm's ``create_transform(**resolve_data_config(...), is_training=False)`` with its
+    ``crop_mode``: ``center`` (shorter side to ``floor(size / crop_pct)``, centre crop), ``squash`` (both sides to
+    it, aspect ratio not kept) or ``border`` (longer side to it, centre crop, padded with the mean colour).
+
+    torchvision's uint8 antialiased resize follows PIL's, so the result is within one grey level of timm's PIL
+    transform (see tests/test_eval_transform.py).
+
+    Args:
+        config: ``input_size``, ``interpolation``, ``crop_pct`` and optionally ``crop_mode``, ``resize_size`` and
+            ``mean`` (the ``border`` fill).
+    """
+    size = tuple(config["input_size"][1:])
+    interpolation = interpolation_mode(config["interpolation"])
+    crop_mode = config.get("crop_mode") or "center"
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"Unknown crop_mode={crop_mode!r} in data_config; timm's modes are {CROP_MODES}.")
+    if "resize_size" in config:
+        resize = v2.Resize(config["resize_size"], interpolation, antialias=True)
+        return v2.Compose([resize, v2.CenterCrop(size)])
+    scale = tuple(math.floor(s / config["crop_pct"]) for s in size)  # timm's formula: floor, not round
+    if crop_mode == "squash":
+        resize = v2.Resize(scale, interpolation, antialias=True)
+    elif crop_mode == "border":
+        fill = tuple(round(255 * m) for m in config["mean"])
+        return v2.Compose([KeepRatioResize(scale, interpolation, longest=True), CenterCropOrPad(size, fill)])
+    elif scale[0] == scale[1]:
+        resize = v2.Resize(scale[0], interpolation, antialias=True)  # shorter side, as timm (torchvision's rule)
+    else:
+        resize = KeepRatioResize(scale, interpolation, longest=False)
+    return v2.Compose([resize, v2.CenterCrop(size)])
+
+
+class KeepRatioResize(torch.nn.Module):
+    """Resize keeping the aspect ratio so that the shorter (or longer) side fits ``size`` — timm's
+    ``ResizeKeepRatio`` (its size rule, called here), with torchvision's uint8 tensor resize instead of PIL's."""
+
+    def __init__(self, size: tuple[int, int], interpolation: InterpolationMode, longest: bool):
+        super().__init__()
+        self.size, self.interpolation, self.longest = size, interpolation, longest
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        new_size = ResizeKeepRatio.get_params(image, self.size, longest=float(self.longest))
+        return v2.functional.resize(image, new_size, self.interpolation, antialias=True)
+
+    def extra_repr(self) -> str:  # part of the feature-cache key (tlkit.features.cache_key)
+        return f"size={self.size}, interpolation={self.interpolation.value}, longest={self.longest}"
+
+
+class CenterCropOrPad(torch.nn.Module):
+    """Centre crop to ``size``, padding a smaller image with ``fill`` first — timm's ``CenterCropOrPad``, whose
+    tensor path takes only one fill value (``torchvision.transforms.functional.pad``), not a colour."""
+
+    def __init__(self, size: tuple[int, int], fill: tuple[int, ...]):
+        super().__init__()
+        self.size, self.fill = size, fill
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        (height, width), (crop_h, crop_w) = image.shape[-2:], self.size
+        pad_w, pad_h = max(crop_w - width, 0), max(crop_h - height, 0)
+        if pad_w or pad_h:  # timm's split: the odd pixel goes right / bottom
+            padding = [pad_w // 2, pad_h // 2, (pad_w + 1) // 2, (pad_h + 1) // 2]
+            image = v2.functional.pad(image, padding, fill=list(self.fill))
+        return v2.functional.center_crop(image, list(self.size))
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, fill={self.fill}"
 
 
 def _maybe_cached(dm: ImageDataModule, dataset: Dataset, split: str) -> Dataset:
