@@ -18,6 +18,7 @@ from tlkit.callbacks import FineTuningPhases, Phase, fine_tune_phases, parse_pha
 from tlkit.features import drop_feature_cache
 from tlkit.freezing import apply_freeze, batchnorm_parameter_names, frozen_parameter_names, keep_frozen_bn_eval
 from tlkit.heads import ClassifierHead
+from tlkit.resume import RngStateCheckpoint
 from tlkit.optim import (
     continued_scheduler,
     create_optimizer,
@@ -192,9 +193,10 @@ class TransferClassifier(L.LightningModule):
         self.set_freeze(phase.freeze, train_bn=phase.train_bn)
 
     def configure_callbacks(self) -> list[L.Callback]:
+        callbacks: list[L.Callback] = [RngStateCheckpoint()]  # every checkpoint resumes the same run
         if len(self.phases) > 1 or self.phases[0].recalibrate_bn:
-            return [FineTuningPhases()]
-        return []
+            callbacks.append(FineTuningPhases())
+        return callbacks
 
     def setup(self, stage: str) -> None:
         if self.hparams.class_weights == "balanced":
