@@ -18,7 +18,6 @@ from tlkit.callbacks import FineTuningPhases, Phase, fine_tune_phases, parse_pha
 from tlkit.features import drop_feature_cache
 from tlkit.freezing import apply_freeze, batchnorm_parameter_names, frozen_parameter_names, keep_frozen_bn_eval
 from tlkit.heads import ClassifierHead
-from tlkit.resume import RngStateCheckpoint
 from tlkit.optim import (
     continued_scheduler,
     create_optimizer,
@@ -29,6 +28,7 @@ from tlkit.optim import (
     param_groups,
     uses_weight_decay,
 )
+from tlkit.resume import RngStateCheckpoint
 
 # Lightning warns when modules are in eval mode as training starts; tlkit keeps frozen BatchNorm layers in eval mode
 # on purpose (their running statistics are part of the pretrained weights), so that warning is expected here.

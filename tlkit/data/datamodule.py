@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import functools
 import os
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
