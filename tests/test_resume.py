@@ -15,6 +15,7 @@ import pytest
 import torch
 from _resume_run import BATCHES, EPOCHS, run
 
+from tlkit import ImageDataModule
 from tlkit.resume import collect_rng_states, set_rng_states
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,6 +90,18 @@ def test_ddp_run_resumed_mid_epoch_is_bit_identical_on_every_rank(tmp_path: Path
         diff = max_abs_difference(full["weights"], resumed["weights"])
         assert diff == 0, f"rank {rank}: resumed weights differ by up to {diff}"
         assert resumed["global_step"] == full["global_step"] and resumed["trained"] == full["global_step"] - 6
+
+
+@pytest.mark.parametrize("sampler", [None, "balanced"])
+def test_train_order_is_a_function_of_seed_and_epoch(sampler: str | None) -> None:
+    def order(epoch: int, seed: int = 0) -> list[int]:
+        loader = ImageDataModule("digits", image_size=8, seed=seed, sampler=sampler).train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        worker_seed = int(torch.empty((), dtype=torch.int64).random_(generator=loader.generator))
+        return [*loader.sampler, worker_seed]
+
+    assert order(3) == order(3)  # a resumed run draws what the interrupted one drew in that epoch
+    assert order(3) != order(4) and order(3) != order(3, seed=1)
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path: Path) -> None:
