@@ -60,6 +60,16 @@ def test_resumed_run_is_bit_identical(full_run, tmp_path: Path, checkpoint: str,
     assert_same_run(full, resumed, steps)
 
 
+def test_resuming_on_another_number_of_processes_warns_that_it_cannot_be_exact(full_run, tmp_path: Path) -> None:
+    _, out = full_run
+    checkpoint = torch.load(out / "end-epoch=1.ckpt", weights_only=True)
+    states = checkpoint["callbacks"]["RngStateCheckpoint"]["per_rank"]
+    checkpoint["callbacks"]["RngStateCheckpoint"]["per_rank"] = states * 2  # as if written by 2 processes
+    torch.save(checkpoint, tmp_path / "two_processes.ckpt")
+    with pytest.warns(UserWarning, match="random states of 2 process"):
+        run(tmp_path, "resumed", resume=tmp_path / "two_processes.ckpt")
+
+
 def test_balanced_sampler_resumes_mid_epoch(tmp_path: Path) -> None:
     full = run(tmp_path, "full", sampler="balanced")
     resumed = run(tmp_path / "resumed", "resumed", resume=tmp_path / "epoch=1-step=9.ckpt", sampler="balanced")

@@ -109,7 +109,7 @@ def restart_train_loader(trainer: L.Trainer, loader_states: list[dict[str, Any]]
     ``configure_optimizers`` reads it to size the LR schedule), before the saved loader state is even loaded, which
     it then drops (Lightning-AI/pytorch-lightning#20550, fix proposed in #21765). So: set the epoch, load the saved
     position if the checkpoint was written mid-epoch (what Lightning's own restore does), and iterate afresh.
-    The data fetcher has no public accessor; this is the one private attribute used.
+    Neither the data fetcher nor the pending loader states have a public accessor: the two private attributes used.
     """
     fit_loop = trainer.fit_loop
     loader = trainer.train_dataloader
@@ -119,7 +119,7 @@ def restart_train_loader(trainer: L.Trainer, loader_states: list[dict[str, Any]]
     if fit_loop.restarting and loader_states and hasattr(loader, "load_state_dict"):
         loader.load_state_dict(loader_states[0])
     fit_loop._combined_loader_states_to_load = []  # loaded here; a Lightning that loads them later must not
-    fetcher = fit_loop._data_fetcher
+    fetcher = getattr(fit_loop, "_data_fetcher", None)
     if fetcher is not None:
         iter(fetcher)  # a new iterator, of this epoch, from the loaded position
 
