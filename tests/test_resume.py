@@ -93,7 +93,7 @@ def test_ddp_run_resumed_mid_epoch_is_bit_identical_on_every_rank(tmp_path: Path
         subprocess.run(command, check=True, timeout=240)
 
     launch("full")
-    launch("resumed", "--resume", str(tmp_path / "epoch=1-step=6.ckpt"))  # 2 ranks x 3 batches: 3 steps an epoch
+    launch("resumed", "--resume", str(tmp_path / "epoch=1-step=6.ckpt"))  # mid-epoch 1, after the phase change
     for rank in (0, 1):
         full = torch.load(tmp_path / f"full_rank{rank}.pt", weights_only=True)
         resumed = torch.load(tmp_path / f"resumed_rank{rank}.pt", weights_only=True)
