@@ -283,7 +283,10 @@ def test_balanced_sampler_draws_every_class_equally_often(imbalanced_folder: Pat
     dm = ImageDataModule(source=f"folder:{imbalanced_folder}", image_size=16, val_split=0.25, sampler="balanced")
     assert dm.class_counts == [15, 3]
     sampler = dm.train_dataloader().sampler
-    draws = Counter(dm.data.train.targets[i] for _ in range(50) for i in sampler)
+    draws: Counter = Counter()
+    for epoch in range(50):  # a new draw every epoch (Lightning calls set_epoch)
+        sampler.set_epoch(epoch)
+        draws.update(dm.data.train.targets[i] for i in sampler)
     assert 0.45 < draws[1] / (draws[0] + draws[1]) < 0.55  # 900 draws; unbalanced would give 1/6
     plain = ImageDataModule(source=f"folder:{imbalanced_folder}", image_size=16, val_split=0.25)
     plain_draws = Counter(plain.data.train.targets[i] for i in plain.train_dataloader().sampler)

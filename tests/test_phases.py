@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tlkit import ImageDataModule, TransferClassifier
 from tlkit.callbacks import FineTuningPhases, carry_optimizer_state, parse_phases
 from tlkit.optim import layer_decay_scales
+from tlkit.resume import RngStateCheckpoint
 
 BN_MODEL = "test_efficientnet"  # timm test model with BatchNormAct2d, 100k parameters
 STAGES = ["stem", "blocks.0.0", "blocks.1.0", "blocks.2.0", "blocks.3.0", "blocks.4.0+"]
@@ -278,8 +279,8 @@ def test_freeze_epochs_shorthand_expands_to_two_phases() -> None:
     ]
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert [model.phase_at(e) for e in range(4)] == [0, 0, 1, 1]
-    assert isinstance(model.configure_callbacks()[0], FineTuningPhases)
-    assert TransferClassifier(BN_MODEL, num_classes=3).configure_callbacks() == []
+    assert [type(c) for c in model.configure_callbacks()] == [RngStateCheckpoint, FineTuningPhases]
+    assert [type(c) for c in TransferClassifier(BN_MODEL, num_classes=3).configure_callbacks()] == [RngStateCheckpoint]
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from tlkit.optim import (
     param_groups,
     uses_weight_decay,
 )
+from tlkit.resume import RngStateCheckpoint
 
 # Lightning warns when modules are in eval mode as training starts; tlkit keeps frozen BatchNorm layers in eval mode
 # on purpose (their running statistics are part of the pretrained weights), so that warning is expected here.
@@ -192,9 +193,10 @@ class TransferClassifier(L.LightningModule):
         self.set_freeze(phase.freeze, train_bn=phase.train_bn)
 
     def configure_callbacks(self) -> list[L.Callback]:
+        callbacks: list[L.Callback] = [RngStateCheckpoint()]  # every checkpoint resumes the same run
         if len(self.phases) > 1 or self.phases[0].recalibrate_bn:
-            return [FineTuningPhases()]
-        return []
+            callbacks.append(FineTuningPhases())
+        return callbacks
 
     def setup(self, stage: str) -> None:
         if self.hparams.class_weights == "balanced":

@@ -6,6 +6,7 @@ import csv
 import functools
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from timm.data import ResizeKeepRatio
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import InterpolationMode, v2
 
 from tlkit.data.preprocess import build_preprocess, needs_fit
@@ -305,23 +307,46 @@ class ImageDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------- dataloaders
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
         self._fit_preprocess()
         dataset = self._dataset(self.data.train, self.transform(train=True))
         dataset = _maybe_cached(self, dataset, "train")
+        rank, world = _rank_world()
+        seed = self.hparams.seed
         if self.hparams.sampler == "balanced":
-            return self._loader(dataset, sampler=self._balanced_sampler())
-        return self._loader(dataset, shuffle=True)
+            counts = torch.tensor(self.class_counts, dtype=torch.float64)
+            weights = (1.0 / counts)[torch.as_tensor(self.data.train.targets)]
+            sampler: EpochSampler = BalancedSampler(dataset, weights, num_replicas=world, rank=rank, seed=seed)
+        else:
+            sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        return self._train_loader(dataset, sampler)
 
-    def _balanced_sampler(self) -> WeightedRandomSampler:
-        """Each image drawn with probability 1 / (classes * its class size): classes come up equally often.
+    def _train_loader(self, dataset: Dataset, sampler: EpochSampler) -> StatefulDataLoader:
+        """The train loader: a ``StatefulDataLoader`` whose position Lightning saves in every checkpoint.
 
-        Under DDP, Lightning wraps it in a DistributedSamplerWrapper, so ranks draw disjoint parts of one sample.
+        What a resumed run needs to draw the same batches and augmentations as the uninterrupted one:
+
+        - the order is a function of ``(seed, epoch)`` (:class:`EpochSampler`), so a run resumed at an epoch boundary
+          needs no sampler state at all;
+        - the workers' seeds come from ``sampler.generator``, which the sampler re-seeds at every epoch, and the
+          workers start afresh every epoch (no ``persistent_workers``: a persistent worker's random state runs on
+          across epochs, and no checkpoint holds it);
+        - within an epoch, the loader snapshots its state only when the epoch's iterator starts
+          (``snapshot_every_n_steps=None``); resuming mid-epoch replays the batches since then through the workers
+          (loading only, no training), so each worker's random state reaches exactly where the interrupted run's
+          was. A snapshot every step would restart the workers from their initial seeds mid-epoch: different
+          augmentations.
         """
-        counts = torch.tensor(self.class_counts, dtype=torch.float64)
-        weights = (1.0 / counts)[torch.as_tensor(self.data.train.targets)]
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=generator)
+        workers = self.hparams.num_workers
+        return StatefulDataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            generator=sampler.generator,
+            snapshot_every_n_steps=None,
+        )
 
     def val_dataloader(self) -> DataLoader:
         self._fit_preprocess()
@@ -366,17 +391,21 @@ class ImageDataModule(L.LightningDataModule):
             split, transform, max_pixels=hp.max_image_pixels, on_bad_image=hp.on_bad_image, skipped_log=log
         )
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        """An evaluation loader (in order).
+
+        It has a generator of its own: without one, each new iterator draws its workers' seed from the global torch
+        generator, so whether a validation starts new workers (a resumed run skips the sanity check) would change
+        every random draw of the training that follows.
+        """
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
         )
 
     # ------------------------------------------------------------------------------------------------ preprocess
@@ -387,7 +416,7 @@ class ImageDataModule(L.LightningDataModule):
         self.setup()
         if not needs_fit(self.preprocess):
             return
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        rank, world = _rank_world()
         dataset = self._dataset(self.data.train, self.transform(train=False))
         shard = Subset(dataset, range(rank, len(dataset), world))
         self.preprocess.fit(self._loader(shard))  # fit takes (uint8 images, labels) batches as they come
@@ -505,6 +534,46 @@ class CenterCropOrPad(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.size}, fill={self.fill}"
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+class EpochSampler(DistributedSampler):
+    """torch's ``DistributedSampler`` (order a function of ``seed`` and the epoch, this rank's share of it), plus a
+    ``generator`` re-seeded from ``(seed, epoch)`` at every ``set_epoch`` for the loader's worker seeds.
+
+    Why a ``DistributedSampler`` on one process too: an order that depends on the epoch alone (Lightning calls
+    ``set_epoch`` at the start of every epoch) needs no state to resume at an epoch boundary, unlike a generator
+    that runs on from epoch to epoch; and under DDP Lightning keeps a ``DistributedSampler`` as it is.
+    """
+
+    def __init__(self, dataset: Dataset, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.generator = torch.Generator()
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.generator.manual_seed(self._epoch_seed())
+
+    def _epoch_seed(self, stream: int = 0) -> int:
+        return hash((self.seed, self.epoch, stream)) & (2**63 - 1)  # a hash of ints is the same in every process
+
+
+class BalancedSampler(EpochSampler):
+    """Draws ``len(weights)`` images with replacement, each with probability proportional to its weight (as
+    ``WeightedRandomSampler``), a new draw for every ``(seed, epoch)``; each rank takes every ``world``-th of it."""
+
+    def __init__(self, dataset: Dataset, weights: torch.Tensor, **kwargs: Any) -> None:
+        super().__init__(dataset, shuffle=True, **kwargs)
+        self.weights = weights
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self._epoch_seed(stream=1))
+        drawn = torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator)
+        return iter(drawn[self.rank : self.total_size : self.num_replicas].tolist())
 
 
 def _maybe_cached(dm: ImageDataModule, dataset: Dataset, split: str) -> Dataset:
