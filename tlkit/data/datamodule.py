@@ -103,6 +103,8 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = False,
     ):
         super().__init__()
+        _check_size("image_size", image_size, allow_none="None (the backbone weights' input size)")
+        _check_size("batch_size", batch_size)
         if augment not in AUGMENTATIONS:
             raise ValueError(f"Unknown augment={augment!r}; choose one of {AUGMENTATIONS}.")
         if on_bad_image not in BAD_IMAGE_POLICIES:
@@ -312,6 +314,15 @@ class ImageDataModule(L.LightningDataModule):
             return self.data.val
         return self._predict_files
 
+    def predict_class_names(self) -> list[str] | None:
+        """Class names of the images ``predict`` runs on: the source's for its val split, the sub-folder names of a
+        ``predict_source`` with class folders, None for a flat folder."""
+        if self.hparams.predict_source is None:
+            return self.class_names
+        root = Path(self.hparams.predict_source.removeprefix("folder:"))
+        folders = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+        return folders or None
+
     @functools.cached_property
     def _predict_files(self) -> Split:
         """The readable images of ``predict_source`` (scanned once, like the training source)."""
@@ -378,6 +389,15 @@ class ImageDataModule(L.LightningDataModule):
             self._pending_state = state  # built in setup(), once the model's data_config is known
         else:
             self.preprocess.load_state_dict(state)
+
+
+def _check_size(key: str, value: Any, allow_none: str = "") -> None:
+    """A positive whole number (``0`` would silently fall back to a default), or None where ``allow_none`` says."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        valid = f"a whole number >= 1{f' or {allow_none}' if allow_none else ''}"
+        raise ValueError(f"{key}={value!r}; use {valid}.")
 
 
 def _maybe_cached(dm: ImageDataModule, dataset: Dataset, split: str) -> Dataset:
