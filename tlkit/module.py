@@ -481,7 +481,7 @@ def read_checkpoint(source: str | os.PathLike | IO[bytes]) -> dict[str, Any]:
     try:
         checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=isinstance(source, str | Path))
     except pickle.UnpicklingError as err:
-        detail = next((line for line in str(err).splitlines() if "Unsupported global" in line), "").strip()
+        detail = _refused_global(str(err))
         raise ValueError(
             f"Refusing to load checkpoint {name}: it holds pickled objects other than tensors and plain values, "
             f"which could run code ({detail or 'weights_only=True refused it'}). tlkit loads checkpoints written by "
@@ -493,6 +493,12 @@ def read_checkpoint(source: str | os.PathLike | IO[bytes]) -> dict[str, Any]:
         raise ValueError(f"Checkpoint {name} holds a {type(checkpoint).__name__}, not a Lightning checkpoint dict.")
     check_class_paths(checkpoint, name)
     return checkpoint
+
+
+def _refused_global(message: str) -> str:
+    """The line of torch's long weights-only error that names the refused object (``GLOBAL posix.system ...``)."""
+    line = next((line for line in message.splitlines() if "GLOBAL" in line), "")
+    return line.split(". Please")[0].removeprefix("\tWeightsUnpickler error: ").strip()
 
 
 def _check_checkpoint_file(path: Path) -> None:
