@@ -145,7 +145,7 @@ def test_a_class_path_outside_tlkit_and_lightning_is_refused_without_importing_i
 def test_a_checkpoint_written_by_tlkit_fit_loads(run):
     """The refusals above are not refusing everything: tlkit's own checkpoint names only tlkit/Lightning classes."""
     _, ckpt = run
-    assert read_checkpoint(ckpt)["hyper_parameters"]["_class_path"] == "tlkit.module.TransferClassifier"
+    assert read_checkpoint(ckpt)["hyper_parameters"]["_class_path"] == "tlkit.TransferClassifier"
     assert TransferClassifier.load_from_checkpoint(ckpt).class_names == [str(i) for i in range(10)]
 
 
@@ -175,8 +175,12 @@ def test_empty_truncated_and_foreign_files_get_one_clear_error_on_every_load_pat
 BAD_VALUES = [
     ("--model.init_args.lr", "-1", "lr=-1.0; the learning rate must be a number > 0"),
     ("--model.init_args.lr", "0", "lr=0.0; the learning rate must be a number > 0"),
-    ("--model.init_args.optimizer", "adamx", "optimizer='adamx'; valid values: sgd, adam, adamw, rmsprop, lbfgs"),
-    ("--model.init_args.schedule", "cosin", "schedule='cosin'; valid values: constant, step, cosine, linear"),
+    (
+        "--model.init_args.optimizer",
+        "adamx",
+        "Unknown optimizer='adamx'; valid values: sgd, adam, adamw, rmsprop, lbfgs",
+    ),
+    ("--model.init_args.schedule", "cosin", "Unknown schedule='cosin'; valid values: constant, step, cosine, linear"),
     ("--model.init_args.warmup_epochs", "-1", "warmup_epochs=-1.0; it must be a number >= 0"),
     ("--model.init_args.weight_decay", "-0.1", "weight_decay=-0.1; it must be a number >= 0"),
     ("--data.init_args.image_size", "0", "image_size=0; use a whole number >= 1 or None"),

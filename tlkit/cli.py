@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import math
 import os
 import sys
@@ -28,7 +29,9 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from tlkit.backbones import list_backbones
 from tlkit.data.datamodule import ImageDataModule
-from tlkit.module import CKPT_PATH_KEYWORDS, TransferClassifier, check_arguments, read_checkpoint
+from tlkit.data.datamodule import check_arguments as check_data_arguments
+from tlkit.module import CKPT_PATH_KEYWORDS, TransferClassifier, read_checkpoint
+from tlkit.module import check_arguments as check_model_arguments
 from tlkit.plots import PlannedRun, lr_schedule_figure, module_lr_schedule, save_figure
 from tlkit.tracking import ClassificationFigures, LoggerSaveConfigCallback, TrainingSpeed
 
@@ -122,13 +125,14 @@ class TlkitCLI(LightningCLI):
             config.weights_only = True  # Lightning's default (None) lets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD unpickle
 
     def before_instantiate_classes(self) -> None:
-        """Check the model's recipe values before the data module reads its source and before any run directory."""
+        """Check the recipe's values before the data module reads its source and before any run directory (the
+        classes check them again when constructed; here they fail with the bare message, first)."""
         config = self._subcommand_config()
-        model = config.get("model")
-        init = dict(model.get("init_args") or {}) if model is not None and "class_path" in model else {}
-        keys = ("lr", "optimizer", "schedule", "warmup_epochs", "weight_decay")
-        if all(key in init for key in keys):
-            check_arguments(**{key: init[key] for key in keys})
+        for key, check in (("model", check_model_arguments), ("data", check_data_arguments)):
+            init = dict((config.get(key) or {}).get("init_args") or {})
+            names = inspect.signature(check).parameters
+            if all(name in init for name in names):
+                check(**{name: init[name] for name in names})
 
     def _subcommand_config(self) -> Any:
         subcommand = self.config.get("subcommand")

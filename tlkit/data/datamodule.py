@@ -103,8 +103,7 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = False,
     ):
         super().__init__()
-        _check_size("image_size", image_size, allow_none="None (the backbone weights' input size)")
-        _check_size("batch_size", batch_size)
+        check_arguments(image_size=image_size, batch_size=batch_size)
         if augment not in AUGMENTATIONS:
             raise ValueError(f"Unknown augment={augment!r}; choose one of {AUGMENTATIONS}.")
         if on_bad_image not in BAD_IMAGE_POLICIES:
@@ -389,6 +388,16 @@ class ImageDataModule(L.LightningDataModule):
             self._pending_state = state  # built in setup(), once the model's data_config is known
         else:
             self.preprocess.load_state_dict(state)
+
+
+def check_arguments(image_size: Any, batch_size: Any) -> None:
+    """Reject sizes that would silently fall back to a default (``image_size: 0`` trained at 224) or fail later.
+
+    Raises:
+        ValueError: naming the key, the value and what is valid.
+    """
+    _check_size("image_size", image_size, allow_none="None (the backbone weights' input size)")
+    _check_size("batch_size", batch_size)
 
 
 def _check_size(key: str, value: Any, allow_none: str = "") -> None:
