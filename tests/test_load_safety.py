@@ -106,15 +106,17 @@ def test_a_pickle_payload_is_refused_on_every_load_path(run, tmp_path, monkeypat
         assert not marker.exists(), f"{name} ran the payload"
 
 
-def test_the_trainer_loads_ckpt_path_weights_only_even_past_the_check(run, tmp_path, monkeypatch):
-    """Defence in depth: with tlkit's own check skipped, LightningCLI and the Trainer still refuse the payload."""
+def test_the_trainer_resolves_ckpt_path_last_with_weights_only(run, tmp_path, monkeypatch):
+    """``--ckpt_path last`` names no file for tlkit (or LightningCLI) to check: the Trainer finds and loads it, and
+    the CLI passes it ``weights_only=True`` (Lightning's default, None, would let the variable unpickle)."""
     recipe, ckpt = run
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    monkeypatch.setattr("tlkit.cli.read_checkpoint", lambda path: None)
     marker = tmp_path / "pwned"
-    evil = _rewrite(ckpt, tmp_path / "evil.ckpt", payload=_Payload(marker))
+    (tmp_path / "ckpts").mkdir()
+    _rewrite(ckpt, tmp_path / "ckpts" / "last.ckpt", payload=_Payload(marker))
+    args = ["--trainer.logger", "false", f"--trainer.callbacks.dirpath={tmp_path / 'ckpts'}", "--ckpt_path", "last"]
     with pytest.raises(Exception, match="Weights only load failed"):
-        main(["validate", "--config", str(recipe), "--ckpt_path", str(evil), "--weights_only", "null"])
+        main(["fit", "--config", str(recipe), *args])
     assert not marker.exists()
 
 
