@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import math
 import os
 import sys
@@ -24,21 +25,35 @@ import torch
 from jsonargparse import CLI, lazy_instance
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from tlkit.backbones import list_backbones
 from tlkit.data.datamodule import ImageDataModule
-from tlkit.module import TransferClassifier
+from tlkit.data.datamodule import check_arguments as check_data_arguments
+from tlkit.module import CKPT_PATH_KEYWORDS, TransferClassifier, read_checkpoint
+from tlkit.module import check_arguments as check_model_arguments
 from tlkit.plots import PlannedRun, lr_schedule_figure, module_lr_schedule, save_figure
 from tlkit.tracking import ClassificationFigures, LoggerSaveConfigCallback, TrainingSpeed
 
 
 class PredictionCSVWriter(BasePredictionWriter):
-    """Writes ``path, predicted class name, probability`` per image to a CSV file (atomically) after predict."""
+    """Writes ``path, predicted class name, probability`` per image to a CSV file (atomically) after predict.
+
+    Names are the model's ``class_names`` (the checkpoint's); a warning says when the images to predict come in
+    class folders named otherwise.
+    """
 
     def __init__(self, out: str | None = None):
         super().__init__(write_interval="epoch")
         self.out = out
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        names = getattr(trainer.datamodule, "predict_class_names", lambda: None)()
+        if names is not None and list(names) != list(pl_module.class_names):
+            rank_zero_warn(
+                f"The images to predict are in class folders {list(names)}, but the model was trained on "
+                f"{list(pl_module.class_names)}; predictions are labelled with the model's class names."
+            )
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: Any, predictions: Sequence, batch_indices: Any) -> None:
         probs = torch.cat(_flatten(predictions))
@@ -95,6 +110,33 @@ class TlkitCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
         parser.add_lightning_class_args(TrainingSpeed, "speed")
         parser.add_lightning_class_args(ClassificationFigures, "figures")
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse, then check ``--ckpt_path`` before LightningCLI reads its hyperparameters (which resolves the
+        classes it names): a clear error for a bad file, and the Trainer loads it with ``weights_only=True``."""
+        super().parse_arguments(parser, args)
+        config = self._subcommand_config()
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and str(ckpt_path) not in CKPT_PATH_KEYWORDS:
+            read_checkpoint(ckpt_path)
+        if "weights_only" in config:
+            if config.weights_only is False:
+                raise ValueError("--weights_only false would unpickle arbitrary objects; tlkit checkpoints need none.")
+            config.weights_only = True  # Lightning's default (None) lets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD unpickle
+
+    def before_instantiate_classes(self) -> None:
+        """Check the recipe's values before the data module reads its source and before any run directory (the
+        classes check them again when constructed; here they fail with the bare message, first)."""
+        config = self._subcommand_config()
+        for key, check in (("model", check_model_arguments), ("data", check_data_arguments)):
+            init = dict((config.get(key) or {}).get("init_args") or {})
+            names = inspect.signature(check).parameters
+            if all(name in init for name in names):
+                check(**{name: init[name] for name in names})
+
+    def _subcommand_config(self) -> Any:
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
 
     def before_predict(self) -> None:
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):

@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from tlkit.data.preprocess import build_preprocess
-from tlkit.module import TransferClassifier
+from tlkit.module import TransferClassifier, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +178,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[TransferClassifier, nn.Mod
     """A TransferClassifier, its data module's preprocessing (fitted statistics included) and the preprocessing spec
     (``kind``, ``mean``, ``std``, ``scope``, ``eps``, ``image_size``: the size it was trained at) from a checkpoint."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}; pass the .ckpt written by `tlkit fit` (see its run dir).")
+    checkpoint = read_checkpoint(path)  # weights_only=True, and a clear error for a bad file, before anything else
     model = TransferClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     hp = checkpoint.get("datamodule_hyper_parameters") or {}
     state = (checkpoint.get("ImageDataModule") or {}).get("preprocess")
     spec = _preprocess_spec(hp, model.data_config)

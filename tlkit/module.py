@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import warnings
-from typing import Any
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
 
 import lightning as L
 import torch
@@ -19,6 +24,8 @@ from tlkit.features import drop_feature_cache
 from tlkit.freezing import apply_freeze, batchnorm_parameter_names, frozen_parameter_names, keep_frozen_bn_eval
 from tlkit.heads import ClassifierHead
 from tlkit.optim import (
+    OPTIMIZERS,
+    SCHEDULES,
     continued_scheduler,
     create_optimizer,
     create_scheduler,
@@ -33,6 +40,13 @@ from tlkit.resume import RngStateCheckpoint
 # Lightning warns when modules are in eval mode as training starts; tlkit keeps frozen BatchNorm layers in eval mode
 # on purpose (their running statistics are part of the pretrained weights), so that warning is expected here.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+# Modules whose classes a checkpoint may name (``_class_path``, ``_instantiator``): resolving any other name would
+# import code chosen by whoever wrote the file.
+TRUSTED_CLASS_PREFIXES = ("tlkit.", "lightning.")
+_CLASS_KEYS = ("_class_path", "class_path", "_instantiator")
+# Lightning's own ``ckpt_path`` keywords, which name no file.
+CKPT_PATH_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
 class TransferClassifier(L.LightningModule):
@@ -115,6 +129,8 @@ class TransferClassifier(L.LightningModule):
         feature_cache: bool = True,
     ):
         super().__init__()
+        check_arguments(lr=lr, optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs,
+                        weight_decay=weight_decay)  # fmt: skip
         self.save_hyperparameters()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}.")
@@ -374,9 +390,154 @@ class TransferClassifier(L.LightningModule):
             checkpoint["hyper_parameters"] = {**hparams, "pretrained": False}
         checkpoint["tlkit_data_config"] = dict(self.backbone.data_config)
 
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | os.PathLike | IO[bytes],
+        map_location: Any = None,
+        hparams_file: str | os.PathLike | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = True,
+        **kwargs: Any,
+    ) -> TransferClassifier:
+        """Lightning's ``load_from_checkpoint``, always with ``weights_only=True``, after :func:`read_checkpoint`'s
+        checks (a clear error for an empty, truncated or pickled-code file, or a class outside tlkit/Lightning).
+
+        Example:
+            >>> model = TransferClassifier.load_from_checkpoint("runs/quickstart/version_0/checkpoints/last.ckpt")
+        """
+        if weights_only is False:
+            raise ValueError(
+                "TransferClassifier.load_from_checkpoint(weights_only=False) would unpickle arbitrary objects; "
+                "tlkit checkpoints hold only tensors and plain values, so load them with weights_only=True."
+            )
+        read_checkpoint(checkpoint_path)  # (memory-mapped: checks the file without reading its tensors)
+        if not isinstance(checkpoint_path, str | os.PathLike):
+            checkpoint_path.seek(0)
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True,
+            **kwargs,
+        )  # fmt: skip
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "tlkit_data_config" in checkpoint:
             self.backbone.data_config = dict(checkpoint["tlkit_data_config"])
+        self._take_checkpoint_classes(checkpoint.get("hyper_parameters") or {})
+
+    def _take_checkpoint_classes(self, saved: Mapping[str, Any]) -> None:
+        """The trained head's classes are the checkpoint's: a model built for a Trainer's ``ckpt_path`` got its
+        names from the data module at hand (``tlkit predict/test --data.source other/``), which may differ."""
+        saved_count = saved.get("num_classes", self.hparams.num_classes)
+        if saved_count != self.hparams.num_classes:
+            raise ValueError(
+                f"The checkpoint's head has {saved_count} classes {saved.get('class_names')}, but this model was "
+                f"built for {self.hparams.num_classes} (from the data module's source). Use a data.source with "
+                "the checkpoint's classes, and data.predict_source for the images to predict."
+            )
+        names = saved.get("class_names")
+        if names is None or list(names) == list(self.class_names):
+            return
+        rank_zero_warn(
+            f"The checkpoint was trained on classes {list(names)}, but the data module's classes are "
+            f"{self.class_names}; outputs are labelled with the checkpoint's names (label indices of the data "
+            "follow its own order)."
+        )
+        self.hparams.class_names = list(names)
+
+
+def check_arguments(lr: float, optimizer: str, schedule: str, warmup_epochs: float, weight_decay: float) -> None:
+    """Reject recipe values that could only fail later (after the data scan) or train something else than asked.
+
+    Raises:
+        ValueError: naming the key, the value and what is valid.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer={optimizer!r}; valid values: {', '.join(OPTIMIZERS)}.")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"Unknown schedule={schedule!r}; valid values: {', '.join(SCHEDULES)}.")
+    if not _number(lr) or not lr > 0:
+        raise ValueError(f"lr={lr!r}; the learning rate must be a number > 0 (e.g. 0.01).")
+    for key, value in (("warmup_epochs", warmup_epochs), ("weight_decay", weight_decay)):
+        if not _number(value) or not value >= 0:
+            raise ValueError(f"{key}={value!r}; it must be a number >= 0 (0 turns it off).")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def read_checkpoint(source: str | os.PathLike | IO[bytes]) -> dict[str, Any]:
+    """A checkpoint's contents, read with ``torch.load(weights_only=True)`` (tensors on the CPU, memory-mapped).
+
+    ``weights_only=True`` is passed explicitly: torch (2.4+) then ignores ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``,
+    which only overrides call sites that leave the argument out, so no pickled code runs whatever the environment.
+
+    Raises:
+        FileNotFoundError: no file at ``source``.
+        ValueError: the file is empty, truncated or not a torch checkpoint, holds pickled objects other than tensors
+            and plain values, or names a class outside ``tlkit.`` / ``lightning.``.
+    """
+    name = source if isinstance(source, str | os.PathLike) else getattr(source, "name", "<file object>")
+    if isinstance(source, str | os.PathLike):
+        _check_checkpoint_file(Path(source))
+    try:
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=isinstance(source, str | Path))
+    except pickle.UnpicklingError as err:
+        detail = _refused_global(str(err))
+        raise ValueError(
+            f"Refusing to load checkpoint {name}: it holds pickled objects other than tensors and plain values, "
+            f"which could run code ({detail or 'weights_only=True refused it'}). tlkit loads checkpoints written by "
+            "`tlkit fit` / Lightning's ModelCheckpoint; re-save the weights with torch.save(state_dict)."
+        ) from err
+    except (RuntimeError, EOFError, KeyError, OSError) as err:
+        raise ValueError(f"Checkpoint {name} is truncated or not a torch checkpoint ({err}).") from err
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"Checkpoint {name} holds a {type(checkpoint).__name__}, not a Lightning checkpoint dict.")
+    check_class_paths(checkpoint, name)
+    return checkpoint
+
+
+def _refused_global(message: str) -> str:
+    """The line of torch's long weights-only error that names the refused object (``GLOBAL posix.system ...``)."""
+    line = next((line for line in message.splitlines() if "GLOBAL" in line), "")
+    return line.split(". Please")[0].removeprefix("\tWeightsUnpickler error: ").strip()
+
+
+def _check_checkpoint_file(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}; pass the .ckpt written by `tlkit fit` (see its run dir).")
+    if path.stat().st_size == 0:
+        raise ValueError(f"Checkpoint {path} is an empty file (0 bytes); was it copied or written completely?")
+    if not zipfile.is_zipfile(path):  # torch's own message for these is a bare EOFError/KeyError/miniz error
+        raise ValueError(
+            f"Checkpoint {path} is truncated or not a torch checkpoint (not a complete zip archive, "
+            f"{path.stat().st_size} bytes); pass a .ckpt written by `tlkit fit`."
+        )
+
+
+def check_class_paths(checkpoint: Mapping[str, Any], name: Any = "checkpoint") -> None:
+    """Refuse a checkpoint whose hyperparameters name a class (or instantiator) outside ``tlkit.`` / ``lightning.``:
+    Lightning and jsonargparse import the module of such a name to resolve it. Nothing is imported here."""
+    for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+        for found_key, class_path in _class_paths(checkpoint.get(key)):
+            if not isinstance(class_path, str) or not class_path.startswith(TRUSTED_CLASS_PREFIXES):
+                raise ValueError(
+                    f"Checkpoint {name} names {key}.{found_key}={class_path!r}, outside tlkit and Lightning; "
+                    f"refusing to import it. tlkit resolves only classes under {', '.join(TRUSTED_CLASS_PREFIXES)}"
+                )
+
+
+def _class_paths(value: Any) -> Iterator[tuple[str, Any]]:
+    """``(key, value)`` of every class-naming key in nested hyperparameters."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if key in _CLASS_KEYS:
+                yield key, item
+            else:
+                yield from _class_paths(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _class_paths(item)
 
 
 def balanced_class_weights(datamodule: Any, hparams: Any) -> torch.Tensor:

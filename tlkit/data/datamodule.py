@@ -119,6 +119,7 @@ class ImageDataModule(L.LightningDataModule):
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ):
         super().__init__()
+        check_arguments(image_size=image_size, batch_size=batch_size)
         if augment not in AUGMENTATIONS:
             raise ValueError(f"Unknown augment={augment!r}; choose one of {AUGMENTATIONS}.")
         if on_bad_image not in BAD_IMAGE_POLICIES:
@@ -365,6 +366,15 @@ class ImageDataModule(L.LightningDataModule):
             return self.data.val
         return self._predict_files
 
+    def predict_class_names(self) -> list[str] | None:
+        """Class names of the images ``predict`` runs on: the source's for its val split, the sub-folder names of a
+        ``predict_source`` with class folders, None for a flat folder."""
+        if self.hparams.predict_source is None:
+            return self.class_names
+        root = Path(self.hparams.predict_source.removeprefix("folder:"))
+        folders = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+        return folders or None
+
     @functools.cached_property
     def _predict_files(self) -> Split:
         """The readable images of ``predict_source`` (scanned once, like the training source)."""
@@ -574,6 +584,25 @@ class BalancedSampler(EpochSampler):
         generator = torch.Generator().manual_seed(self._epoch_seed(stream=1))
         drawn = torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator)
         return iter(drawn[self.rank : self.total_size : self.num_replicas].tolist())
+
+
+def check_arguments(image_size: Any, batch_size: Any) -> None:
+    """Reject sizes that would silently fall back to a default (``image_size: 0`` trained at 224) or fail later.
+
+    Raises:
+        ValueError: naming the key, the value and what is valid.
+    """
+    _check_size("image_size", image_size, allow_none="None (the backbone weights' input size)")
+    _check_size("batch_size", batch_size)
+
+
+def _check_size(key: str, value: Any, allow_none: str = "") -> None:
+    """A positive whole number (``0`` would silently fall back to a default), or None where ``allow_none`` says."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        valid = f"a whole number >= 1{f' or {allow_none}' if allow_none else ''}"
+        raise ValueError(f"{key}={value!r}; use {valid}.")
 
 
 def _maybe_cached(dm: ImageDataModule, dataset: Dataset, split: str) -> Dataset:
