@@ -268,7 +268,7 @@ def test_cache_key_changes_with_preprocessing(folder):
     keys = []
     for preprocess in ("pretrained", "dataset"):
         dm = ImageDataModule(f"folder:{folder}", image_size=16, augment="none", preprocess=preprocess)
-        dm.trainer = type("T", (), {"lightning_module": model})()
+        dm.trainer = type("T", (), {"lightning_module": model, "log_dir": None})()
         dm._fit_preprocess()
         keys.append(cache_key(model, dm, "train"))
     assert None not in keys and keys[0] != keys[1]
@@ -346,7 +346,7 @@ def test_linear_probe_recipe_trains_on_cached_features():
     recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "linear_probe.yaml").read_text())
     dm = ImageDataModule(**recipe["data"]["init_args"])
     model = TransferClassifier(**recipe["model"]["init_args"], num_classes=dm.num_classes)
-    dm.trainer = type("T", (), {"lightning_module": model})()
+    dm.trainer = type("T", (), {"lightning_module": model, "log_dir": None})()
     dm.setup()
     assert cache_key(model, dm, "train") is not None  # frozen, deterministic, no augmentation: the cache applies
     assert model.hparams.optimizer == "lbfgs" and dm.hparams.batch_size >= len(dm.data.train)  # full-batch steps

@@ -67,7 +67,8 @@ def test_l1_penalty_is_added_to_the_training_loss(tmp_path, digits):
     losses = {}
     for l1 in (0.0, 1e-3):
         torch.manual_seed(0)
-        model = TransferClassifier("resnet18", num_classes=10, l1=l1, lr=0.0)
+        # lr must be > 0 (checked at construction); 1e-12 leaves the weights as they were for the comparison below
+        model = TransferClassifier("resnet18", num_classes=10, l1=l1, lr=1e-12)
         trainer = tiny_trainer(tmp_path, limit_train_batches=1, limit_val_batches=0)
         trainer.fit(model, digits)
         losses[l1] = trainer.callback_metrics["train/loss"].item()
