@@ -161,9 +161,10 @@ def test_safetensors_export_reloads_into_a_transfer_classifier_without_pickle(ch
 def test_a_fold_that_changes_outputs_is_refused(checkpoint, tmp_path, monkeypatch):
     original = export_module._fold
 
-    def broken(conv, bn):
-        original(conv, bn)
+    def broken(conv, scale, shift):
+        leftover = original(conv, scale, shift)
         conv.bias.data += 1.0
+        return leftover
 
     monkeypatch.setattr(export_module, "_fold", broken)
     with pytest.raises(RuntimeError, match="Folding BatchNorm changed the outputs"):
