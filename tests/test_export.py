@@ -14,6 +14,7 @@ import timm
 import torch
 import torchvision
 from conftest import tiny_trainer, write_image_folder
+from timm.layers import BatchNormAct2d, CondConv2d, MixedConv2d, StdConv2d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -21,7 +22,7 @@ import tlkit.export as export_module
 from tlkit import ImageDataModule, TransferClassifier
 from tlkit.cli import main
 from tlkit.data.preprocess import Normalize, Whitening
-from tlkit.export import export, fold_batchnorm, load_checkpoint, load_safetensors
+from tlkit.export import InferenceModel, export, fold_batchnorm, fuse, load_checkpoint, load_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -161,12 +162,13 @@ def test_safetensors_export_reloads_into_a_transfer_classifier_without_pickle(ch
 def test_a_fold_that_changes_outputs_is_refused(checkpoint, tmp_path, monkeypatch):
     original = export_module._fold
 
-    def broken(conv, bn):
-        original(conv, bn)
+    def broken(conv, scale, shift):
+        leftover = original(conv, scale, shift)
         conv.bias.data += 1.0
+        return leftover
 
     monkeypatch.setattr(export_module, "_fold", broken)
-    with pytest.raises(RuntimeError, match="Folding BatchNorm changed the outputs"):
+    with pytest.raises(RuntimeError, match="Folding BatchNorm changed the logits"):
         export(checkpoint, format="torchscript", out=tmp_path / "m.pt", fuse_bn=True)
     assert not (tmp_path / "m.pt").exists()
 
@@ -277,3 +279,88 @@ def test_whitened_export_uses_the_checkpoint_whitening_not_a_normalisation(white
         whitened, normalised = model(dm.normalize(images)), model(normalize(images))
         torch.testing.assert_close(scripted(images), whitened, atol=1e-4, rtol=0)
     assert (whitened - normalised).abs().max() > 1e-2
+
+
+class _Mixed(nn.Module):
+    """MixNet's pattern: timm's MixedConv2d splits the channels over convolutions of several kernel sizes and
+    concatenates their outputs, then one BatchNorm(Act) normalises the concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12)
+        self.mixed = MixedConv2d(12, 12, kernel_size=[3, 5, 7], depthwise=True)
+        self.bn1 = BatchNormAct2d(12)
+        self.expand = MixedConv2d(12, 10, kernel_size=[1, 1], padding="")  # channel splits 5 + 5
+        self.bn2 = nn.BatchNorm2d(10)
+
+    def forward(self, x):
+        return self.bn2(self.expand(self.bn1(self.mixed(self.bn0(self.stem(x))))))
+
+
+class _CondConv(nn.Module):
+    """EfficientNet-CondConv's pattern: experts mixed per sample by sigmoid routing weights, then a BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.route = CondConv2d(3, 6, 3, padding=1, num_experts=4, bias=True), nn.Linear(3, 4)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(self.conv(x, torch.sigmoid(self.route(x.mean((2, 3))))))
+
+
+class _SharedConcat(nn.Module):
+    """DenseNet's pattern: a concat whose parts also feed other layers; its BatchNorm cannot be folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        a = self.a(x)
+        return self.bn(torch.cat([a, self.b(x)], 1)), a
+
+
+@pytest.mark.parametrize(("make", "expected"), [(_Mixed, 3), (_CondConv, 1), (_SharedConcat, 0)])
+def test_fold_follows_concats_of_convolutions_and_condconv(make, expected):
+    torch.manual_seed(0)
+    model = _randomise_bn(make())
+    folded, count = fold_batchnorm(model)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+    assert count == expected
+    left = [name for name, m in folded.named_modules() if isinstance(m, _BatchNorm)]
+    assert left == ([] if expected else ["bn"])
+
+
+def test_fold_keeps_out_of_a_weight_standardising_conv():
+    model = _randomise_bn(nn.Sequential(StdConv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    folded, count = fold_batchnorm(model)
+    assert count == 0 and isinstance(folded[1], nn.BatchNorm2d)  # its forward would normalise the folded scale away
+
+
+def _large_logits_net() -> InferenceModel:
+    torch.manual_seed(0)
+    backbone = _randomise_bn(timm.create_model("test_efficientnet", num_classes=0))
+    head = nn.Linear(backbone.num_features, 5)
+    head.weight.data *= 1e4  # logits ~1e4: float32 rounding of a correct fold exceeds any fixed 1e-4 bound
+    return InferenceModel(nn.Identity(), backbone, head, input="float").eval()
+
+
+def test_fuse_accepts_a_correct_fold_with_large_logits_and_refuses_a_wrong_one(monkeypatch, capsys):
+    net, example = _large_logits_net(), torch.rand(4, 3, 32, 32)
+    fused = fuse(net, example)
+    with torch.no_grad():
+        before, after = net(example), fused(example)
+    diff, bound = export_module.fold_error(before, after)
+    assert before.abs().max() > 1e3 and 1e-4 < diff <= bound  # the old absolute 1e-4 would have refused it
+    assert "Folded 13 BatchNorm layers" in capsys.readouterr().out
+    original = export_module._fold
+
+    def off_by_a_little(conv, scale, shift):  # a wrong fold far smaller than the logits: 1% of one BN's shift
+        return original(conv, scale, shift * 1.01)
+
+    monkeypatch.setattr(export_module, "_fold", off_by_a_little)
+    with pytest.raises(RuntimeError, match=r"changed the logits by .* max \|logit\|"):
+        fuse(net, example)

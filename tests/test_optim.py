@@ -6,17 +6,25 @@ import math
 import warnings
 from collections.abc import Callable
 
+import lightning as L
 import pytest
+import timm
 import torch
+from conftest import tiny_trainer
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+import tlkit.module
+from tlkit import TransferClassifier
 from tlkit.optim import (
     OPTIMIZERS,
     SCHEDULES,
     create_optimizer,
     create_scheduler,
+    excluded_from_weight_decay,
     l1_penalty,
     l2_penalty,
+    no_weight_decay_names,
     param_groups,
     uses_weight_decay,
 )
@@ -202,3 +210,89 @@ def test_l2_penalty_has_the_gradient_of_weight_decay() -> None:
     for param in decayed:
         torch.testing.assert_close(param.grad, param.detach())  # d/dw (|w|^2 / 2) = w, SGD's weight-decay term
     assert l2_penalty([]).item() == 0.0
+
+
+def _decay_of(groups: list[dict], model: nn.Module, prefix: str = "") -> dict[str, float]:
+    """Each trainable parameter's name -> the weight decay of the group it landed in."""
+    decay_of_id = {id(p): group["weight_decay"] for group in groups for p in group["params"]}
+    return {prefix + n: decay_of_id[id(p)] for n, p in model.named_parameters() if id(p) in decay_of_id}
+
+
+def test_param_groups_leave_out_what_a_timm_vit_names_in_no_weight_decay() -> None:
+    vit = timm.create_model("test_vit")
+    names = no_weight_decay_names(vit)
+    assert {"cls_token", "pos_embed"} <= names
+    groups = param_groups(vit.named_parameters(), weight_decay=0.05, base_lr=LR, no_weight_decay=names)
+    decay = _decay_of(groups, vit)
+    assert decay["cls_token"] == decay["pos_embed"] == 0.0  # 2-D and 3-D tensors: ndim alone would decay them
+    assert decay["blocks.0.attn.qkv.weight"] == decay["patch_embed.proj.weight"] == 0.05
+    without = param_groups(vit.named_parameters(), weight_decay=0.05, base_lr=LR)
+    assert _decay_of(without, vit)["pos_embed"] == 0.05  # what the argument changes
+
+
+def test_no_weight_decay_names_leave_a_cnn_unchanged() -> None:
+    cnn = timm.create_model("test_efficientnet")
+    assert no_weight_decay_names(cnn, "backbone.model.") == frozenset()
+    assert no_weight_decay_names(_tiny_model()) == frozenset()  # a torch module without the method
+    ours = param_groups(
+        cnn.named_parameters(), weight_decay=0.05, base_lr=LR, no_weight_decay=no_weight_decay_names(cnn)
+    )
+    plain = param_groups(cnn.named_parameters(), weight_decay=0.05, base_lr=LR)
+    assert [(g["name"], list(map(id, g["params"]))) for g in ours] == [
+        (g["name"], list(map(id, g["params"]))) for g in plain
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "entry", "excluded"),
+    [
+        ("m.pos_embed", "m.pos_embed", True),  # a parameter name
+        ("m.pos_embed_x", "m.pos_embed", False),  # not a prefix of a longer name
+        ("m.pos_block.0.proj.weight", "m.pos_block.0", True),  # a module name: all its parameters
+        ("m.pos_embed.token_projection.weight", "m.pos_embed.*", True),  # xcit's wildcard
+        ("m.blocks.0.attn.relative_position_bias_table", "*relative_position_bias_table", True),
+        ("m.blocks.0.attn.qkv.weight", "*relative_position_bias_table", False),
+    ],
+)
+def test_excluded_from_weight_decay_matches_names_modules_and_patterns(name: str, entry: str, excluded: bool) -> None:
+    assert excluded_from_weight_decay(name, {entry}) is excluded
+
+
+class _GroupRecorder(L.Callback):
+    """The optimizer's weight decay per parameter name, at the first batch of every epoch (every phase)."""
+
+    def __init__(self) -> None:
+        self.decay: list[dict[str, float]] = []
+        self.lr: list[dict[str, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            groups = trainer.optimizers[0].param_groups
+            self.decay.append(_decay_of(groups, pl_module))
+            self.lr.append({g["name"]: g["lr"] for g in groups})
+
+
+def _vit_loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(4, 3, 160, 160, generator=g), torch.tensor([0, 1, 0, 1])), batch_size=2)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_vit_tokens_get_no_weight_decay_in_every_phase_and_with_layer_decay(tmp_path, monkeypatch) -> None:
+    phases = [
+        {"epochs": 1, "freeze": "stages:6", "lr": 0.01},  # stem (the tokens) frozen: not in the optimizer
+        {"epochs": 1, "freeze": "none", "lr": 0.01, "layer_decay": 0.5},
+    ]
+    model = TransferClassifier("test_vit", num_classes=2, weight_decay=0.05, l1=1e-3, phases=phases)
+    recorder, l1_params = _GroupRecorder(), []
+    monkeypatch.setattr(tlkit.module, "l1_penalty", lambda params: l1_params.append(params) or l1_penalty(params))
+    tiny_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[recorder]).fit(model, _vit_loader())
+    tokens = ("backbone.model.cls_token", "backbone.model.pos_embed")
+    assert not set(tokens) & set(recorder.decay[0])
+    assert [recorder.decay[1][name] for name in tokens] == [0.0, 0.0]
+    assert recorder.decay[1]["backbone.model.blocks.0.attn.qkv.weight"] == 0.05
+    assert recorder.lr[1]["stem/no_decay"] == pytest.approx(0.01 * 0.5**7)  # the tokens keep their stage's LR
+    penalised = {id(p) for params in l1_params for p in params}
+    penalised_names = {name for name, p in model.named_parameters() if id(p) in penalised}
+    assert "backbone.model.blocks.0.attn.qkv.weight" in penalised_names
+    assert not set(tokens) & penalised_names  # nor an L1 penalty

@@ -29,9 +29,11 @@ from tlkit.optim import (
     continued_scheduler,
     create_optimizer,
     create_scheduler,
+    excluded_from_weight_decay,
     l1_penalty,
     l2_penalty,
     layer_decay_scales,
+    no_weight_decay_names,
     param_groups,
     uses_weight_decay,
 )
@@ -241,7 +243,9 @@ class TransferClassifier(L.LightningModule):
         hp = self.hparams
         l2 = hp.weight_decay if hp.optimizer == "lbfgs" else 0.0  # L-BFGS has no weight decay of its own
         if hp.l1 or l2:  # (a pass over every parameter: not in every step when there is no penalty)
-            penalised = [p for p in self.parameters() if p.requires_grad and uses_weight_decay(p)]
+            skip = no_weight_decay_names(self.backbone.model, "backbone.model.")
+            penalised = [p for n, p in self.named_parameters() if p.requires_grad and uses_weight_decay(p)
+                         and not excluded_from_weight_decay(n, skip)]  # fmt: skip
             if hp.l1:
                 loss = loss + hp.l1 * l1_penalty(penalised)
             if l2:
@@ -300,6 +304,7 @@ class TransferClassifier(L.LightningModule):
             group_of=self._stage_of(),
             base_lr=phase.lr,
             lr_scale=scales,
+            no_weight_decay=no_weight_decay_names(self.backbone.model, "backbone.model."),  # timm's, e.g. pos_embed
         )
         optimizer = create_optimizer(groups, hp.optimizer, lr=phase.lr, momentum=hp.momentum, nesterov=hp.nesterov)
         if hp.optimizer == "lbfgs":

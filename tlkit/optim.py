@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,29 @@ def uses_weight_decay(param: Tensor) -> bool:
     return param.ndim > 1
 
 
+def no_weight_decay_names(model: nn.Module, prefix: str = "") -> frozenset[str]:
+    """The names a timm model excludes from weight decay (its ``no_weight_decay()``: ``cls_token``, ``pos_embed``, ...),
+    prefixed with ``prefix`` so that they match names taken from a module that holds ``model``.
+
+    timm's ``create_optimizer_v2`` reads the same method; models without it (torchvision, CNNs) exclude nothing.
+
+    Example:
+        >>> sorted(no_weight_decay_names(timm.create_model("test_vit"), "backbone.model."))[:2]
+        ['backbone.model.cls_token', 'backbone.model.dist_token']
+    """
+    names = getattr(model, "no_weight_decay", None)
+    return frozenset(prefix + name for name in names()) if callable(names) else frozenset()
+
+
+def excluded_from_weight_decay(name: str, no_weight_decay: Collection[str]) -> bool:
+    """Whether parameter ``name`` is one of ``no_weight_decay``: a parameter name, a module name (all its
+    parameters, e.g. twins' ``pos_block.0``), or a wildcard pattern (xcit's ``pos_embed.*``).
+
+    timm matches with ``fnmatch`` alone, which misses module names; the prefix match catches them as well.
+    """
+    return any(name.startswith(entry + ".") or fnmatch.fnmatchcase(name, entry) for entry in no_weight_decay)
+
+
 def param_groups(
     named_params: Iterable[tuple[str, nn.Parameter]] | Mapping[str, nn.Parameter],
     *,
@@ -37,13 +61,15 @@ def param_groups(
     base_lr: float,
     group_of: Callable[[str], str] | None = None,
     lr_scale: Mapping[str, float] | None = None,
+    no_weight_decay: Collection[str] = (),
 ) -> list[dict]:
     """Splits trainable parameters into optimizer param groups.
 
     Parameters with ``requires_grad=False`` are skipped. Each group ``g = group_of(name)`` (default: a single group
     ``"all"``) becomes up to two dicts, in order of first appearance: ``name=g`` with ``weight_decay`` for weights and
-    ``name=g + "/no_decay"`` with ``weight_decay=0`` for ``ndim <= 1`` params (see ``uses_weight_decay``). The names
-    are distinct because Lightning's ``LearningRateMonitor`` rejects duplicate group names. Empty halves are omitted.
+    ``name=g + "/no_decay"`` with ``weight_decay=0`` for ``ndim <= 1`` params (see ``uses_weight_decay``) and those
+    named in ``no_weight_decay``. The names are distinct because Lightning's ``LearningRateMonitor`` rejects
+    duplicate group names. Empty halves are omitted.
 
     Args:
         named_params: ``(name, param)`` pairs or a mapping, e.g. ``model.named_parameters()``.
@@ -51,6 +77,8 @@ def param_groups(
         base_lr: Learning rate before per-group scaling.
         group_of: Maps a parameter name to its group name, e.g. ``"head"`` or ``"layer1"``.
         lr_scale: Per-group LR multiplier; missing groups use 1.0.
+        no_weight_decay: Parameter names, module names or ``fnmatch`` patterns (as in ``named_params``) that get no
+            weight decay, e.g. :func:`no_weight_decay_names` of a ViT (its ``cls_token`` and ``pos_embed``).
 
     Returns:
         Dicts with keys ``params``, ``weight_decay``, ``lr`` (``base_lr * lr_scale``), ``name`` and ``lr_scale``.
@@ -65,7 +93,7 @@ def param_groups(
         if not param.requires_grad:
             continue
         group = group_of(name) if group_of is not None else "all"
-        decay = uses_weight_decay(param)
+        decay = uses_weight_decay(param) and not excluded_from_weight_decay(name, no_weight_decay)
         key = group if decay else group + NO_DECAY_SUFFIX
         if key not in groups:
             scale = float(lr_scale.get(group, 1.0))
@@ -318,9 +346,11 @@ __all__ = [
     "continued_scheduler",
     "create_optimizer",
     "create_scheduler",
+    "excluded_from_weight_decay",
     "l1_penalty",
     "l2_penalty",
     "layer_decay_scales",
+    "no_weight_decay_names",
     "param_groups",
     "uses_weight_decay",
 ]
