@@ -12,9 +12,11 @@ from tlkit.backbones import Backbone, create_backbone, list_backbones
 from tlkit.data import ImageDataModule
 from tlkit.features import FeatureSet, extract_features
 from tlkit.heads import ClassifierHead
+from tlkit.io import AtomicCheckpointIO
 from tlkit.module import TransferClassifier
 
 __all__ = [
+    "AtomicCheckpointIO",
     "Backbone",
     "ClassifierHead",
     "FeatureSet",

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import inspect
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,18 +22,27 @@ from typing import Any
 
 import lightning as L
 import torch
-from jsonargparse import CLI, lazy_instance
+from jsonargparse import CLI, Namespace, lazy_instance
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from tlkit.backbones import list_backbones
 from tlkit.data.datamodule import ImageDataModule
 from tlkit.data.datamodule import check_arguments as check_data_arguments
+from tlkit.io import AtomicCheckpointIO, atomic_open, claim_version
 from tlkit.module import CKPT_PATH_KEYWORDS, TransferClassifier, read_checkpoint
 from tlkit.module import check_arguments as check_model_arguments
 from tlkit.plots import PlannedRun, lr_schedule_figure, module_lr_schedule, save_figure
-from tlkit.tracking import ClassificationFigures, LoggerSaveConfigCallback, TrainingSpeed
+from tlkit.tracking import (
+    ClassificationFigures,
+    LoggerSaveConfigCallback,
+    TrainingSpeed,
+    run_directory,
+    scrub_logged_hyperparameters,
+)
 
 
 class PredictionCSVWriter(BasePredictionWriter):
@@ -88,13 +97,10 @@ def _flatten(items: Sequence) -> list:
 
 
 def _write_csv_atomic(path: Path, header: list[str], rows: list[tuple]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 class TlkitCLI(LightningCLI):
@@ -126,17 +132,30 @@ class TlkitCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Check the recipe's values before the data module reads its source and before any run directory (the
-        classes check them again when constructed; here they fail with the bare message, first)."""
+        classes check them again when constructed; here they fail with the bare message, first), then give each
+        CSV/TensorBoard logger of the recipe a version folder of its own, created atomically."""
         config = self._subcommand_config()
         for key, check in (("model", check_model_arguments), ("data", check_data_arguments)):
             init = dict((config.get(key) or {}).get("init_args") or {})
             names = inspect.signature(check).parameters
             if all(name in init for name in names):
                 check(**{name: init[name] for name in names})
+        # Only after the checks: a recipe with a bad value leaves no run directory behind.
+        claim_version_folders(config.get("trainer"))
 
     def _subcommand_config(self) -> Any:
         subcommand = self.config.get("subcommand")
         return self.config[subcommand] if subcommand else self.config
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The Trainer, with atomic checkpoints (:class:`tlkit.AtomicCheckpointIO`, unless the recipe names its own
+        ``CheckpointIO`` plugin) and loggers that scrub secrets from the hyperparameters they store."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: not a user's choice
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for logger in trainer.loggers:
+            scrub_logged_hyperparameters(logger)
+        return trainer
 
     def before_predict(self) -> None:
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
@@ -150,8 +169,40 @@ class TlkitCLI(LightningCLI):
             score = checkpoint.best_model_score
             best = f" ({checkpoint.monitor}={score:.4f})" if score is not None else ""
             _say(f"Best checkpoint{best}: {checkpoint.best_model_path}")
-        if self.trainer.log_dir:
-            _say(f"Run directory (config.yaml, checkpoints): {self.trainer.log_dir}")
+        if self.trainer.is_global_zero:
+            _say(f"Run directory (config.yaml, checkpoints): {run_directory(self.trainer)}")
+
+
+# Loggers whose ``save_dir/name/version_<n>`` folders tlkit claims atomically when the recipe gives no version.
+VERSIONED_LOGGERS = (CSVLogger, TensorBoardLogger)
+
+
+def claim_version_folders(trainer_config: Any) -> None:
+    """Sets ``version`` of each CSV/TensorBoard logger in a parsed ``trainer`` config that has none to a folder
+    created for it now (:func:`tlkit.io.claim_version`), so runs started together never share one.
+
+    Only global rank 0 claims (the rank is read from the environment, as Lightning does): under DDP the other
+    processes are started with the same command line and get rank 0's directory from the Trainer.
+    """
+    loggers = trainer_config.get("logger") if trainer_config is not None else None
+    if rank_zero_only.rank != 0 or not loggers or isinstance(loggers, bool):
+        return
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if not isinstance(logger, Namespace) or not _is_versioned_logger(logger.get("class_path")):
+            continue
+        args = logger.get("init_args") or Namespace()
+        if args.get("version") is None:
+            name = args.get("name", "lightning_logs")
+            args["version"] = claim_version(Path(args.get("save_dir") or ".") / (name or ""))
+            logger["init_args"] = args
+
+
+def _is_versioned_logger(class_path: str | None) -> bool:
+    if not class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    return isinstance(cls, type) and issubclass(cls, VERSIONED_LOGGERS)
 
 
 def backbones(filter: str | None = None, pretrained: bool = False) -> None:

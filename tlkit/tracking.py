@@ -19,7 +19,6 @@ import contextlib
 import json
 import netrc
 import os
-import re
 import struct
 import sys
 import time
@@ -34,60 +33,16 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from matplotlib.figure import Figure
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from tlkit.io import atomic_open
 from tlkit.plots import confusion_matrix_figure, display_images, figure_to_array, image_grid_figure, save_figure
-
-REDACTED = "***"
-# Environment variables whose values must never reach a run directory (matched on the name, case-insensitive).
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE", re.IGNORECASE)
-_MIN_SECRET_LENGTH = 6  # shorter values ("1", "true") would redact half the config without protecting anything
-
-
-# ---------------------------------------------------------------------------------------------------------- secrets
-
-
-def secret_values(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Values of the environment variables whose names look secret (``*_API_KEY``, ``*_TOKEN``, ...) -> name."""
-    environ = os.environ if environ is None else environ
-    return {
-        value: name for name, value in environ.items() if SECRET_NAME.search(name) and len(value) >= _MIN_SECRET_LENGTH
-    }
-
-
-def scrub_secrets(value: Any, secrets: dict[str, str] | None = None) -> Any:
-    """A copy of ``value`` (nested dicts, lists, strings) with secrets replaced by ``"***"``.
-
-    A secret is the value of a secret-looking environment variable (see :func:`secret_values`) anywhere in a string,
-    or any string under a secret-looking key (``api_key: ...``).
-
-    Example:
-        >>> scrub_secrets({"url": "https://x?token=abc123xyz"}, {"abc123xyz": "MY_TOKEN"})
-        {'url': 'https://x?token=***'}
-    """
-    secrets = secret_values() if secrets is None else secrets
-    if isinstance(value, dict):
-        return {
-            k: REDACTED if _is_secret_key(k) and isinstance(v, str) and v else scrub_secrets(v, secrets)
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return type(value)(scrub_secrets(v, secrets) for v in value)
-    if isinstance(value, str):
-        for secret in sorted(secrets, key=len, reverse=True):
-            value = value.replace(secret, REDACTED)
-    return value
-
-
-def _is_secret_key(key: Any) -> bool:
-    # "key" alone is too common a config name (e.g. "monitor_key"), so only compound names like api_key count.
-    return isinstance(key, str) and bool(re.search(r"(api|access|secret|private)_?key|token|passw|secret", key, re.I))
-
+from tlkit.secrets import scrub_secrets, secret_values
 
 # ------------------------------------------------------------------------------------------------------------ W&B
 
@@ -156,6 +111,8 @@ class WandbLogger(_LightningWandbLogger):
             kwargs["settings"] = wandb.Settings(silent=True)
         Path(save_dir).mkdir(parents=True, exist_ok=True)  # wandb falls back to a temp dir if it does not exist
         extra = {k: v for k, v in dict(entity=entity, group=group, tags=tags).items() if v is not None}
+        # wandb.init's own arguments (notes, name, tags, config...) go to the .wandb log as they are.
+        name, extra, kwargs = scrub_secrets((name, extra, kwargs))
         super().__init__(
             name=name,
             save_dir=save_dir,
@@ -208,15 +165,67 @@ def _as_dict(params: Any) -> Any:
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
-    """Saves ``config.yaml`` in the run directory (as LightningCLI does) and also logs the full resolved recipe,
-    scrubbed of secrets, as the hyperparameters of the run: the W&B config, TensorBoard's hparams, CSV's
-    ``hparams.yaml``."""
+    """Saves ``config.yaml``, scrubbed of secrets, in the run's own directory (:func:`run_directory`: next to its
+    ``checkpoints/``, for W&B too), and logs the full resolved recipe as the hyperparameters of the run: the W&B
+    config, TensorBoard's hparams, CSV's ``hparams.yaml``."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning's version writes to trainer.log_dir, which for W&B is the save_dir every run shares.
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            if self.save_to_log_dir:
+                self._write_config(Path(run_directory(trainer)) / self.config_filename)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+    def _write_config(self, path: Path) -> None:
+        if path.exists() and not self.overwrite:
+            raise RuntimeError(f"{str(path)!r} exists; not overwriting the config of another run.")
+        with atomic_open(path, "w") as f:
+            yaml.safe_dump(self._scrubbed_config(), f, sort_keys=False)
+
+    def _scrubbed_config(self) -> dict[str, Any]:
+        # The YAML dump is plain data (no Path objects), so every logger can store it.
+        return scrub_secrets(yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # The YAML dump is plain data (no Path objects), as in config.yaml, so every logger can store it.
-        config = scrub_secrets(yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
+        config = self._scrubbed_config()
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
+
+
+def run_directory(trainer: L.Trainer) -> str:
+    """The folder that belongs to this run: the first logger's ``save_dir/name/version`` (where ``ModelCheckpoint``
+    puts ``checkpoints/``; for W&B ``save_dir/<project>/<run id>``), or ``default_root_dir`` without a logger.
+
+    Lightning's ``trainer.log_dir`` is the shared ``save_dir`` for loggers other than CSV and TensorBoard. Call it on
+    global rank 0 (it may create the W&B run).
+    """
+    if not trainer.loggers:
+        return trainer.default_root_dir
+    logger = trainer.loggers[0]
+    if isinstance(logger, CSVLogger | TensorBoardLogger):
+        return logger.log_dir
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+
+
+def scrub_logged_hyperparameters(logger: Logger) -> Logger:
+    """Makes ``logger.log_hyperparams`` scrub secrets first (for any logger: Lightning logs the module's and data
+    module's hyperparameters itself, e.g. into CSV's ``hparams.yaml``); returns the logger."""
+    if isinstance(logger, WandbLogger) or getattr(logger.log_hyperparams, "scrubs_secrets", False):
+        return logger  # already scrubs
+    log_hyperparams = logger.log_hyperparams
+
+    # An instance attribute, not a subclass: it works for whatever logger class a recipe names.
+    def scrubbed(params: Any, *args: Any, **kwargs: Any) -> Any:
+        return log_hyperparams(scrub_secrets(_as_dict(params)), *args, **kwargs)
+
+    scrubbed.scrubs_secrets = True
+    logger.log_hyperparams = scrubbed
+    return logger
 
 
 def read_wandb_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -479,6 +488,8 @@ __all__ = [
     "log_figure",
     "read_wandb_config",
     "read_wandb_history",
+    "run_directory",
+    "scrub_logged_hyperparameters",
     "scrub_secrets",
     "secret_values",
     "wandb_credentials_found",
