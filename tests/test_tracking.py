@@ -17,15 +17,13 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from tlkit import ImageDataModule, TransferClassifier
 from tlkit.cli import main
+from tlkit.secrets import REDACTED, scrub_secrets, secret_values
 from tlkit.tracking import (
-    REDACTED,
     ClassificationFigures,
     TrainingSpeed,
     WandbLogger,
     read_wandb_config,
     read_wandb_history,
-    scrub_secrets,
-    secret_values,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
