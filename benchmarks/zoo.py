@@ -312,13 +312,19 @@ def reference_pre_logits(backbone: Any, x: Any) -> Any:
     import torch
     import torchvision
 
+    from tlkit.backbones import _without_aux_logits
+
     with torch.no_grad():
         if not backbone.name.startswith(TORCHVISION):
             model = backbone.model.eval()
             return model.forward_head(model.forward_features(x), pre_logits=True)
-        full = torchvision.models.get_model(backbone.name.removeprefix(TORCHVISION), weights=None).eval()
+        arch = backbone.name.removeprefix(TORCHVISION)
+        # Built as tlkit builds it (googlenet/inception without their auxiliary heads), so the weights fit.
+        full = torchvision.models.get_model(arch, weights=None, **_without_aux_logits(backbone.name, arch, {})).eval()
         result = full.load_state_dict(backbone.model.state_dict(), strict=False)
-        last = [(n, m) for n, m in full.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+        # The classifier is the last module with parameters: a Linear, or SqueezeNet's 1x1 Conv2d (then averaged
+        # over space: the pooling after a 1x1 convolution equals the convolution of the pooled input).
+        last = [(n, m) for n, m in full.named_modules() if any(True for _ in m.parameters(recurse=False))][-1]
         if result.unexpected_keys or any(not k.startswith(last[0] + ".") for k in result.missing_keys):
             raise CheckFailed(f"backbone weights do not fit the full model: {result}")
         caught = []
@@ -327,7 +333,7 @@ def reference_pre_logits(backbone: Any, x: Any) -> Any:
             full(x)
         finally:
             handle.remove()
-        return caught[-1]
+        return caught[-1].mean((2, 3)) if caught[-1].ndim == 4 else caught[-1]
 
 
 def check_features(backbone: Any, x: Any) -> str:
