@@ -21,6 +21,7 @@ worker started. Results are appended to a JSONL file as they come, so a sweep re
     nice -n 10 python benchmarks/zoo.py --filter 'resnet*' --workers 2
     nohup nice -n 15 python benchmarks/zoo.py --workers 2 > zoo.log 2>&1 &
     python benchmarks/zoo.py --report docs/zoo.md            # rebuild the report from the results, no run
+    python benchmarks/zoo.py --redo memory --workers 1 --max-rss-gb 18   # the big ones again, alone
 """
 
 from __future__ import annotations
@@ -117,17 +118,17 @@ def _run(checks: dict[str, dict[str, str]], name: str, check: Callable[[], str |
     return True
 
 
-def _size_candidates(name: str) -> list[int]:
+def _size_candidates(backbone: Any, name: str) -> list[int]:
     """Input sizes to try, smallest first, from the model's own config (timm ``pretrained_cfg``, torchvision weights
-    ``min_size``); a fixed-size model (ViTs & co.) gets only its ``input_size``."""
+    ``min_size`` up to the backbone's input size); a fixed-size model (ViTs & co.) gets only its ``input_size``."""
     import timm
     import torchvision
 
     if name.startswith(TORCHVISION):
         arch = name.removeprefix(TORCHVISION)
         weights = torchvision.models.get_model_weights(arch).DEFAULT
-        smallest = max(weights.meta.get("min_size", (1, 1)))
-        default = weights.transforms().crop_size[0]
+        default = backbone.data_config["input_size"][-1]  # built without weights: vit_h_14 is 224 px, its weights 518
+        smallest = min(max(weights.meta.get("min_size", (1, 1))), default)
         extra = {smallest} if smallest > 1 else set()  # (1, 1) means "anything": start at 32 px as for timm
         return sorted({s for s in (*CANDIDATE_SIZES, *extra, default) if smallest <= s <= default})
     cfg = timm.models.get_pretrained_cfg(name) or {}
@@ -146,7 +147,7 @@ def pick_input_size(backbone: Any, name: str) -> int:
     import torch
 
     errors = []
-    for size in _size_candidates(name):
+    for size in _size_candidates(backbone, name):
         try:
             with torch.no_grad():
                 backbone.eval()(torch.rand(BATCH, 3, size, size))
@@ -363,7 +364,7 @@ def check_onnx(clf: Any, x: Any, workdir: Path) -> str:
     import torch
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    from tlkit.export import InferenceModel, fuse
+    from tlkit.export import InferenceModel, exportable_pools, fuse
 
     if not any(isinstance(m, _BatchNorm) for m in clf.backbone.modules()):
         raise NotApplicable("no BatchNorm")
@@ -374,7 +375,8 @@ def check_onnx(clf: Any, x: Any, workdir: Path) -> str:
         folded = fuse(net, x)
     path = workdir / "model.onnx"
     axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
-    torch.onnx.export(folded, (x,), str(path), dynamo=False, opset_version=17, input_names=["images"],
+    exportable = exportable_pools(folded, x)  # as tlkit's export does (VGG's 7x7 pool of a 1x1 map)
+    torch.onnx.export(exportable, (x,), str(path), dynamo=False, opset_version=17, input_names=["images"],
                       output_names=["logits"], dynamic_axes=axes)  # fmt: skip
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
@@ -734,6 +736,11 @@ def write_report(results: Path, report: Path) -> str:
 # ------------------------------------------------------------------------------------------------- command line
 
 
+def done_names(recorded: dict[str, dict[str, Any]], redo: list[str]) -> set[str]:
+    """The recorded models not to check again: all but those whose outcome or exclusion kind is in ``redo``."""
+    return {name for name, r in recorded.items() if not set(redo) & {outcome(r), r.get("excluded", "").split(":")[0]}}
+
+
 def select(names: list[str], pattern: str | None, done: set[str], limit: int | None) -> list[str]:
     """Names matching ``pattern`` (shell-style; several separated by commas), not yet in the results, in a fixed
     shuffled order, at most ``limit``."""
@@ -747,6 +754,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--filter", help="shell-style pattern(s), comma-separated: 'resnet*,torchvision/*'")
     parser.add_argument("--limit", type=int, help="check at most N models (after --filter and resume)")
+    parser.add_argument(
+        "--redo",
+        help="check again the models already recorded with these outcomes, comma-separated: 'fail', 'excluded', or "
+        "an exclusion kind ('memory', 'timeout'); e.g. after a fix, or with a larger --max-rss-gb and one worker",
+    )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -765,7 +777,7 @@ def main(argv: list[str] | None = None) -> None:
         print(write_report(args.results, args.report))
         return
     os.nice(args.nice)  # a sweep of hours on shared cores should yield to interactive work
-    done = set(load_results(args.results))
+    done = done_names(load_results(args.results), args.redo.split(",") if args.redo else [])
     names = select(all_models(), args.filter, done, args.limit)
     print(f"{len(names)} models to check ({len(done)} already in {args.results}), {args.workers} workers", flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -466,3 +466,13 @@ def test_hub_weights_without_network_fail_in_seconds(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match=r"'test_vit'.*127\.0\.0\.1 is unreachable.*pretrained='packaged'"):
         create_backbone("test_vit", pretrained=True)
     assert time.perf_counter() - start < 2
+
+
+def test_torchvision_model_without_weights_gets_the_data_config_of_its_own_input_size():
+    """A ViT built without weights takes the size it is built with: the data config follows it (vit_h_14's default
+    weights are 518 px but it is 224 px without them; vit_b_16 asked at 384 px gets the 384-px weights' config)."""
+    backbone = create_backbone("torchvision/vit_b_16", pretrained=False, image_size=384)
+    assert backbone.data_config["input_size"] == (3, 384, 384)
+    assert backbone(torch.rand(1, 3, 384, 384)).shape == (1, backbone.num_features)
+    with pytest.raises(ValueError, match=r"torchvision/vit_b_16 built without weights takes 256-px.*IMAGENET1K_V1"):
+        create_backbone("torchvision/vit_b_16", pretrained=False, image_size=256)

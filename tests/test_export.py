@@ -364,3 +364,32 @@ def test_fuse_accepts_a_correct_fold_with_large_logits_and_refuses_a_wrong_one(m
     monkeypatch.setattr(export_module, "_fold", off_by_a_little)
     with pytest.raises(RuntimeError, match=r"changed the logits by .* max \|logit\|"):
         fuse(net, example)
+
+
+@pytest.mark.parametrize(
+    ("in_size", "out_size"), [((1, 1), 7), ((5, 3), (7, 2)), ((6, 4), (4, None)), ((13, 13), 6), ((8, 8), 4)]
+)
+def test_fixed_adaptive_pool_equals_torchs_adaptive_pool(in_size, out_size):
+    net = nn.Sequential(nn.Identity(), nn.AdaptiveAvgPool2d(out_size))
+    x = torch.randn(2, 3, *in_size)
+    fixed = export_module.exportable_pools(net, x)
+    divides = all(i % o == 0 for i, o in zip(in_size, net(x).shape[-2:], strict=True))
+    assert (fixed is net) == divides  # only the pools the exporter refuses are replaced, in a copy
+    assert isinstance(fixed[1], nn.AdaptiveAvgPool2d if divides else export_module.FixedAdaptiveAvgPool2d)
+    assert isinstance(net[1], nn.AdaptiveAvgPool2d)
+    torch.testing.assert_close(fixed(x), net(x), rtol=0, atol=1e-6)
+
+
+def test_onnx_export_of_a_vgg_style_pool_on_a_small_image(tmp_path):
+    """VGG pools its last map to 7x7; at 32 px that map is 1x1 and torch's exporter refuses the pool by itself."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=8, padding=1), nn.AdaptiveAvgPool2d((7, 7)), nn.Flatten(), nn.Linear(196, 3)
+    )
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(Exception, match="not factor of input size"):
+        torch.onnx.export(net, (x,), str(tmp_path / "plain.onnx"), dynamo=False)
+    out = tmp_path / "m.onnx"
+    export_module._write_onnx(net, x, out, {"outputs": ["logits"], "class_names": ["a", "b", "c"]}, 17)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(got, net(x).detach().numpy(), atol=1e-5)

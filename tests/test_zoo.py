@@ -148,6 +148,12 @@ def test_main_resumes_and_reports_from_results(tmp_path, capsys):
     assert "- `other_model` stages: CheckFailed: boom" in text
     assert "- `big_model`: memory: RSS over 5 MB" in text
     assert "| test | 1 | 1 | 0 | 1/1 |" in text  # family of test_resnet
+    recorded = zoo.load_results(results)
+    assert zoo.done_names(recorded, []) == {"test_resnet", "other_model", "big_model"}
+    assert zoo.done_names(recorded, ["fail"]) == {"test_resnet", "big_model"}  # --redo fail: checked again
+    assert (
+        zoo.done_names(recorded, ["memory"]) == zoo.done_names(recorded, ["excluded"]) == {"test_resnet", "other_model"}
+    )
 
 
 def test_timeouts_count_cpu_time_not_waiting():

@@ -195,7 +195,25 @@ def _create_torchvision(name: str, hub: bool, **kwargs: Any) -> Backbone:
     kwargs = _without_aux_logits(name, arch, kwargs)
     model = torchvision.models.get_model(arch, weights=default_weights if hub else None, **kwargs)
     num_features = _drop_classifier(model, name)
-    return Backbone(model, name, num_features, _torchvision_data_config(default_weights), _torchvision_groups(model))
+    config = _torchvision_data_config(default_weights if hub else _weights_that_fit(arch, model))
+    return Backbone(model, name, num_features, config, _torchvision_groups(model))
+
+
+def _weights_that_fit(arch: str, model: nn.Module) -> Any:
+    """The weights whose evaluation transform fits ``model`` as built without weights. A fixed-size model (ViT)
+    takes its ``image_size`` from the weights it is built with and 224 without: ``vit_h_14``'s default weights are
+    518-px, so without weights the 224-px ones (same mean/std) describe its input."""
+    weights = torchvision.models.get_model_weights(arch)
+    size = getattr(model, "image_size", None)
+    if size is None or weights.DEFAULT.transforms().crop_size[0] == size:
+        return weights.DEFAULT
+    fitting = [w for w in weights if w.transforms().crop_size[0] == size]
+    if not fitting:
+        raise ValueError(
+            f"torchvision/{arch} built without weights takes {size}-px images, and none of its weights "
+            f"({', '.join(w.name for w in weights)}) has that input size; pass image_size=<size> of one of them."
+        )
+    return fitting[0]
 
 
 def _without_aux_logits(name: str, arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -398,14 +398,78 @@ def _write_torchscript(net: nn.Module, example: Tensor, out: Path, meta: dict, o
     os.replace(tmp, out)
 
 
+class FixedAdaptiveAvgPool2d(nn.Module):
+    """``AdaptiveAvgPool2d`` for one known input size, as two averaging matrices: ``rows @ x @ cols.T``.
+
+    torch's ONNX exporter refuses adaptive average pooling whose output size does not divide the input size (VGG's
+    7x7 pool on the 1x1 map of a 32-px image); the same averages as matrix products export everywhere.
+    """
+
+    def __init__(self, in_size: tuple[int, int], out_size: tuple[int, int]):
+        super().__init__()
+        self.register_buffer("rows", _averaging_matrix(in_size[0], out_size[0]), persistent=False)
+        self.register_buffer("cols", _averaging_matrix(in_size[1], out_size[1]), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rows @ x @ self.cols.T
+
+
+def _averaging_matrix(n_in: int, n_out: int) -> Tensor:
+    """Row ``i`` averages inputs ``floor(i * n_in / n_out)`` to ``ceil((i + 1) * n_in / n_out)`` (exclusive), the
+    windows of torch's adaptive pooling."""
+    matrix = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        start, stop = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        matrix[i, start:stop] = 1 / (stop - start)
+    return matrix
+
+
+def exportable_pools(net: nn.Module, example: Tensor) -> nn.Module:
+    """``net`` with every ``AdaptiveAvgPool2d`` whose output size does not divide its input size (at ``example``'s
+    size) replaced by :class:`FixedAdaptiveAvgPool2d`; ``net`` itself if there is none (a copy otherwise)."""
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def note_size(name: str) -> Any:
+        def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:  # None: a returned value replaces the input
+            sizes.setdefault(name, tuple(args[0].shape[-2:]))
+
+        return hook
+
+    pools = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    hooks = [m.register_forward_pre_hook(note_size(name)) for name, m in pools]
+    try:
+        with torch.no_grad():
+            net(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    fixed = {}
+    for name, in_size in sizes.items():
+        out = net.get_submodule(name).output_size
+        out = (
+            (out, out)
+            if isinstance(out, int)
+            else tuple(i if o is None else o for o, i in zip(out, in_size, strict=True))
+        )
+        if any(i % o for i, o in zip(in_size, out, strict=True)):
+            fixed[name] = FixedAdaptiveAvgPool2d(in_size, out)
+    if not fixed or "" in fixed:  # none to replace, or net is the pool itself
+        return fixed.get("", net)
+    net = copy.deepcopy(net)
+    for name, module in fixed.items():
+        _replace(net, name, module)
+    return net
+
+
 def _write_onnx(net: nn.Module, example: Tensor, out: Path, meta: dict, opset: int) -> None:
     import onnx
 
     outputs = meta["outputs"]
     tmp = _atomic(out)
+    axes = {name: {0: "batch"} for name in ["images", *outputs]}
     torch.onnx.export(
-        net, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"], output_names=outputs,
-        dynamic_axes={name: {0: "batch"} for name in ["images", *outputs]},
+        exportable_pools(net, example), (example,), str(tmp), dynamo=False, opset_version=opset,
+        input_names=["images"], output_names=outputs, dynamic_axes=axes,
     )  # fmt: skip
     proto = onnx.load(str(tmp))
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta), "class_names": json.dumps(meta["class_names"])})
