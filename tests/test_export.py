@@ -393,3 +393,18 @@ def test_onnx_export_of_a_vgg_style_pool_on_a_small_image(tmp_path):
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = session.run(None, {"images": x.numpy()})[0]
     np.testing.assert_allclose(got, net(x).detach().numpy(), atol=1e-5)
+
+
+def test_a_data_module_subclass_exports_with_its_fitted_statistics(checkpoint, tmp_path, caplog):
+    """Lightning saves a data module's state under its class name: a subclass's fitted statistics must be found."""
+    raw = torch.load(checkpoint, weights_only=True)
+    raw["MyDataModule"] = raw.pop("ImageDataModule")  # what Lightning writes for `class MyDataModule(ImageDataModule)`
+    renamed = tmp_path / "subclass.ckpt"
+    torch.save(raw, renamed)
+    _, expected, _ = load_checkpoint(checkpoint)
+    _, got, _ = load_checkpoint(renamed)
+    assert "No data module state" not in caplog.text
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[key], value)
+    pretrained_mean = torch.tensor(TransferClassifier("test_efficientnet").data_config["mean"])
+    assert not torch.allclose(got.state_dict()["mean"], pretrained_mean)  # the fitted statistics, not the weights'

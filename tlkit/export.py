@@ -265,13 +265,22 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[TransferClassifier, nn.Mod
     checkpoint = read_checkpoint(path)  # weights_only=True, and a clear error for a bad file, before anything else
     model = TransferClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
     hp = checkpoint.get("datamodule_hyper_parameters") or {}
-    state = (checkpoint.get("ImageDataModule") or {}).get("preprocess")
+    state = _datamodule_state(checkpoint, path).get("preprocess")
     spec = _preprocess_spec(hp, model.data_config)
     if state is None:
         log.warning("No data module state in %s: using the backbone's mean/std.", path)
         spec |= {"kind": "pretrained"}
         return model, build_preprocess("pretrained", mean=spec["mean"], std=spec["std"]), spec
     return model, _build_preprocess(spec, state), spec
+
+
+def _datamodule_state(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The data module's saved state. Lightning keeps it under the data module's class name, so a subclass of
+    ImageDataModule saves it under its own name: look for the entry that holds a ``preprocess`` state."""
+    found = {k: v for k, v in checkpoint.items() if isinstance(v, dict) and isinstance(v.get("preprocess"), dict)}
+    if len(found) > 1:
+        raise ValueError(f"{path} holds several data module states ({', '.join(found)}); expected one.")
+    return next(iter(found.values()), {})
 
 
 def _preprocess_spec(hp: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
