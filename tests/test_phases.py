@@ -245,6 +245,7 @@ def test_resume_after_and_before_the_phase_change_ends_with_the_same_weights(tmp
             assert torch.equal(a, b), f"resumed from epoch {epoch}: {name} differs"
     state = torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)["callbacks"]["FineTuningPhases"]
     assert state["phase"] == 1 and "backbone.model.conv_stem.weight" in state["frozen"]
+    assert [phase["freeze"] for phase in state["phases"]] == ["backbone", "stages:2"]
 
 
 def test_compiled_run_trains_unfrozen_layers_and_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,13 +274,16 @@ def test_compiled_run_trains_unfrozen_layers_and_matches_eager(monkeypatch: pyte
 
 def test_freeze_epochs_shorthand_expands_to_two_phases() -> None:
     model = TransferClassifier(BN_MODEL, num_classes=3, freeze_epochs=2, layer_decay=0.8, lr=0.03)
-    assert [(p.epochs, p.freeze, p.layer_decay, p.lr) for p in model.phases] == [
+    callbacks = model.configure_callbacks()
+    assert [type(c) for c in callbacks] == [RngStateCheckpoint, FineTuningPhases]
+    phases = callbacks[1]
+    assert [(p.epochs, p.freeze, p.layer_decay, p.lr) for p in phases.phases] == [
         (2, "backbone", 0.8, 0.03),
         (None, "none", 0.8, 0.03),
     ]
-    assert not any(p.requires_grad for p in model.backbone.parameters())
-    assert [model.phase_at(e) for e in range(4)] == [0, 0, 1, 1]
-    assert [type(c) for c in model.configure_callbacks()] == [RngStateCheckpoint, FineTuningPhases]
+    assert not any(p.requires_grad for p in model.backbone.parameters())  # the model starts in the first phase
+    assert [phases.index_at(e) for e in range(4)] == [0, 0, 1, 1]
+    assert [phases.epochs_of(i, max_epochs=5) for i in (0, 1)] == [(0, 2), (2, 5)]
     assert [type(c) for c in TransferClassifier(BN_MODEL, num_classes=3).configure_callbacks()] == [RngStateCheckpoint]
 
 
@@ -302,7 +306,7 @@ def test_warmup_longer_than_its_phase_is_clamped_with_a_warning() -> None:
     model = _model([{"epochs": 1, "freeze": "backbone", "warmup_epochs": 1}, {"freeze": "none"}])
     with pytest.warns(UserWarning, match="covers the whole phase 0"):
         _trainer(2, limit_train_batches=1).fit(model, _loader())
-    assert model.phase_index == 1
+    assert model.phase_index == 1 and model.phase.freeze == "none"
 
 
 def test_parse_phases_inherits_module_values() -> None:

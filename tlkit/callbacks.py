@@ -2,10 +2,12 @@
 
 A run of :class:`~tlkit.module.TransferClassifier` is a list of phases (``phases=[...]`` in a recipe, each a dict
 with the fields of :class:`Phase`), or the shorthand ``freeze_epochs=N`` (train with ``freeze`` for N epochs, then
-everything, with ``layer_decay`` if set — fastai's ``fine_tune``). The module adds :class:`FineTuningPhases` to the
-trainer itself; at the first epoch of each phase it
+everything, with ``layer_decay`` if set — fastai's ``fine_tune``). :class:`FineTuningPhases` owns the parsed list
+and the index of the current phase; the model brings it to the Trainer itself (``configure_callbacks``). At the
+start of fitting it puts the model in the phase of the current epoch, and at the first epoch of each later phase it
 
-1. sets ``requires_grad`` and the BatchNorm modes of the new freeze spec (``module.enter_phase``);
+1. tells the model to enter the phase (``module.enter_phase``: ``requires_grad`` and BatchNorm modes of the new
+   freeze spec; the phase's learning rates and schedule for the next ``configure_optimizers``);
 2. under DDP, wraps the model in a new ``DistributedDataParallel`` (see :func:`rewrap_ddp` for why);
 3. rebuilds the optimizer and LR schedule through Lightning (``strategy.setup_optimizers``, which calls the
    module's ``configure_optimizers`` for the new phase). The optimizer state (momentum, Adam moments) of parameters
@@ -16,8 +18,9 @@ trainer itself; at the first epoch of each phase it
    and the reset costs one recompile per phase);
 5. with ``recalibrate_bn``, re-estimates the BatchNorm running statistics on the train data (:func:`recalibrate_bn`).
 
-The phase index is in the callback's ``state_dict`` (so in every checkpoint); on resume it is restored, and the
-phase re-entered, before Lightning wraps the model in DDP and builds the optimizer whose state it then loads.
+The phase index (and the phases) are in the callback's ``state_dict``, so in every checkpoint; on resume the phase
+is re-entered before Lightning wraps the model in DDP and builds the optimizer whose state it then loads.
+``tlkit plot-schedule`` walks the phases with the same :meth:`FineTuningPhases.enter` (:mod:`tlkit.plots`).
 """
 
 from __future__ import annotations
@@ -101,6 +104,13 @@ def _check_phase(i: int, phase: Phase, last: bool) -> None:
         raise ValueError(f"Phase {i} has epochs={phase.epochs}; a phase lasts at least 1 epoch.")
 
 
+def phase_specs(phases: list[dict[str, Any]] | None, freeze_epochs: int, freeze: str) -> list[dict[str, Any]]:
+    """The phase dicts a recipe declares: ``phases``, the ``freeze_epochs`` shorthand, or one phase (``[{}]``)."""
+    if phases and freeze_epochs:
+        raise ValueError("Give either phases or freeze_epochs (a shorthand for two phases), not both.")
+    return phases or (fine_tune_phases(freeze_epochs, freeze) if freeze_epochs else [{}])
+
+
 def fine_tune_phases(freeze_epochs: int, freeze: str) -> list[dict[str, Any]]:
     """The ``freeze_epochs`` shorthand: ``freeze`` (``"backbone"`` if it is ``"none"``) for N epochs, then all."""
     if freeze_epochs < 1:
@@ -109,54 +119,105 @@ def fine_tune_phases(freeze_epochs: int, freeze: str) -> list[dict[str, Any]]:
 
 
 class FineTuningPhases(Callback):
-    """Moves a :class:`~tlkit.module.TransferClassifier` from phase to phase (see the module docstring).
+    """Owns a run's phases and the index of the current one, and moves the model from phase to phase (see the
+    module docstring).
 
-    ``TransferClassifier.configure_callbacks`` adds it when the module has more than one phase (or
-    ``recalibrate_bn``), so recipes never list it.
+    ``TransferClassifier.configure_callbacks`` builds it from the model's ``phases`` / ``freeze_epochs`` when there
+    is more than one phase (or ``recalibrate_bn``), so recipes never list it. The model it drives needs one method,
+    ``enter_phase(phase, index=, epochs=)``.
+
+    Args:
+        phases: the parsed phases (:func:`parse_phases`), in order.
 
     Example:
         >>> model = TransferClassifier("resnet18", num_classes=3, freeze_epochs=1, layer_decay=0.7)
         >>> L.Trainer(max_epochs=3).fit(model, dm)  # epoch 0: head only; epochs 1-2: everything
     """
 
-    def __init__(self) -> None:
-        self._module: TransferClassifier | None = None
+    def __init__(self, phases: list[Phase]) -> None:
+        if not phases:
+            raise ValueError("FineTuningPhases needs at least one phase.")
+        self.phases = list(phases)
+        self.index = 0  # the phase the model is in
         self._entered = -1  # last phase whose start-of-phase work (recalibration) is done
+        self._module: TransferClassifier | None = None
+        self._max_epochs: int | None = None
+
+    def index_at(self, epoch: int) -> int:
+        """Index of the phase that trains epoch ``epoch`` (the last phase runs until the end)."""
+        index, start = 0, 0
+        for i, phase in enumerate(self.phases[:-1]):
+            start += phase.epochs
+            if epoch >= start:
+                index = i + 1
+        return index
+
+    def epochs_of(self, index: int, max_epochs: int | None) -> tuple[int, int]:
+        """First and end epoch of phase ``index``; the last phase ends at ``max_epochs``."""
+        start = sum(p.epochs for p in self.phases[:index])
+        if index < len(self.phases) - 1:
+            return start, start + self.phases[index].epochs
+        max_epochs = max_epochs or 0
+        return start, max_epochs if max_epochs > start else start + (self.phases[index].epochs or 1)
+
+    def enter(self, module: TransferClassifier, index: int, max_epochs: int | None) -> None:
+        """Make phase ``index`` the current one and tell ``module`` to enter it, with its epochs in a run of
+        ``max_epochs`` (its freeze spec applies now, its optimizer and schedule at the next ``configure_optimizers``).
+        """
+        if not 0 <= index < len(self.phases):
+            raise ValueError(f"Phase {index} does not exist; this run has {len(self.phases)} phases.")
+        self.index = index
+        module.enter_phase(self.phases[index], index=index, epochs=self.epochs_of(index, max_epochs))
 
     def setup(self, trainer: L.Trainer, pl_module: TransferClassifier, stage: str) -> None:
-        self._module = pl_module  # load_state_dict (called after setup, before DDP wraps the model) needs it
+        # load_state_dict (called after setup, before DDP wraps the model) needs the module and the run's length.
+        self._module, self._max_epochs = pl_module, trainer.max_epochs
+        if stage == "fit":  # the phase's epochs (so its schedule) depend on the run: enter it for this run
+            self.enter(pl_module, self.index_at(trainer.current_epoch), trainer.max_epochs)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: TransferClassifier) -> None:
-        index = pl_module.phase_at(trainer.current_epoch)
-        if index != pl_module.phase_index:
+        index = self.index_at(trainer.current_epoch)
+        if index != self.index:
             previous = list(trainer.optimizers)
-            pl_module.enter_phase(index)
+            self.enter(pl_module, index, trainer.max_epochs)
             rewrap_ddp(trainer)
             trainer.strategy.setup_optimizers(trainer)  # runs configure_optimizers of the new phase
             for before, after in zip(previous, trainer.optimizers, strict=True):
                 carry_optimizer_state(before, after)
             if pl_module.hparams.compile:
                 torch._dynamo.reset()  # no graph traced with the old requires_grad set survives (pytorch#139476)
-        if index != self._entered and pl_module.phases[index].recalibrate_bn:
+        if index != self._entered and self.phases[index].recalibrate_bn:
             recalibrate_bn(trainer, pl_module)
         self._entered = index
 
     def state_dict(self) -> dict[str, Any]:
-        module = self._module
-        if module is None:
-            return {}
-        return {"phase": module.phase_index, "entered": self._entered, "frozen": _frozen_names(module)}
+        state: dict[str, Any] = {"phase": self.index, "entered": self._entered, "phases": _plain(self.phases)}
+        if self._module is not None:
+            state["frozen"] = _frozen_names(self._module)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict or self._module is None:
             return
+        saved = state_dict.get("phases")  # (checkpoints written before tlkit saved the phases have none)
+        if saved is not None and saved != _plain(self.phases):
+            raise ValueError(
+                f"The checkpoint was written by a run with other phases ({saved}) than this one "
+                f"({_plain(self.phases)}). Resume with the recipe's phases and module arguments as they were "
+                "(the checkpoint's hyper_parameters), or start a new run from its weights."
+            )
         self._entered = state_dict["entered"]
-        self._module.enter_phase(state_dict["phase"])
-        if _frozen_names(self._module) != state_dict["frozen"]:
+        self.enter(self._module, state_dict["phase"], self._max_epochs)
+        if "frozen" in state_dict and _frozen_names(self._module) != state_dict["frozen"]:
             raise RuntimeError(
                 f"The checkpoint was written in phase {state_dict['phase']} with a different set of frozen "
                 "parameters than this model's phase of that index freezes: resume with the same backbone and phases."
             )
+
+
+def _plain(phases: list[Phase]) -> list[dict[str, Any]]:
+    """The phases as plain dicts (a checkpoint loads with ``weights_only=True``)."""
+    return [dataclasses.asdict(phase) for phase in phases]
 
 
 def _frozen_names(module: nn.Module) -> list[str]:
@@ -223,7 +284,7 @@ def recalibrate_bn(trainer: L.Trainer, module: TransferClassifier) -> None:
     for i, batch in enumerate(trainer.train_dataloader):
         if i >= trainer.num_training_batches:
             break
-        images = module._apply_batch_transfer_handler(batch)[0]
+        images = trainer.strategy.batch_to_device(batch)[0]  # with the transfer hooks: preprocessing on the device
         module.backbone.forward(images)  # .forward: the eager module, not its compiled graph
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
@@ -279,6 +340,7 @@ __all__ = [
     "Phase",
     "carry_optimizer_state",
     "parse_phases",
+    "phase_specs",
     "recalibrate_bn",
     "rewrap_ddp",
 ]

@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.functional.classification.stat_scores import _multiclass_stat_scores_tensor_validation
 
 from tlkit.backbones import Pretrained, create_backbone
-from tlkit.callbacks import FineTuningPhases, Phase, fine_tune_phases, parse_phases
+from tlkit.callbacks import FineTuningPhases, Phase, parse_phases, phase_specs
 from tlkit.features import drop_feature_cache
 from tlkit.freezing import apply_freeze, batchnorm_parameter_names, frozen_parameter_names, keep_frozen_bn_eval
 from tlkit.heads import ClassifierHead
@@ -86,7 +86,9 @@ class TransferClassifier(L.LightningModule):
             ``lr * layer_decay ** d`` (head 0, last stage 1, ...). ``None``: one LR for all.
         phases: fine-tuning phases, each a dict of :class:`~tlkit.callbacks.Phase` fields (``epochs``, ``freeze``,
             ``lr``, ``warmup_epochs``, ``layer_decay``, ``lr_scale``, ``restart``, ``train_bn``, ``recalibrate_bn``);
-            fields left out take this module's values. ``None``: one phase with the arguments above.
+            fields left out take this module's values. ``None``: one phase with the arguments above. The
+            :class:`~tlkit.callbacks.FineTuningPhases` callback that owns them is added to the Trainer by
+            :meth:`configure_callbacks`; the model starts in the first phase.
         freeze_epochs: shorthand for two phases: ``freeze`` (``"backbone"`` if ``"none"``) for this many epochs,
             then everything unfrozen (with ``layer_decay`` if set). 0: off.
         feature_cache: when the whole backbone is frozen and training augmentation is off, compute its features once
@@ -141,9 +143,7 @@ class TransferClassifier(L.LightningModule):
         self.register_buffer("class_weight", None, persistent=False)  # set in setup from the data's class counts
         self.backbone = create_backbone(backbone, pretrained=pretrained)
         self.head = _build_head(self.backbone.num_features, num_classes, head or {})
-        self.phases = self._build_phases(phases, freeze_epochs)
-        self.phase_index = 0
-        self.enter_phase(0)
+        self.enter_phase(self._declared_phases()[0])  # checks every phase now, not epochs into the run
         self._evaluated: tuple[int, int] | None = None  # (step, batch) of the last training_step call
         self.train_metrics = _metrics(num_classes, "train/")
         self.val_metrics = _metrics(num_classes, "val/")
@@ -174,12 +174,26 @@ class TransferClassifier(L.LightningModule):
         drop_feature_cache(self)  # cached features are only valid for a fully frozen backbone
         self.train(self.training)  # re-applies the BatchNorm policy to the new frozen set
 
-    def _build_phases(self, phases: list[dict[str, Any]] | None, freeze_epochs: int) -> list[Phase]:
+    def enter_phase(self, phase: Phase, index: int = 0, epochs: tuple[int, int] | None = None) -> None:
+        """Train as ``phase`` says: apply its freeze spec and BatchNorm policy now; the next
+        ``configure_optimizers`` builds its optimizer and schedule. The phase list, and the trainer-side work of a
+        phase change (DDP, optimizer rebuild, compile), are :class:`~tlkit.callbacks.FineTuningPhases`'.
+
+        Args:
+            phase: the phase (a :class:`~tlkit.callbacks.Phase` with every inherited field filled in).
+            index: its position in the run (in messages, and logged as ``phase``).
+            epochs: its first and end epoch, which its schedule spans; ``None``: the whole run.
+
+        Example:
+            >>> model.enter_phase(Phase(freeze="none", lr=1e-3), index=1, epochs=(2, 5))
+        """
+        self.phase, self.phase_index, self.phase_epochs = phase, index, epochs
+        self.set_freeze(phase.freeze, train_bn=phase.train_bn)
+
+    def _declared_phases(self) -> list[Phase]:
+        """The phases the recipe declares (``phases`` or ``freeze_epochs``), each checked against this model."""
         hp = self.hparams
-        if phases and freeze_epochs:
-            raise ValueError("Give either phases or freeze_epochs (a shorthand for two phases), not both.")
-        specs = phases or (fine_tune_phases(freeze_epochs, hp.freeze) if freeze_epochs else [{}])
-        parsed = parse_phases(specs, hp)  # phases inherit freeze, lr, warmup and layer decay from the module
+        parsed = parse_phases(phase_specs(hp.phases, hp.freeze_epochs, hp.freeze), hp)  # they inherit module values
         groups = {"head", *self.backbone.stages}
         for i, phase in enumerate(parsed):
             frozen_parameter_names(self.backbone, phase.freeze)  # a bad spec fails now, not epochs into the run
@@ -192,28 +206,14 @@ class TransferClassifier(L.LightningModule):
                 )
         return parsed
 
-    def phase_at(self, epoch: int) -> int:
-        """Index of the phase that trains epoch ``epoch`` (the last phase runs until the end)."""
-        index, start = 0, 0
-        for i, phase in enumerate(self.phases[:-1]):
-            start += phase.epochs
-            if epoch >= start:
-                index = i + 1
-        return index
-
-    def enter_phase(self, index: int) -> None:
-        """Apply phase ``index``'s freeze spec and BatchNorm policy; ``configure_optimizers`` then builds its
-        optimizer. The trainer-side work (DDP, optimizer rebuild, compile) is :class:`FineTuningPhases`'s."""
-        if not 0 <= index < len(self.phases):
-            raise ValueError(f"Phase {index} does not exist; this model has {len(self.phases)} phases.")
-        self.phase_index = index
-        phase = self.phases[index]
-        self.set_freeze(phase.freeze, train_bn=phase.train_bn)
-
     def configure_callbacks(self) -> list[L.Callback]:
         callbacks: list[L.Callback] = [RngStateCheckpoint()]  # every checkpoint resumes the same run
-        if len(self.phases) > 1 or self.phases[0].recalibrate_bn:
-            callbacks.append(FineTuningPhases())
+        # Recipes declare phases on the model (model.init_args.phases / freeze_epochs), where they have always been,
+        # so existing recipes and checkpoints (whose hyper_parameters hold them) keep working; the callback that owns
+        # them is built from those values here, one per fit, never listed in a recipe.
+        phases = self._declared_phases()
+        if len(phases) > 1 or phases[0].recalibrate_bn:
+            callbacks.append(FineTuningPhases(phases))
         return callbacks
 
     def setup(self, stage: str) -> None:
@@ -295,7 +295,7 @@ class TransferClassifier(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """The optimizer and per-step schedule of the current phase: one named group per stage (and head), at
         ``lr * lr_scale * layer_decay ** distance``; frozen parameters are not in it."""
-        hp, phase = self.hparams, self.phases[self.phase_index]
+        hp, phase = self.hparams, self.phase
         scales = layer_decay_scales(self.backbone.stages, phase.layer_decay) if phase.layer_decay else {}
         scales = {g: scales.get(g, 1.0) * phase.lr_scale.get(g, 1.0) for g in ("head", *self.backbone.stages)}
         groups = param_groups(
@@ -342,9 +342,9 @@ class TransferClassifier(L.LightningModule):
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         """The schedule restarts over the phase (warmup included), or continues the run-wide one (``restart``)."""
-        hp, phase = self.hparams, self.phases[self.phase_index]
+        hp, phase = self.hparams, self.phase
         total, per_epoch = self._schedule_steps()
-        start, end = self._phase_epochs(self.phase_index)
+        start, end = self.phase_epochs or (0, round(total / per_epoch))  # None: the whole run
         step_size = round(hp.step_epochs * per_epoch) if hp.step_epochs else None
         if not phase.restart:
             warmup = round(hp.warmup_epochs * per_epoch)
@@ -363,14 +363,6 @@ class TransferClassifier(L.LightningModule):
         return create_scheduler(
             optimizer, hp.schedule, total_steps=steps, warmup_steps=warmup, step_size=step_size, gamma=hp.gamma
         )
-
-    def _phase_epochs(self, index: int) -> tuple[int, int]:
-        """First and end epoch of phase ``index``; the last phase ends at ``max_epochs``."""
-        start = sum(p.epochs for p in self.phases[:index])
-        if index < len(self.phases) - 1:
-            return start, start + self.phases[index].epochs
-        max_epochs = self.trainer.max_epochs or 0
-        return start, max_epochs if max_epochs > start else start + (self.phases[index].epochs or 1)
 
     def _schedule_steps(self) -> tuple[int, float]:
         """Optimiser steps of the whole run, and per epoch."""

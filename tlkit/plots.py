@@ -18,6 +18,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from tlkit.callbacks import FineTuningPhases
+
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> str:
     """Saves ``fig`` as a PNG: to a temporary file in the same folder, then renamed into place.
@@ -167,36 +169,45 @@ class PlannedRun:
 def module_lr_schedule(module: Any, run: PlannedRun) -> dict[str, list[float]]:
     """Learning rate of each parameter group of ``module`` (a LightningModule) at every step of ``run``.
 
-    Runs ``module.configure_optimizers()`` with ``run`` as its trainer, then :func:`simulate_lr_schedule`. No
-    parameter changes.
+    Runs ``module.configure_optimizers()`` with ``run`` as its trainer, then :func:`simulate_lr_schedule`; a module
+    that brings fine-tuning phases (a :class:`~tlkit.callbacks.FineTuningPhases` among its ``configure_callbacks``)
+    is walked through them as in training. No parameter changes.
 
     Example:
         >>> curves = module_lr_schedule(TransferClassifier("resnet18"), PlannedRun(steps_per_epoch=15, max_epochs=5))
     """
-    previous = module._trainer
+    phases = next((c for c in module.configure_callbacks() if isinstance(c, FineTuningPhases)), None)
+    previous = _attached_trainer(module)
     module.trainer = run
     try:
-        if len(getattr(module, "phases", ())) > 1:
-            return _phased_lr_schedule(module, run)
+        if phases is not None:
+            return _phased_lr_schedule(module, phases, run)
         config = module.configure_optimizers()
     finally:
         module.trainer = previous
     return simulate_lr_schedule(config, run.estimated_stepping_batches, run.steps_per_epoch)
 
 
-def _phased_lr_schedule(module: Any, run: PlannedRun) -> dict[str, list[float]]:
-    """A TransferClassifier with fine-tuning phases gets a new optimiser and schedule at each phase start (see
-    :class:`~tlkit.callbacks.FineTuningPhases`): simulate each phase over its own steps. A group that does not
-    train in a phase (frozen, or not yet unfrozen) reads NaN there, which the plot leaves blank."""
-    total, entered = run.estimated_stepping_batches, module.phase_index
+def _attached_trainer(module: Any) -> Any:
+    try:
+        return module.trainer
+    except RuntimeError:  # Lightning's answer for a module not attached to a Trainer
+        return None
+
+
+def _phased_lr_schedule(module: Any, phases: FineTuningPhases, run: PlannedRun) -> dict[str, list[float]]:
+    """A run with fine-tuning phases gets a new optimiser and schedule at each phase start: enter each phase as
+    :class:`~tlkit.callbacks.FineTuningPhases` does and simulate it over its own steps. A group that does not train
+    in a phase (frozen, or not yet unfrozen) reads NaN there, which the plot leaves blank."""
+    total, entered = run.estimated_stepping_batches, (module.phase, module.phase_index, module.phase_epochs)
     curves: dict[str, list[float]] = {}
     done = 0
     try:
-        for index in range(len(module.phases)):
-            end = min(module._phase_epochs(index)[1] * run.steps_per_epoch, total)
+        for index in range(len(phases.phases)):
+            end = min(phases.epochs_of(index, run.max_epochs)[1] * run.steps_per_epoch, total)
             if end <= done:
                 break
-            module.enter_phase(index)
+            phases.enter(module, index, run.max_epochs)
             phase = simulate_lr_schedule(module.configure_optimizers(), end - done, run.steps_per_epoch)
             for name in phase.keys() - curves.keys():
                 curves[name] = [math.nan] * done
@@ -204,7 +215,8 @@ def _phased_lr_schedule(module: Any, run: PlannedRun) -> dict[str, list[float]]:
                 values += phase.get(name, [math.nan] * (end - done))
             done = end
     finally:
-        module.enter_phase(entered)  # the freeze state the module had
+        phase, index, epochs = entered
+        module.enter_phase(phase, index=index, epochs=epochs)  # the phase (and freeze state) the module had
     return curves
 
 
