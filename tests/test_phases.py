@@ -243,9 +243,22 @@ def test_resume_after_and_before_the_phase_change_ends_with_the_same_weights(tmp
         )
         for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
             assert torch.equal(a, b), f"resumed from epoch {epoch}: {name} differs"
-    state = torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)["callbacks"]["FineTuningPhases"]
+    checkpoint = torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)
+    state = checkpoint["callbacks"]["FineTuningPhases"]
     assert state["phase"] == 1 and "backbone.model.conv_stem.weight" in state["frozen"]
     assert [phase["freeze"] for phase in state["phases"]] == ["backbone", "stages:2"]
+
+    # A checkpoint of the format before the callback saved its phases (index, entered, frozen) resumes the same run.
+    del state["phases"]
+    torch.save(checkpoint, tmp_path / "old-format.ckpt")
+    resumed = _model(phases, **kwargs)
+    _trainer(3).fit(resumed, _loader(), ckpt_path=tmp_path / "old-format.ckpt")
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), f"resumed from an old-format checkpoint: {name} differs"
+
+    other = [{**phases[0], "lr": 0.5}, phases[1]]
+    with pytest.raises(ValueError, match="other phases"):  # a resumed run must be the run that wrote the checkpoint
+        _trainer(3).fit(_model(other, **kwargs), _loader(), ckpt_path=tmp_path / "epoch=1.ckpt")
 
 
 def test_compiled_run_trains_unfrozen_layers_and_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
