@@ -81,6 +81,17 @@ def test_simulated_schedule_of_a_phased_run_matches_the_real_run(tmp_path, monke
     assert logged == pytest.approx(curves[stage][2:], rel=1e-6)  # only trained, so only logged, in phase 2
 
 
+def test_simulating_the_phases_leaves_the_model_in_its_phase():
+    phases = [{"epochs": 1, "freeze": "backbone", "lr": 0.05}, {"freeze": "none", "lr": 0.02}]
+    model = TransferClassifier("test_efficientnet", num_classes=3, phases=phases, schedule="constant")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    curves = module_lr_schedule(model, PlannedRun(steps_per_epoch=2, max_epochs=3))
+    assert curves["head"] == pytest.approx([0.05] * 2 + [0.02] * 4)
+    assert all(math.isnan(v) for v in curves["stem"][:2]) and curves["stem"][2:] == pytest.approx([0.02] * 4)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert (model.phase_index, model.phase.freeze, model.phase_epochs) == (0, "backbone", None)
+
+
 def test_step_counting_follows_batches_limits_accumulation_and_max_steps(tmp_path):
     recipe = ["--config", str(_recipe(tmp_path))]
     # textures: 480 training images; batch 8 -> 60 batches; accumulation 4 -> 15 steps per epoch
