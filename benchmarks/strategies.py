@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tlkit import ImageDataModule, TransferClassifier
+from tlkit.callbacks import FineTuningPhases
 
 PHASED = [
     {"epochs": 1, "freeze": "backbone", "lr": 0.02},
@@ -90,9 +91,11 @@ def run(name: str, epochs: int, seed: int) -> dict[str, Any]:
 
 def _trainable(model: TransferClassifier) -> list[int]:
     """Trainable parameter count of each phase (entering each phase once, after the run)."""
+    phases = next((c for c in model.configure_callbacks() if isinstance(c, FineTuningPhases)), None)
     counts = []
-    for phase in range(len(model.phases)):
-        model.enter_phase(phase)
+    for index in range(len(phases.phases) if phases else 1):
+        if phases:
+            phases.enter(model, index, max_epochs=None)
         counts.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
     return counts
 
