@@ -30,6 +30,14 @@ def test_bad_head_options_name_the_valid_ones():
         TransferClassifier("resnet18", num_classes=3, head={"widht": 3})
 
 
+def test_f1_rejects_logits_of_another_class_count():
+    f1 = TransferClassifier("resnet18", num_classes=3).val_metrics["f1"]
+    with pytest.raises(ValueError, match=r"logits \(N, 3\) or labels \(N,\).*\(4, 5\)"):
+        f1.update(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="target of shape \\(4, 1\\)"):
+        f1.update(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long))
+
+
 def test_fit_logs_metrics_and_learning_rates(tmp_path, digits):
     model = TransferClassifier("resnet18", num_classes=10, freeze="stages:3", lr=0.05)
     trainer = tiny_trainer(tmp_path)

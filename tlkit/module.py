@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from torchmetrics.functional.classification.stat_scores import _multiclass_stat_scores_tensor_validation
 
 from tlkit.backbones import Pretrained, create_backbone
 from tlkit.callbacks import FineTuningPhases, Phase, parse_phases, phase_specs
@@ -583,13 +582,20 @@ class _MacroF1(MulticlassF1Score):
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         """``preds``: logits ``(N, C)`` or labels ``(N,)``; ``target``: labels ``(N,)``."""
-        if self.validate_args:  # shapes only for logits; labels as preds are counted on the host (torch.unique)
-            _multiclass_stat_scores_tensor_validation(preds, target, self.num_classes)
         k = self.num_classes
-        predicted = preds.argmax(dim=1) if preds.ndim == target.ndim + 1 else preds
+        logits = preds.ndim == target.ndim + 1
+        # Shapes only: checking label values would read them back to the host (the loss rejects bad labels first).
+        if self.validate_args and (target.ndim != 1 or preds.shape != ((len(target), k) if logits else target.shape)):
+            raise ValueError(
+                f"Macro F1 takes logits (N, {k}) or labels (N,) as preds and labels (N,) as target, got preds of "
+                f"shape {tuple(preds.shape)} and target of shape {tuple(target.shape)}."
+            )
+        predicted = preds.argmax(dim=1) if logits else preds
         cells = (target.long() * k + predicted.long()).flatten()  # (true, predicted) -> cell of the k x k matrix
         counts = torch.zeros(k * k, dtype=torch.long, device=cells.device)
         confusion = counts.scatter_add_(0, cells, torch.ones_like(cells)).view(k, k)
         tp = confusion.diag()
         fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
-        self._update_state(tp, fp, cells.numel() - (tp + fp + fn), fn)
+        # The metric's states (``add_state``), summed as torchmetrics sums them for multidim_average="global".
+        self.tp, self.fp, self.fn = self.tp + tp, self.fp + fp, self.fn + fn
+        self.tn = self.tn + (cells.numel() - (tp + fp + fn))
