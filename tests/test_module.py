@@ -137,3 +137,24 @@ def test_predict_step_returns_probabilities():
     model = TransferClassifier("resnet18", num_classes=4).eval()
     probs = model.predict_step((torch.randn(3, 3, 32, 32), torch.zeros(3)), 0)
     torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+
+
+def test_import_leaves_warning_filters_and_fit_ignores_only_the_frozen_bn_eval_mode_warning(tmp_path, digits):
+    """Frozen BatchNorms stay in eval mode on purpose: Lightning's warning about it is ignored while a
+    TransferClassifier fits, and only then; importing tlkit changes no warning filter."""
+    import subprocess
+    import sys
+    import warnings
+
+    from tlkit.module import EVAL_MODE_WARNING
+
+    code = (
+        "import warnings, lightning, timm; old = list(warnings.filters); import tlkit; print(warnings.filters == old)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "True"
+    model = TransferClassifier("test_resnet", num_classes=10, freeze="backbone")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_trainer(tmp_path).fit(model, digits)
+        assert not [f for f in warnings.filters if f[1] and f[1].pattern == EVAL_MODE_WARNING]  # gone after the fit
+    assert not [w for w in caught if "eval mode at the start of training" in str(w.message)]

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
@@ -39,8 +40,9 @@ from tlkit.optim import (
 from tlkit.resume import RngStateCheckpoint
 
 # Lightning warns when modules are in eval mode as training starts; tlkit keeps frozen BatchNorm layers in eval mode
-# on purpose (their running statistics are part of the pretrained weights), so that warning is expected here.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# on purpose (their running statistics are part of the pretrained weights). Ignored while a TransferClassifier fits,
+# not from import on: importing tlkit leaves the process's warning filters alone.
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 # Modules whose classes a checkpoint may name (``_class_path``, ``_instantiator``): resolving any other name would
 # import code chosen by whoever wrote the file.
@@ -218,6 +220,14 @@ class TransferClassifier(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams.class_weights == "balanced":
             self.class_weight = balanced_class_weights(getattr(self.trainer, "datamodule", None), self.hparams)
+
+    def on_fit_start(self) -> None:
+        warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING, category=PossibleUserWarning)
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit":  # the filter on_fit_start added, and no other
+            warnings.filters[:] = [f for f in warnings.filters if not (f[0] == "ignore" and f[1] and
+                                   f[1].pattern == EVAL_MODE_WARNING and f[2] is PossibleUserWarning)]  # fmt: skip
 
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)
