@@ -125,6 +125,23 @@ def create_backbone(name: str, pretrained: Pretrained = False, **kwargs: Any) ->
     return _create(name, hub=bool(pretrained), **kwargs)
 
 
+def backbone_data_config(name: str, pretrained: Pretrained = False) -> dict[str, Any]:
+    """The ``data_config`` of ``create_backbone(name, pretrained)``, without loading any weights: the data module's
+    preprocessing, known before the model is built (the CLI passes it from the recipe's backbone to the data).
+
+    Example:
+        >>> backbone_data_config("tf_efficientnet_lite0", "packaged")["mean"]
+        (0.5, 0.5, 0.5)
+    """
+    _check_name(name)
+    if pretrained == "packaged" and name in PACKAGED_WEIGHTS:
+        return dict(PACKAGED_WEIGHTS[name].data_config)
+    if pretrained is True and name.startswith(TORCHVISION_PREFIX):  # the default weights' transform
+        return _torchvision_data_config(torchvision.models.get_model_weights(name[len(TORCHVISION_PREFIX) :]).DEFAULT)
+    with torch.device("meta"):  # the architecture alone (timm's pretrained_cfg comes with it), no memory, no weights
+        return dict(_create(name, hub=False).data_config)
+
+
 def _create(name: str, hub: bool, **kwargs: Any) -> Backbone:
     if hub:
         _check_hub_reachable(name, kwargs)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 import torch
@@ -39,10 +39,8 @@ from timm.layers import convert_sync_batchnorm
 from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
 from torch import nn
 
-from tlkit.features import drop_feature_cache
-
-if TYPE_CHECKING:
-    from tlkit.module import TransferClassifier
+# The module these callbacks drive (tlkit.module.TransferClassifier, which imports this module to bring them).
+TransferClassifier = L.LightningModule
 
 
 @dataclass(frozen=True)
@@ -273,7 +271,6 @@ def recalibrate_bn(trainer: L.Trainer, module: TransferClassifier) -> None:
     norms = [m for m in norms if m.track_running_stats]
     if not norms:
         return
-    drop_feature_cache(module)  # new statistics make cached features stale; the loader goes back to images
     momenta = [m.momentum for m in norms]
     was_training = module.training
     module.eval()

@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from tlkit.backbones import list_backbones
+from tlkit.backbones import backbone_data_config, list_backbones
 from tlkit.data.datamodule import ImageDataModule
 from tlkit.data.datamodule import check_arguments as check_data_arguments
 from tlkit.io import AtomicCheckpointIO, atomic_open, claim_version
@@ -104,7 +104,10 @@ def _write_csv_atomic(path: Path, header: list[str], rows: list[tuple]) -> None:
 
 
 class TlkitCLI(LightningCLI):
-    """LightningCLI with the data module's classes feeding the model, so a recipe states them once.
+    """LightningCLI with the model's backbone configuring the data and the data's classes configuring the model,
+    so a recipe states each once: the data module's ``data_config`` is computed from ``model.backbone`` and
+    ``model.pretrained`` when the recipe is parsed (:func:`~tlkit.backbones.backbone_data_config`), and the model
+    gets ``num_classes``, ``class_names`` and ``class_counts`` from the data module when it is built.
 
     Every run also gets the tracking callbacks (configurable as ``--figures.max_images 8``; see
     :mod:`tlkit.tracking`): throughput and phase (``speed``), confusion matrix and misclassified images
@@ -112,8 +115,10 @@ class TlkitCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        model_weights = ("model.init_args.backbone", "model.init_args.pretrained")
+        parser.link_arguments(model_weights, "data.init_args.data_config", compute_fn=_data_config, apply_on="parse")
+        for name in ("num_classes", "class_names", "class_counts"):
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
         parser.add_lightning_class_args(TrainingSpeed, "speed")
         parser.add_lightning_class_args(ClassificationFigures, "figures")
 
@@ -171,6 +176,11 @@ class TlkitCLI(LightningCLI):
             _say(f"Best checkpoint{best}: {checkpoint.best_model_path}")
         if self.trainer.is_global_zero:
             _say(f"Run directory (config.yaml, checkpoints): {run_directory(self.trainer)}")
+
+
+def _data_config(backbone: str | None, pretrained: Any) -> dict[str, Any] | None:
+    """The recipe backbone's data config (None for a model without a backbone name)."""
+    return backbone_data_config(backbone, pretrained) if backbone else None
 
 
 # Loggers whose ``save_dir/name/version_<n>`` folders tlkit claims atomically when the recipe gives no version.

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from tlkit.backbones import Pretrained, create_backbone
 from tlkit.callbacks import FineTuningPhases, Phase, parse_phases, phase_specs
-from tlkit.features import drop_feature_cache
 from tlkit.freezing import apply_freeze, batchnorm_parameter_names, frozen_parameter_names, keep_frozen_bn_eval
 from tlkit.heads import ClassifierHead
 from tlkit.optim import (
@@ -37,6 +37,7 @@ from tlkit.optim import (
     param_groups,
     uses_weight_decay,
 )
+from tlkit.pairing import check_pairing
 from tlkit.resume import RngStateCheckpoint
 
 # Lightning warns when modules are in eval mode as training starts; tlkit keeps frozen BatchNorm layers in eval mode
@@ -64,9 +65,9 @@ class TransferClassifier(L.LightningModule):
         freeze_bn: keep BatchNorm layers whose parameters are frozen in eval mode (running statistics unchanged).
         head: options of :class:`~tlkit.heads.ClassifierHead`: ``hidden``, ``dropout``, ``activation``, ``init``.
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or ``"lbfgs"`` (full-batch L-BFGS with a line
-            search, for linear probes: one batch per epoch, one device, ``lr`` 1 and ``schedule="constant"``;
-            ``weight_decay`` becomes an L2 term of the loss, so with ``weight_decay=1/N``, no dropout and no label
-            smoothing it converges to the optimum of ``LogisticRegression(C=1)`` on the same features).
+            search: one batch per epoch, one device, ``lr`` 1 and ``schedule="constant"``; ``weight_decay`` becomes
+            an L2 term of the loss). A linear probe on a frozen backbone is :class:`tlkit.LinearProbe`, which
+            trains on features computed once.
         lr: peak learning rate (after warmup).
         momentum: momentum of SGD/RMSprop.
         nesterov: Nesterov momentum for SGD.
@@ -78,9 +79,10 @@ class TransferClassifier(L.LightningModule):
         gamma: for ``schedule="step"``, the decay factor.
         label_smoothing: label smoothing of the cross-entropy loss.
         class_weights: ``None`` or ``"balanced"``: weight the training loss of each class by
-            ``n_images / (n_classes * n_images_of_class)``, with the counts read in ``setup`` from
-            ``trainer.datamodule.class_counts`` (validation and test losses stay unweighted, so they compare across
-            runs).
+            ``n_images / (n_classes * n_images_of_class)``, with the counts of ``class_counts`` (validation and test
+            losses stay unweighted, so they compare across runs).
+        class_counts: training images per class (index = label), for ``class_weights="balanced"``; the CLI takes
+            them from the data module, as ``num_classes`` (in Python: ``class_counts=dm.class_counts``).
         channels_last: run the model in channels-last memory format (faster convolutions on GPU).
         compile: ``torch.compile`` the backbone.
         layer_decay: layer-wise LR decay: a backbone stage at distance ``d`` from the head trains at
@@ -92,9 +94,6 @@ class TransferClassifier(L.LightningModule):
             :meth:`configure_callbacks`; the model starts in the first phase.
         freeze_epochs: shorthand for two phases: ``freeze`` (``"backbone"`` if ``"none"``) for this many epochs,
             then everything unfrozen (with ``layer_decay`` if set). 0: off.
-        feature_cache: when the whole backbone is frozen and training augmentation is off, compute its features once
-            and train the head on them (a cached linear probe, see :mod:`tlkit.features`); batches are then
-            ``(features, labels)``. Unfreezing drops the cache.
 
     Example:
         >>> model = TransferClassifier("resnet18", num_classes=3, freeze="stages:2")
@@ -126,12 +125,12 @@ class TransferClassifier(L.LightningModule):
         gamma: float = 0.1,
         label_smoothing: float = 0.0,
         class_weights: str | None = None,
+        class_counts: list[int] | None = None,
         channels_last: bool = False,
         compile: bool = False,
         layer_decay: float | None = None,
         phases: list[dict[str, Any]] | None = None,
         freeze_epochs: int = 0,
-        feature_cache: bool = True,
     ):
         super().__init__()
         check_arguments(lr=lr, optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs,
@@ -139,16 +138,17 @@ class TransferClassifier(L.LightningModule):
         self.save_hyperparameters()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}.")
-        if class_weights not in (None, "balanced"):
-            raise ValueError(f"class_weights={class_weights!r}; use None or 'balanced'.")
-        self.register_buffer("class_weight", None, persistent=False)  # set in setup from the data's class counts
+        # Not persistent: a checkpoint's class weights are its hyperparameters' class counts.
+        self.register_buffer(
+            "class_weight", class_weight_of(class_weights, class_counts, num_classes), persistent=False
+        )
         self.backbone = create_backbone(backbone, pretrained=pretrained)
         self.head = _build_head(self.backbone.num_features, num_classes, head or {})
         self.enter_phase(self._declared_phases()[0])  # checks every phase now, not epochs into the run
         self._evaluated: tuple[int, int] | None = None  # (step, batch) of the last training_step call
-        self.train_metrics = _metrics(num_classes, "train/")
-        self.val_metrics = _metrics(num_classes, "val/")
-        self.test_metrics = _metrics(num_classes, "test/")
+        self.train_metrics = classification_metrics(num_classes, "train/")
+        self.val_metrics = classification_metrics(num_classes, "val/")
+        self.test_metrics = classification_metrics(num_classes, "test/")
         if channels_last:
             self.to(memory_format=torch.channels_last)
         if compile:
@@ -172,7 +172,6 @@ class TransferClassifier(L.LightningModule):
         if train_bn:
             frozen -= batchnorm_parameter_names(self.backbone)
         apply_freeze(self, {f"backbone.{name}" for name in frozen})
-        drop_feature_cache(self)  # cached features are only valid for a fully frozen backbone
         self.train(self.training)  # re-applies the BatchNorm policy to the new frozen set
 
     def enter_phase(self, phase: Phase, index: int = 0, epochs: tuple[int, int] | None = None) -> None:
@@ -218,8 +217,7 @@ class TransferClassifier(L.LightningModule):
         return callbacks
 
     def setup(self, stage: str) -> None:
-        if self.hparams.class_weights == "balanced":
-            self.class_weight = balanced_class_weights(getattr(self.trainer, "datamodule", None), self.hparams)
+        check_pairing(self, getattr(self.trainer, "datamodule", None))
 
     def on_fit_start(self) -> None:
         warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING, category=PossibleUserWarning)
@@ -236,9 +234,7 @@ class TransferClassifier(L.LightningModule):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for preprocessed images ``(N, 3, H, W)``, or for cached backbone features ``(N, num_features)``."""
-        if images.ndim == 2:
-            return self.head(images)
+        """Logits for preprocessed images ``(N, 3, H, W)``."""
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(images))
@@ -328,7 +324,7 @@ class TransferClassifier(L.LightningModule):
         if trainer.world_size > 1:
             raise ValueError(
                 f"optimizer='lbfgs' runs on one device, not {trainer.world_size} processes: drop the DDP "
-                "strategy (a linear probe on cached features needs no more), or use optimizer='sgd'/'adam'."
+                "strategy, or use optimizer='sgd'/'adam'."
             )
         if trainer.accumulate_grad_batches != 1 or trainer.gradient_clip_val:
             raise ValueError(
@@ -340,13 +336,13 @@ class TransferClassifier(L.LightningModule):
         if trainer.num_training_batches > 1:
             rank_zero_warn(
                 f"optimizer='lbfgs' takes full-batch steps, but an epoch has {trainer.num_training_batches} batches: "
-                "each step sees one batch. Set data.batch_size to at least the number of training images (with the "
-                "feature cache, a batch of features is small), or use optimizer='adam'."
+                "each step sees one batch. Set data.batch_size to at least the number of training images, or use "
+                "optimizer='adam' (a linear probe on a frozen backbone: tlkit.LinearProbe)."
             )
         if "32" not in str(trainer.precision) and "64" not in str(trainer.precision):
             rank_zero_warn(
                 f"optimizer='lbfgs' under precision={trainer.precision!r}: its line search compares losses rounded to "
-                "that precision; use precision 32 (a head on cached features is cheap in float32)."
+                "that precision; use precision 32."
             )
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -546,14 +542,25 @@ def _class_paths(value: Any) -> Iterator[tuple[str, Any]]:
             yield from _class_paths(item)
 
 
-def balanced_class_weights(datamodule: Any, hparams: Any) -> torch.Tensor:
-    """``n / (K * n_k)`` per class k (scikit-learn's "balanced"), from ``datamodule.class_counts``."""
-    counts = getattr(datamodule, "class_counts", None)
-    if counts is None:
-        raise ValueError("class_weights='balanced' needs a data module with class_counts, e.g. tlkit.ImageDataModule.")
-    counts = torch.as_tensor(counts, dtype=torch.float32)
-    if len(counts) != hparams.num_classes or bool((counts == 0).any()):
-        raise ValueError(f"class_weights='balanced' needs {hparams.num_classes} non-zero class counts, got {counts}.")
+def class_weight_of(class_weights: str | None, class_counts: list[int] | None, num_classes: int) -> Tensor | None:
+    """Per-class weights of the training loss: ``None``, or for ``"balanced"`` ``n / (K * n_k)`` per class k
+    (scikit-learn's "balanced") from the training images per class.
+
+    Raises:
+        ValueError: an unknown ``class_weights``, or ``"balanced"`` without ``num_classes`` non-zero counts.
+    """
+    if class_weights is None:
+        return None
+    if class_weights != "balanced":
+        raise ValueError(f"class_weights={class_weights!r}; use None or 'balanced'.")
+    if class_counts is None:
+        raise ValueError(
+            "class_weights='balanced' needs class_counts, the training images per class: the CLI passes the data "
+            "module's; in Python pass class_counts=dm.class_counts."
+        )
+    counts = torch.as_tensor(class_counts, dtype=torch.float32)
+    if len(counts) != num_classes or bool((counts == 0).any()):
+        raise ValueError(f"class_weights='balanced' needs {num_classes} non-zero class counts, got {class_counts}.")
     return counts.sum() / (len(counts) * counts)
 
 
@@ -566,7 +573,7 @@ def _build_head(in_features: int, num_classes: int, options: dict[str, Any]) -> 
         ) from err
 
 
-def _metrics(num_classes: int, prefix: str) -> MetricCollection:
+def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     """Accuracy, macro F1 and top-5 accuracy, updated without host-device synchronisations (see :class:`_MacroF1`).
 
     No compute groups: the collection merges metrics whose states are equal after the first batch (comparing them

@@ -51,8 +51,9 @@ class ImageDataModule(L.LightningDataModule):
     """Image classification data whose loaders yield ``(uint8 images (N, 3, H, W), int64 labels)``.
 
     Normalisation runs on the device after the batch transfer (``on_after_batch_transfer``), with statistics that
-    are part of the module's ``state_dict`` and so of every checkpoint. Sizes, mean/std and interpolation default
-    to the ``data_config`` of the model being trained, so a recipe states them once, in the model.
+    are part of the module's ``state_dict`` and so of every checkpoint. Sizes, mean/std and interpolation come from
+    ``data_config``, the model's (``ImageDataModule(..., data_config=model.data_config)``; the CLI passes it from the
+    recipe's backbone), so a recipe states them once, in the model.
 
     Args:
         source: ``folder:<dir>``, ``csv:<file>``, ``torchvision:<Name>``, ``textures`` or ``digits`` (see
@@ -89,6 +90,9 @@ class ImageDataModule(L.LightningDataModule):
         max_image_pixels: image files declaring more pixels (width x height) are unreadable, before any decoding
             (a guard against decompression bombs); default ~179 MP (PIL's hard limit; fits 108 MP phone photos);
             None: no limit.
+        data_config: what the backbone's weights expect (``input_size``, ``mean``, ``std``, ``interpolation``,
+            ``crop_pct``, ``crop_mode``, optionally ``resize_size``): pass ``model.data_config``. None: ImageNet's
+            defaults. The arguments above override its values.
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class ImageDataModule(L.LightningDataModule):
         data_root: str | None = None,
         download: bool = False,
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+        data_config: dict[str, Any] | None = None,
     ):
         super().__init__()
         check_arguments(image_size=image_size, batch_size=batch_size)
@@ -129,10 +134,8 @@ class ImageDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.preprocess: torch.nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
-        self._preprocess_model: Any = None  # the model whose data_config built `preprocess` (None: defaults)
         self._data: SourceData | None = None
         self._reported = False
-        self._warned_frozen = False
 
     @functools.cached_property
     def class_names(self) -> list[str]:
@@ -168,14 +171,13 @@ class ImageDataModule(L.LightningDataModule):
 
     def data_config(self) -> dict[str, Any]:
         """The image size, mean/std, interpolation and crop (fraction, mode) in use: explicit arguments first, then
-        the attached model's ``data_config``, then ImageNet defaults.
+        the ``data_config`` given at construction (the model's), then ImageNet defaults.
 
         An ``image_size`` override keeps the weights' crop fraction: a torchvision ``resize_size`` scales with the
         crop, timm's ``crop_pct`` holds as it is. An explicit ``crop_pct`` replaces torchvision's ``resize_size``.
         """
-        model = self._attached_model()
-        config = dict(getattr(model, "data_config", None) or IMAGENET_DATA_CONFIG)
         hp = self.hparams
+        config = dict(hp.data_config or IMAGENET_DATA_CONFIG)
         overrides = dict(mean=hp.mean, std=hp.std, interpolation=hp.interpolation, crop_pct=hp.crop_pct)
         config.update({k: v for k, v in overrides.items() if v is not None})
         if hp.crop_pct is not None:
@@ -184,20 +186,14 @@ class ImageDataModule(L.LightningDataModule):
             config = _with_image_size(config, hp.image_size)
         return config
 
-    def _attached_model(self) -> Any:
-        return self.trainer.lightning_module if self.trainer is not None else None
-
     def setup(self, stage: str | None = None) -> None:
         self._ensure_preprocess()
         self._report_skipped()
-        self._warn_frozen_pretrained()
 
     def _ensure_preprocess(self) -> torch.nn.Module:
-        """The preprocessing module, built on first use (and again when its pretrained stats come from a newly
-        attached model): cheap enough for ``normalize`` to call on every batch, unlike ``setup``'s checks."""
-        if self.preprocess is None or self._pretrained_stats_outdated():
+        """The preprocessing module, built on first use: cheap enough for ``normalize`` to call on every batch."""
+        if self.preprocess is None:
             self.preprocess = self._build_preprocess()
-            self._preprocess_model = self._attached_model()
         return self.preprocess
 
     def _report_skipped(self) -> None:
@@ -242,34 +238,6 @@ class ImageDataModule(L.LightningDataModule):
             os.replace(tmp, out)
         return str(out)
 
-    def _warn_frozen_pretrained(self) -> None:
-        """Whitening or dataset statistics in front of a frozen pretrained backbone: say what that does, once."""
-        model = self._attached_model()
-        kind = self.hparams.preprocess
-        if self._warned_frozen or model is None or kind not in ("dataset", "pca", "zca"):
-            return
-        if not dict(getattr(model, "hparams", {})).get("pretrained"):
-            return
-        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-        if not frozen:
-            return
-        self._warned_frozen = True
-        what = {"dataset": "normalised with this dataset's mean/std", "pca": "PCA-whitened", "zca": "ZCA-whitened"}
-        rank_zero_warn(
-            f"preprocess={kind!r}: the images will be {what[kind]}, but the backbone is pretrained and "
-            f"{len(frozen)} of its parameters are frozen. Those frozen layers learned their features on images "
-            "normalised with the pretrained mean/std, and they cannot adapt to differently scaled or whitened "
-            "inputs, so the features they give may be worse. Use preprocess='pretrained' with a frozen pretrained "
-            "backbone, or unfreeze it (freeze='none') so it can adapt."
-        )
-
-    def _pretrained_stats_outdated(self) -> bool:
-        """``pretrained`` mean/std come from the model's weights. A ``setup()`` before any model was attached (say,
-        to read ``class_names`` first) had to use ImageNet's; the model attached since decides. (Fitted kinds learn
-        their statistics from the data, not from the model, and keep them.)"""
-        model = self._attached_model()
-        return self.hparams.preprocess == "pretrained" and model is not None and model is not self._preprocess_model
-
     def _build_preprocess(self) -> torch.nn.Module:
         config, hp = self.data_config(), self.hparams
         module = build_preprocess(
@@ -309,9 +277,8 @@ class ImageDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------------------------------------- dataloaders
 
     def train_dataloader(self) -> StatefulDataLoader:
-        self._fit_preprocess()
+        self.fit_preprocess()
         dataset = self._dataset(self.data.train, self.transform(train=True))
-        dataset = _maybe_cached(self, dataset, "train")
         rank, world = _rank_world()
         seed = self.hparams.seed
         if self.hparams.sampler == "balanced":
@@ -350,14 +317,14 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        self._fit_preprocess()
-        return self._loader(_maybe_cached(self, self._dataset(self.data.val, self.transform(train=False)), "val"))
+        self.fit_preprocess()
+        return self._loader(self._dataset(self.data.val, self.transform(train=False)))
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        self._fit_preprocess()
+        self.fit_preprocess()
         return self._loader(self._dataset(self.predict_split(), self.transform(train=False)))
 
     def predict_split(self) -> Split:
@@ -420,7 +387,7 @@ class ImageDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------------ preprocess
 
-    def _fit_preprocess(self) -> None:
+    def fit_preprocess(self) -> None:
         """Fit the statistics on the train split (evaluation transform, no augmentation), unless they were
         restored from a checkpoint. Under DDP each rank streams its own shard and the sums are all-reduced."""
         self.setup()
@@ -433,8 +400,6 @@ class ImageDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, targets = batch
-        if images.ndim == 2:  # cached backbone features, already computed from normalised images
-            return batch
         return self.normalize(images), targets
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -450,7 +415,7 @@ class ImageDataModule(L.LightningDataModule):
         if state is None:
             return
         if self.preprocess is None:
-            self._pending_state = state  # built in setup(), once the model's data_config is known
+            self._pending_state = state  # loaded into the module when setup() builds it
         else:
             self.preprocess.load_state_dict(state)
 
@@ -522,7 +487,7 @@ class KeepRatioResize(torch.nn.Module):
         new_size = ResizeKeepRatio.get_params(image, self.size, longest=float(self.longest))
         return v2.functional.resize(image, new_size, self.interpolation, antialias=True)
 
-    def extra_repr(self) -> str:  # part of the feature-cache key (tlkit.features.cache_key)
+    def extra_repr(self) -> str:
         return f"size={self.size}, interpolation={self.interpolation.value}, longest={self.longest}"
 
 
@@ -603,10 +568,3 @@ def _check_size(key: str, value: Any, allow_none: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         valid = f"a whole number >= 1{f' or {allow_none}' if allow_none else ''}"
         raise ValueError(f"{key}={value!r}; use {valid}.")
-
-
-def _maybe_cached(dm: ImageDataModule, dataset: Dataset, split: str) -> Dataset:
-    """The dataset, or cached backbone features of it for a frozen-backbone linear probe (tlkit.features)."""
-    from tlkit.features import feature_cache_dataset  # features builds on this module
-
-    return feature_cache_dataset(dm, dataset, split)
