@@ -14,13 +14,16 @@ from tlkit.features import FeatureSet, extract_features
 from tlkit.heads import ClassifierHead
 from tlkit.io import AtomicCheckpointIO
 from tlkit.module import TransferClassifier
+from tlkit.probe import FeatureDataModule, LinearProbe
 
 __all__ = [
     "AtomicCheckpointIO",
     "Backbone",
     "ClassifierHead",
+    "FeatureDataModule",
     "FeatureSet",
     "ImageDataModule",
+    "LinearProbe",
     "TransferClassifier",
     "create_backbone",
     "extract_features",

@@ -35,6 +35,7 @@ from tlkit.data.datamodule import check_arguments as check_data_arguments
 from tlkit.io import AtomicCheckpointIO, atomic_open, claim_version
 from tlkit.module import CKPT_PATH_KEYWORDS, TransferClassifier, read_checkpoint
 from tlkit.module import check_arguments as check_model_arguments
+from tlkit.probe import LinearProbe
 from tlkit.plots import PlannedRun, lr_schedule_figure, module_lr_schedule, save_figure
 from tlkit.tracking import (
     ClassificationFigures,
@@ -161,6 +162,21 @@ class TlkitCLI(LightningCLI):
         for logger in trainer.loggers:
             scrub_logged_hyperparameters(logger)
         return trainer
+
+    def before_fit(self) -> None:
+        self._features_for_a_probe()
+
+    def before_validate(self) -> None:
+        self._features_for_a_probe()
+
+    def before_test(self) -> None:
+        self._features_for_a_probe()
+
+    def _features_for_a_probe(self) -> None:
+        """A :class:`~tlkit.LinearProbe` trains and evaluates on features: extract them from the recipe's images
+        once, with the probe's backbone (``predict`` keeps the images, which the probe classifies through it)."""
+        if isinstance(self.model, LinearProbe) and isinstance(self.datamodule, ImageDataModule):
+            self.datamodule = self.model.feature_data(self.datamodule)
 
     def before_predict(self) -> None:
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
@@ -362,8 +378,8 @@ def _flag_args(args: list[str]) -> list[str]:
 
 def _cli(args: list[str] | None, **kwargs: Any) -> TlkitCLI:
     return TlkitCLI(
-        TransferClassifier,
-        ImageDataModule,
+        L.LightningModule,  # TransferClassifier or LinearProbe
+        L.LightningDataModule,  # ImageDataModule (or a FeatureDataModule for a LinearProbe)
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,

@@ -1,4 +1,4 @@
-"""Feature extraction: embeddings of any backbone, saved as safetensors with JSON metadata, and a feature cache.
+"""Feature extraction: embeddings of any backbone, saved as safetensors with JSON metadata.
 
 >>> feats = extract_features("resnet18", images, pretrained=False)        # (N, 3, H, W) uint8 or [0, 1] float
 >>> feats.features.shape, feats.labels.shape
@@ -9,15 +9,11 @@ its dataset index, so the rows of the result follow the dataset order on any num
 contiguous block of the dataset, writes shards of at most ``shard_size`` rows, and rank 0 concatenates the shards in
 index order into one file, one shard in memory at a time.
 
-The second half of the module is the *feature cache* behind cached linear probes: when a TransferClassifier's whole
-backbone is frozen (BatchNorm statistics included) and training augmentation is off, the backbone maps every image to
-the same features in every epoch, so the data module computes them once and the loaders yield features instead of
-images (see :func:`feature_cache_dataset`).
+A linear probe trains on the result (:class:`tlkit.LinearProbe`, :mod:`tlkit.probe`): extract once, train many.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -25,10 +21,9 @@ import os
 import shutil
 import struct
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -517,9 +512,9 @@ def extract_features(
     """
     backbone, meta, ckpt_preprocess = _resolve_model(model, pretrained)
     data = _folder_data_module(data)
-    with _data_config_for(data, backbone):
-        dataset, ids, splits, data_pre, loader_opts = _resolve_data(data, split)
-        prep = _resolve_preprocess(preprocess, data_pre, ckpt_preprocess, backbone)
+    data = _for_backbone(data, backbone)
+    dataset, ids, splits, data_pre, loader_opts = _resolve_data(data, split)
+    prep = _resolve_preprocess(preprocess, data_pre, ckpt_preprocess, backbone)
     extractor = FeatureExtractor(backbone, prep, layers=layers, pool=pool)
     batch_size = batch_size or loader_opts.get("batch_size", 64)
     workers = loader_opts.get("num_workers", 0) if num_workers is None else num_workers
@@ -613,19 +608,14 @@ def _meta(backbone: Backbone | str, weights: Any) -> dict[str, Any]:
     return {"backbone": name, "weights": str(weights)}
 
 
-@contextmanager
-def _data_config_for(data: Any, backbone: Backbone) -> Iterator[None]:
-    """A data module outside a Trainer takes sizes and mean/std from the attached model: attach the backbone's."""
-    if not isinstance(data, ImageDataModule) or data.trainer is not None:
-        yield
-        return
-    # No run directory (log_dir None): the data module then lists skipped files in its warning only, as without one.
-    model = SimpleNamespace(data_config=backbone.data_config)
-    data.trainer = SimpleNamespace(lightning_module=model, log_dir=None)
-    try:
-        yield
-    finally:
-        data.trainer = None
+def _for_backbone(data: Any, backbone: Backbone) -> Any:
+    """A data module built without ``data_config`` prepares images for the backbone it feeds here: a copy of it
+    with the backbone's (its own arguments, such as ``image_size``, still override it)."""
+    if not isinstance(data, ImageDataModule) or data.hparams.data_config is not None:
+        return data
+    copy = type(data)(**{**data.hparams, "data_config": backbone.data_config})
+    copy.load_state_dict(data.state_dict())  # fitted statistics (if any) carry over
+    return copy
 
 
 def _folder_data_module(data: Any) -> Any:
@@ -656,7 +646,7 @@ def _resolve_data(data: Any, split: str) -> tuple[Dataset, list[str], dict, nn.M
 def _from_data_module(dm: ImageDataModule, split: str) -> tuple[Dataset, list[str], dict, nn.Module | None, dict]:
     if split not in SPLITS:
         raise ValueError(f"Unknown split={split!r}; choose one of {SPLITS}.")
-    dm._fit_preprocess()  # fitted statistics (dataset mean/std, whitening) come from the train split
+    dm.fit_preprocess()  # fitted statistics (dataset mean/std, whitening) come from the train split
     names = ["train", "val"] if split == "all" else [split]
     parts = {"train": lambda: dm.data.train, "val": lambda: dm.data.val, "predict": dm.predict_split}
     datasets, ids, ranges, start = [], [], {}, 0
@@ -691,96 +681,6 @@ def _describe(module: nn.Module) -> dict[str, Any]:
     return {"module": type(module).__name__, "state": state}
 
 
-# ------------------------------------------------------------------------------------------------ feature cache
-
-
-class CacheEntry:
-    """Backbone features of one split, valid while the backbone, preprocessing and transform stay as ``key`` says.
-
-    Features and the validity flag live in shared memory, so loader workers (forked or spawned, persistent or not)
-    read the same tensors and see an invalidation made in the main process.
-    """
-
-    def __init__(self, key: str, features: Tensor, labels: Tensor):
-        self.key = key
-        self.features, self.labels = features.share_memory_(), labels.share_memory_()
-        self._valid = torch.ones((), dtype=torch.bool).share_memory_()
-
-    @property
-    def valid(self) -> bool:
-        return bool(self._valid)
-
-    def invalidate(self) -> None:
-        self._valid.fill_(False)
-
-
-class CachedFeatureDataset(Dataset):
-    """Yields ``(features, label)`` from a cache while it is valid, and the images of ``images`` once it is dropped
-    (an unfreeze during training), so a loader built on it stays correct for the rest of the run. The loader keeps
-    its workers and sampler as configured, so a run draws the same shuffles with and without the cache."""
-
-    def __init__(self, images: Dataset, entry: CacheEntry):
-        self.images, self.entry = images, entry
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        if self.entry.valid:
-            return self.entry.features[index], int(self.entry.labels[index])
-        return self.images[index]
-
-
-def feature_cache_dataset(dm: ImageDataModule, dataset: Dataset, split: str) -> Dataset:
-    """``dataset`` itself, or a :class:`CachedFeatureDataset` over it when the model being trained asks for a
-    feature cache (``TransferClassifier(feature_cache=True)``) and may use one: whole backbone frozen (BatchNorm
-    statistics too), no stochastic layer in it, and augmentation off. Features are computed once per split and
-    reused until the key (backbone weights, frozen set, preprocessing, transform) changes."""
-    model = getattr(dm.trainer, "lightning_module", None) if dm.trainer is not None else None
-    key = cache_key(model, dm, split)
-    if key is None:
-        return dataset
-    store: dict[str, CacheEntry] = model.__dict__.setdefault("_feature_cache", {})
-    entry = store.get(split)
-    if entry is None or entry.key != key:
-        features, labels = _compute_features(model, dm, dataset)
-        entry = store[split] = CacheEntry(key, features, labels)
-    return CachedFeatureDataset(dataset, entry)
-
-
-def drop_feature_cache(model: nn.Module) -> None:
-    """Invalidate the cached features of ``model`` (called when its frozen set changes)."""
-    for entry in model.__dict__.pop("_feature_cache", {}).values():
-        entry.invalidate()
-
-
-def cache_key(model: Any, dm: ImageDataModule, split: str) -> str | None:
-    """A digest of everything the cached features depend on, or ``None`` when they may not be cached."""
-    hp = getattr(model, "hparams", {})
-    if not hp.get("feature_cache", False) or dm.hparams.augment != "none" or dm.preprocess is None:
-        return None
-    backbone = model.backbone
-    if any(p.requires_grad for p in backbone.parameters()) or _stochastic(backbone):
-        return None
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
-    if has_bn and not hp.get("freeze_bn", True):
-        return None  # BatchNorm in train mode would update its statistics every step
-    digest = hashlib.sha256(f"{split}|{dm.transform(train=True)}|{dm.hparams.source}|{dm.hparams.seed}".encode())
-    for tensor in [*backbone.state_dict().values(), *dm.preprocess.state_dict().values()]:
-        digest.update(tensor.detach().double().sum().cpu().numpy().tobytes())
-        digest.update(str(tuple(tensor.shape)).encode())
-    return digest.hexdigest()
-
-
-def _stochastic(module: nn.Module) -> bool:
-    """Dropout or drop-path that is active in train mode (timm's ``drop_rate`` is applied in its forward_head)."""
-    for m in module.modules():
-        p = getattr(m, "p", None) if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "drop_prob", None)
-        if (p or 0) > 0 or (getattr(m, "drop_rate", 0) or 0) > 0:
-            return True
-    return False
-
-
 @contextmanager
 def _modes_restored(module: nn.Module) -> Iterator[None]:
     """Gives every submodule its own train/eval mode back on exit. ``module.train()`` would not: it also wakes the
@@ -791,25 +691,3 @@ def _modes_restored(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes.items():
             m.training = training
-
-
-@torch.no_grad()
-def _compute_features(model: Any, dm: ImageDataModule, dataset: Dataset) -> tuple[Tensor, Tensor]:
-    # Its own generator: drawing the loader's base seed from the global RNG would shift the training run's dropout.
-    generator = torch.Generator().manual_seed(0)
-    loader = DataLoader(
-        dataset, batch_size=dm.hparams.batch_size, num_workers=dm.hparams.num_workers, generator=generator
-    )
-    backbone = model.backbone
-    trainer = getattr(model, "_trainer", None)
-    context = trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
-    features, labels = [], []
-    with _modes_restored(backbone), context:
-        backbone.eval()  # identical to train mode here: BatchNorm frozen, nothing stochastic (see cache_key)
-        for images, targets in loader:
-            images = dm.normalize(images.to(model.device))
-            if model.hparams.get("channels_last"):
-                images = images.contiguous(memory_format=torch.channels_last)
-            features.append(backbone(images).float().cpu())
-            labels.append(torch.as_tensor(targets))
-    return torch.cat(features), torch.cat(labels)
