@@ -125,7 +125,9 @@ class LinearProbe(L.LightningModule):
             self.backbone.requires_grad_(False).eval()
             num_features = self.backbone.num_features
         self.head = ClassifierHead(num_features, num_classes, dropout=0.0)
-        self.register_buffer("class_weight", class_weight_of(class_weights, class_counts, num_classes), persistent=False)
+        self.register_buffer(
+            "class_weight", class_weight_of(class_weights, class_counts, num_classes), persistent=False
+        )
         self.train_metrics = classification_metrics(num_classes, "train/")
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")

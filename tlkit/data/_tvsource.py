@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tlkit.data.sources import Sample, SourceOptions, Split, _Listing
+from tlkit.data.splits import Listing, Sample, SourceOptions, Split
 
 DEFAULT_ROOT = "~/.cache/tlkit/datasets"
 _TRAIN_SPLITS = ("train", "trainval")
@@ -162,7 +162,7 @@ def class_names(name: str, options: SourceOptions) -> list[str]:
     return _names(ds, _targets(ds) or _to_split(ds).targets)
 
 
-def load(name: str, options: SourceOptions) -> _Listing:
+def load(name: str, options: SourceOptions) -> Listing:
     train_ds, val_ds = _open(name, "train", _where(options)), _open(name, "val", _where(options))
     train = _to_split(train_ds)
-    return _Listing(_names(train_ds, train.targets), train, _to_split(val_ds) if val_ds is not None else None)
+    return Listing(_names(train_ds, train.targets), train, _to_split(val_ds) if val_ds is not None else None)

@@ -33,7 +33,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
+
+from tlkit.data.splits import Listing, Sample, SourceData, SourceOptions, Split
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 BAD_IMAGE_POLICIES = ("skip", "raise")
@@ -75,66 +77,6 @@ TEXTURE_SHORT_SIDE = 320
 TEXTURE_TRAIN_FRACTION = 0.75
 # Fixed so the textures val set is identical across runs, whatever seed the caller passes.
 TEXTURE_SEED = 0
-
-Sample = str | np.ndarray
-
-
-@dataclass
-class Split:
-    """One split of samples.
-
-    Attributes:
-        samples: File paths (``str``) or ``uint8`` HWC numpy images.
-        targets: Integer label per sample (index into ``SourceData.class_names``).
-    """
-
-    samples: list[Sample]
-    targets: list[int]
-
-    def __post_init__(self) -> None:
-        if len(self.samples) != len(self.targets):
-            raise ValueError(f"Split has {len(self.samples)} samples but {len(self.targets)} targets")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-
-@dataclass
-class SourceData:
-    """Train/val splits plus class names (index = label).
-
-    Attributes:
-        skipped: ``(path, reason)`` of every unreadable image file that was left out.
-        ignored: Files in the source that are not images (by extension) and were not used.
-    """
-
-    train: Split
-    val: Split
-    class_names: list[str]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Listing:
-    """What a scheme loader returns: ``val=None`` asks :func:`load_source` for a stratified split of ``train``."""
-
-    class_names: list[str]
-    train: Split
-    val: Split | None = None
-    ignored: list[str] = field(default_factory=list)
-    unusable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): listed, whatever the policy
-
-
-@dataclass(frozen=True)
-class SourceOptions:
-    """Options every scheme loader receives (each uses the ones that apply to it)."""
-
-    val_split: float = 0.2
-    seed: int = 0
-    root: str | None = None
-    download: bool = False
-
 
 # --------------------------------------------------------------------------- decoding
 
@@ -487,7 +429,7 @@ def _folder_class_names(arg: str, options: SourceOptions) -> list[str]:
     return _training_classes(presplit[0] if presplit else root)
 
 
-def _load_folder(arg: str, options: SourceOptions) -> _Listing:
+def _load_folder(arg: str, options: SourceOptions) -> Listing:
     root = _folder_root(arg)
     presplit = _presplit_dirs(root)
     class_names = _training_classes(presplit[0] if presplit else root)
@@ -495,11 +437,11 @@ def _load_folder(arg: str, options: SourceOptions) -> _Listing:
     ignored: list[str] = []
     unusable: list[tuple[str, str]] = []
     if not presplit:
-        return _Listing(class_names, _scan_folder(root, class_to_idx, ignored, unusable), None, ignored, unusable)
+        return Listing(class_names, _scan_folder(root, class_to_idx, ignored, unusable), None, ignored, unusable)
     unusable.extend(_loose_images(root))
     train = _scan_folder(presplit[0], class_to_idx, ignored, unusable)
     val = _scan_folder(presplit[1], class_to_idx, ignored, unusable)
-    return _Listing(class_names, train, val, ignored, unusable)
+    return Listing(class_names, train, val, ignored, unusable)
 
 
 # --------------------------------------------------------------------------- csv:<file>
@@ -553,21 +495,21 @@ def _csv_class_names(arg: str, options: SourceOptions) -> list[str]:
     return _sorted_labels(_read_csv_rows(Path(arg).expanduser())[1])
 
 
-def _load_csv(arg: str, options: SourceOptions) -> _Listing:
+def _load_csv(arg: str, options: SourceOptions) -> Listing:
     file = Path(arg).expanduser()
     paths, labels, splits = _read_csv_rows(file)
     class_names = _sorted_labels(labels)
     class_to_idx = {name: i for i, name in enumerate(class_names)}
     everything = Split(samples=list(paths), targets=[class_to_idx[label] for label in labels])
     if splits is None:
-        return _Listing(class_names, everything)
+        return Listing(class_names, everything)
     unknown = sorted({s for s in splits if s not in _CSV_SPLITS})
     if unknown:
         raise ValueError(f"{file}: unknown split values {unknown}; use train, val (or valid/validation) or test")
     groups = {name: [i for i, s in enumerate(splits) if _CSV_SPLITS[s] == name] for name in ("train", "val")}
     ignored = [paths[i] for i, s in enumerate(splits) if _CSV_SPLITS[s] is None]  # test rows: not used by fit
     train, val = (_split_by_indices(everything.samples, everything.targets, groups[k]) for k in ("train", "val"))
-    return _Listing(class_names, train, val, ignored)
+    return Listing(class_names, train, val, ignored)
 
 
 # --------------------------------------------------------------------------- textures
@@ -660,11 +602,11 @@ def _textures_class_names(arg: str, options: SourceOptions) -> list[str]:
     return list(TEXTURE_PHOTOS)
 
 
-def _load_textures(arg: str, options: SourceOptions) -> _Listing:
+def _load_textures(arg: str, options: SourceOptions) -> Listing:
     # val_split and seed are ignored on purpose: the val set is fixed so results compare across runs.
     train_x, train_y, val_x, val_y = _build_textures()
     train = Split(samples=list(train_x), targets=train_y.tolist())
-    return _Listing(list(TEXTURE_PHOTOS), train, Split(samples=list(val_x), targets=val_y.tolist()))
+    return Listing(list(TEXTURE_PHOTOS), train, Split(samples=list(val_x), targets=val_y.tolist()))
 
 
 # --------------------------------------------------------------------------- digits
@@ -674,14 +616,14 @@ def _digits_class_names(arg: str, options: SourceOptions) -> list[str]:
     return [str(d) for d in range(10)]
 
 
-def _load_digits(arg: str, options: SourceOptions) -> _Listing:
+def _load_digits(arg: str, options: SourceOptions) -> Listing:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     # Values are 0..16; scale to the full uint8 range and replicate to 3 channels (HWC).
     gray = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
     images = np.repeat(gray[..., None], 3, axis=-1)
-    return _Listing(_digits_class_names(arg, options), Split(samples=list(images), targets=digits.target.tolist()))
+    return Listing(_digits_class_names(arg, options), Split(samples=list(images), targets=digits.target.tolist()))
 
 
 # --------------------------------------------------------------------------- bad files
@@ -739,7 +681,7 @@ def _file_samples(*splits: Split | None) -> list[str]:
 
 
 def _check_bad_files(
-    listing: _Listing, on_bad_image: str, workers: int | None, max_pixels: int | None
+    listing: Listing, on_bad_image: str, workers: int | None, max_pixels: int | None
 ) -> list[tuple[str, str]]:
     """Scan the listing's files; raise on a bad one (``raise``) or return them to be dropped (``skip``)."""
     skipped = scan_images(_file_samples(listing.train, listing.val), workers, max_pixels)
@@ -770,12 +712,12 @@ class _Scheme:
     """How to load one spec scheme; ``form`` is shown in error messages."""
 
     form: str
-    load: Callable[[str, SourceOptions], _Listing]
+    load: Callable[[str, SourceOptions], Listing]
     class_names: Callable[[str, SourceOptions], list[str]]
     takes_arg: bool
 
 
-def _load_torchvision(arg: str, options: SourceOptions) -> _Listing:
+def _load_torchvision(arg: str, options: SourceOptions) -> Listing:
     from tlkit.data import _tvsource  # imported lazily: torchvision.datasets is only needed here
 
     return _tvsource.load(arg, options)

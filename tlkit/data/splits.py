@@ -1,0 +1,70 @@
+"""The data types a source loader returns: splits of samples, their class names, the options loaders take.
+
+Their own module so that both :mod:`tlkit.data.sources` and the torchvision-datasets loader it imports lazily
+(:mod:`tlkit.data._tvsource`) build on them without importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Sample = str | np.ndarray
+
+
+@dataclass
+class Split:
+    """One split of samples.
+
+    Attributes:
+        samples: File paths (``str``) or ``uint8`` HWC numpy images.
+        targets: Integer label per sample (index into ``SourceData.class_names``).
+    """
+
+    samples: list[Sample]
+    targets: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.samples) != len(self.targets):
+            raise ValueError(f"Split has {len(self.samples)} samples but {len(self.targets)} targets")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+@dataclass
+class SourceData:
+    """Train/val splits plus class names (index = label).
+
+    Attributes:
+        skipped: ``(path, reason)`` of every unreadable image file that was left out.
+        ignored: Files in the source that are not images (by extension) and were not used.
+    """
+
+    train: Split
+    val: Split
+    class_names: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Listing:
+    """What a scheme loader returns: ``val=None`` asks :func:`load_source` for a stratified split of ``train``."""
+
+    class_names: list[str]
+    train: Split
+    val: Split | None = None
+    ignored: list[str] = field(default_factory=list)
+    unusable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): listed, whatever the policy
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Options every scheme loader receives (each uses the ones that apply to it)."""
+
+    val_split: float = 0.2
+    seed: int = 0
+    root: str | None = None
+    download: bool = False
