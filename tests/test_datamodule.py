@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 import tlkit.module
 from tlkit import ImageDataModule, TransferClassifier, create_backbone
+from tlkit.backbones import backbone_data_config
 from tlkit.cli import main
 from tlkit.data.preprocess import Normalize, Whitening
 from tlkit.data.sources import TEXTURE_PHOTOS, load_texture_photo, read_image
@@ -163,7 +164,8 @@ def test_warns_once_when_whitening_in_front_of_a_frozen_pretrained_backbone(phot
     save_file(create_backbone("test_resnet").model.state_dict(), weights)
 
     def frozen_warnings(preprocess: str, freeze: str, runs: int = 1) -> list[str]:
-        dm = ImageDataModule(source=f"folder:{photo_folder}", image_size=16, batch_size=8, preprocess=preprocess)
+        dm = ImageDataModule(source=f"folder:{photo_folder}", image_size=16, batch_size=8, preprocess=preprocess,
+                             data_config=backbone_data_config("test_resnet"))  # fmt: skip
         model = TransferClassifier("test_resnet", pretrained=str(weights), num_classes=3, freeze=freeze)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -251,7 +253,8 @@ def _messy_folder(root: Path) -> list[str]:
 
 def test_messy_folder_trains_with_one_warning_and_the_list_in_the_run_dir(tmp_path: Path) -> None:
     bad = _messy_folder(tmp_path / "data")
-    dm = ImageDataModule(source=f"folder:{tmp_path / 'data'}", image_size=16, batch_size=4, val_split=0.25)
+    dm = ImageDataModule(source=f"folder:{tmp_path / 'data'}", image_size=16, batch_size=4, val_split=0.25,
+                         data_config=backbone_data_config("test_resnet"))  # fmt: skip
     trainer = _trainer(tmp_path, logger=CSVLogger(tmp_path / "runs", name=""))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -304,15 +307,18 @@ def test_balanced_class_weights_weight_the_training_loss_only(
         return real(*args, weight=weight, **kwargs)
 
     monkeypatch.setattr(tlkit.module.F, "cross_entropy", spy)
-    dm = ImageDataModule(source=f"folder:{imbalanced_folder}", image_size=16, batch_size=6, val_split=0.25)
-    model = TransferClassifier("test_resnet", num_classes=2, class_weights="balanced")
+    dm = ImageDataModule(source=f"folder:{imbalanced_folder}", image_size=16, batch_size=6, val_split=0.25,
+                         data_config=backbone_data_config("test_resnet"))  # fmt: skip
+    model = TransferClassifier("test_resnet", num_classes=2, class_weights="balanced", class_counts=dm.class_counts)
     _trainer(tmp_path, num_sanity_val_steps=0).fit(model, dm)
     expected = torch.tensor([18 / (2 * 15), 18 / (2 * 3)])
     torch.testing.assert_close(model.class_weight, expected)
     assert len(calls) == 3 and calls[2] is None  # two training steps, one validation step
     assert all(torch.equal(w, expected) for w in calls[:2])
-    with pytest.raises(ValueError, match="class_weights='balanced' needs a data module with class_counts"):
-        tlkit.module.balanced_class_weights(None, model.hparams)
+    with pytest.raises(ValueError, match="class_weights='balanced' needs class_counts.*class_counts=dm.class_counts"):
+        TransferClassifier("test_resnet", num_classes=2, class_weights="balanced")
+    with pytest.raises(ValueError, match="needs 2 non-zero class counts"):
+        TransferClassifier("test_resnet", num_classes=2, class_weights="balanced", class_counts=[3, 0])
     with pytest.raises(ValueError, match="class_weights='inverse'"):
         TransferClassifier("test_resnet", num_classes=2, class_weights="inverse")
 
@@ -350,19 +356,30 @@ def test_loaders_yield_uint8_images_and_labels():
     assert dm.num_classes == 10 and dm.class_names == sorted(dm.class_names)
 
 
-@pytest.mark.parametrize("early_setup", [False, True], ids=["plain", "setup-before-the-model"])
-def test_pretrained_normalisation_uses_the_models_weights_config(tmp_path, early_setup):
-    dm = ImageDataModule(source="digits", image_size=32, batch_size=8)
-    if early_setup:  # e.g. to read class names before building the model: ImageNet mean/std until a model comes
-        dm.setup()
-        torch.testing.assert_close(dm.preprocess.mean, torch.tensor([0.485, 0.456, 0.406]))
-    model = TransferClassifier("tf_efficientnet_lite0", pretrained="packaged", num_classes=dm.num_classes)
+def test_pretrained_normalisation_uses_the_data_config_it_is_given(tmp_path):
+    model = TransferClassifier("tf_efficientnet_lite0", pretrained="packaged", num_classes=10)
+    dm = ImageDataModule(source="digits", image_size=32, batch_size=8, data_config=model.data_config)
     trainer = tiny_trainer(tmp_path, limit_train_batches=1, limit_val_batches=1)
     trainer.fit(model, dm)
     config = dm.data_config()
     assert config["mean"] == (0.5, 0.5, 0.5) and config["interpolation"] == "bilinear"
     white = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     torch.testing.assert_close(dm.normalize(white), torch.ones(1, 3, 2, 2))  # (1 - 0.5) / 0.5
+
+
+def test_a_data_module_without_the_models_data_config_is_refused_when_it_would_normalise_wrongly(tmp_path):
+    model = TransferClassifier("tf_efficientnet_lite0", pretrained="packaged", num_classes=10)
+    dm = ImageDataModule(source="digits", image_size=32, batch_size=8)  # ImageNet mean/std; the weights want 0.5
+    with pytest.raises(ValueError, match="built without data_config.*data_config=model.data_config"):
+        tiny_trainer(tmp_path, limit_train_batches=1, limit_val_batches=1).fit(model, dm)
+
+
+def test_the_cli_computes_the_data_config_of_the_recipes_backbone_without_weights():
+    assert (
+        backbone_data_config("tf_efficientnet_lite0", "packaged")
+        == create_backbone("tf_efficientnet_lite0", pretrained="packaged").data_config
+    )
+    assert backbone_data_config("torchvision/resnet18") == create_backbone("torchvision/resnet18").data_config
 
 
 def test_explicit_arguments_override_the_model():
