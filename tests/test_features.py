@@ -8,12 +8,10 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
-import yaml
 from conftest import write_image_folder
 from safetensors.torch import save_file
 from torch import nn
@@ -24,7 +22,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import tlkit.features as features_module
 from tlkit import ImageDataModule, TransferClassifier, create_backbone
 from tlkit.cli import main
-from tlkit.features import FeatureSet, ShardWriter, cache_key, extract_features, merge_shards
+from tlkit.features import FeatureSet, ShardWriter, extract_features, merge_shards
+from tlkit.probe import FeatureDataModule, LinearProbe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -210,123 +209,58 @@ def test_cli_extract_writes_features_of_a_folder(tmp_path, folder):
     assert all(path.endswith(".png") for path in feats.ids) and sorted(set(feats.labels.tolist())) == [0, 1]
 
 
-# ---------------------------------------------------------------------------------------------- feature cache
+# ---------------------------------------------------------------------------------------------- linear probe
 
 
-class _BatchShapes(L.Callback):
-    def __init__(self):
-        self.shapes: list[tuple[int, int]] = []  # (epoch, batch ndim)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.shapes.append((trainer.current_epoch, batch[0].ndim))
-
-
-class _Unfreeze(L.Callback):
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == 1:
-            self.before = {k: v.clone() for k, v in pl_module.backbone.state_dict().items()}
-            pl_module.set_freeze("none")
-
-
-def _probe(folder, cache: bool, augment: str = "none", callbacks=()) -> tuple[TransferClassifier, _BatchShapes]:
+def _lbfgs_probe(folder, epochs: int = 8, batch_size: int | None = None, callbacks=()):
     L.seed_everything(0)
-    model = TransferClassifier("test_resnet", num_classes=2, freeze="backbone", feature_cache=cache, lr=0.05,
-                               head=dict(dropout=0.3))  # fmt: skip
-    # A persistent worker: the cache must give the same shuffles as the image loader and see invalidations.
-    dm = ImageDataModule(f"folder:{folder}", image_size=16, batch_size=6, augment=augment, num_workers=1)
-    shapes = _BatchShapes()
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[shapes, *callbacks], deterministic=True)  # fmt: skip
-    trainer.fit(model, dm)
-    return model, shapes
-
-
-def test_cached_linear_probe_equals_training_without_cache(folder):
-    cached, shapes = _probe(folder, cache=True)
-    plain, plain_shapes = _probe(folder, cache=False)
-    assert {ndim for _, ndim in shapes.shapes} == {2}  # the head trained on cached features
-    assert {ndim for _, ndim in plain_shapes.shapes} == {4}
-    for a, b in zip(cached.head.parameters(), plain.head.parameters(), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    # Computing the cache leaves the frozen BatchNorm layers in eval mode: an image forward in train mode after the
-    # run must not move their running statistics.
-    batchnorms = [m for m in cached.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert cached.training and batchnorms and not any(bn.training for bn in batchnorms)
-
-
-def test_unfreezing_or_augmenting_drops_the_cache(folder):
-    unfreeze = _Unfreeze()
-    model, shapes = _probe(folder, cache=True, callbacks=[unfreeze])
-    assert {(epoch, ndim) for epoch, ndim in shapes.shapes} == {(0, 2), (1, 4)}  # images again once unfrozen
-    assert any(not torch.equal(unfreeze.before[k], v) for k, v in model.backbone.state_dict().items())
-    _, augmented = _probe(folder, cache=True, augment="basic")
-    assert {ndim for _, ndim in augmented.shapes} == {4}
-
-
-def test_cache_key_changes_with_preprocessing(folder):
-    model = TransferClassifier("test_resnet", num_classes=2, freeze="backbone")
-    keys = []
-    for preprocess in ("pretrained", "dataset"):
-        dm = ImageDataModule(f"folder:{folder}", image_size=16, augment="none", preprocess=preprocess)
-        dm.trainer = type("T", (), {"lightning_module": model, "log_dir": None})()
-        dm._fit_preprocess()
-        keys.append(cache_key(model, dm, "train"))
-    assert None not in keys and keys[0] != keys[1]
-    model.set_freeze("stages:1")
-    assert cache_key(model, dm, "train") is None
-    assert features_module._stochastic(nn.Sequential(nn.Dropout(0.1)))
-
-
-def _lbfgs_probe(folder, batch_size: int, epochs: int = 8, callbacks=()) -> tuple[TransferClassifier, ImageDataModule]:
-    L.seed_everything(0)
-    dm = ImageDataModule(f"folder:{folder}", image_size=16, batch_size=batch_size, augment="none")
-    dm.setup()
-    model = TransferClassifier("test_resnet", num_classes=dm.num_classes, freeze="backbone", optimizer="lbfgs",
-                               lr=1.0, schedule="constant", weight_decay=1 / len(dm.data.train),
-                               head=dict(dropout=0.0))  # fmt: skip
+    probe = LinearProbe("test_resnet", num_classes=3, weight_decay=0.0)
+    images = ImageDataModule(f"folder:{folder}", image_size=16, augment="none", data_config=probe.data_config)
+    data = probe.feature_data(images, batch_size=batch_size)
+    probe = LinearProbe("test_resnet", num_classes=data.num_classes, weight_decay=1 / len(data.train_set))
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=list(callbacks))  # fmt: skip
-    trainer.fit(model, dm)
-    return model, dm
+    trainer.fit(probe, data)
+    return probe, data
 
 
 def test_lbfgs_probe_reaches_logistic_regressions_optimum(tmp_path):
     """The standard linear-probe protocol, LogisticRegression(C=1) on the same features, minimises the mean
-    cross-entropy + |W|^2 / (2N): the cached L-BFGS probe with weight_decay=1/N must land on the same weights."""
+    cross-entropy + |W|^2 / (2N): the L-BFGS probe with weight_decay=1/N must land on the same weights."""
     from sklearn.linear_model import LogisticRegression
 
     folder = write_image_folder(tmp_path, per_class=8, size=16)  # 3 classes: sklearn fits the softmax model
-    model, dm = _lbfgs_probe(folder, batch_size=64)
-    train = model._feature_cache["train"]  # what the head was trained on
+    probe, data = _lbfgs_probe(folder)
+    train, val = data.train_set, data.val_set  # what the head was trained on
     reference = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(train.features, train.labels)
-    head = model.head.fc
+    head = probe.head.fc
     torch.testing.assert_close(head.weight.detach(), torch.as_tensor(reference.coef_).float(), atol=2e-3, rtol=1e-2)
-    val = model._feature_cache["val"]
-    probabilities = model.head(val.features).softmax(1).detach()
+    probabilities = probe(val.features).softmax(1).detach()
     torch.testing.assert_close(probabilities, torch.as_tensor(reference.predict_proba(val.features)).float(),
                                atol=1e-3, rtol=0)  # fmt: skip
 
 
-def test_lbfgs_probe_says_when_it_cannot_take_full_batch_steps(folder):
-    with pytest.warns(UserWarning, match="full-batch steps, but an epoch has 4 batches"):
-        _lbfgs_probe(folder, batch_size=6, epochs=1)
-    model = TransferClassifier("test_resnet", num_classes=2, optimizer="lbfgs")
-    fine = dict(world_size=1, accumulate_grad_batches=1, gradient_clip_val=None, estimated_stepping_batches=1,
-                num_training_batches=1, precision="32-true")  # fmt: skip
-    for change, message in [
-        (dict(world_size=2), "runs on one device, not 2 processes"),  # as under a two-process DDP strategy
-        (dict(accumulate_grad_batches=2), "exact gradient of each step: drop accumulate_grad_batches \\(=2\\)"),
-        (dict(gradient_clip_val=1.0), "gradient_clip_val \\(=1.0\\)"),
-    ]:
-        model._trainer = SimpleNamespace(**{**fine, **change})
-        with pytest.raises(ValueError, match=message):
-            model._check_full_batch()
-    model._trainer = SimpleNamespace(**{**fine, "precision": "bf16-mixed"})
-    with pytest.warns(UserWarning, match="precision='bf16-mixed'"):
-        model._check_full_batch()
-    phases = [{"epochs": 1, "freeze": "backbone"}, {"freeze": "none", "layer_decay": 0.7}]
-    with pytest.raises(ValueError, match="Phase 1 sets layer_decay or lr_scale, but optimizer='lbfgs'"):
-        TransferClassifier("test_resnet", optimizer="lbfgs", phases=phases)  # fails at once, not a phase later
+def test_probe_features_are_the_backbones_on_the_data_modules_preprocessing(folder):
+    probe = LinearProbe("test_resnet", num_classes=2)
+    images = ImageDataModule(f"folder:{folder}", image_size=16, augment="none", data_config=probe.data_config)
+    data = probe.feature_data(images)
+    images.setup()
+    batch = next(iter(images.val_dataloader()))[0]
+    with torch.no_grad():
+        expected = probe.backbone.eval()(images.normalize(batch))
+    torch.testing.assert_close(data.val_set.features[: len(batch)], expected, atol=1e-5, rtol=1e-4)
+    assert data.class_names == images.class_names and data.class_counts == images.class_counts
+
+
+def test_probe_refuses_augmented_data_and_says_when_it_cannot_take_full_batch_steps(folder):
+    probe = LinearProbe("test_resnet", num_classes=2)
+    augmented = ImageDataModule(f"folder:{folder}", image_size=16, augment="basic", data_config=probe.data_config)
+    with pytest.raises(ValueError, match="augment='basic'.*TransferClassifier"):
+        probe.feature_data(augmented)
+    with pytest.warns(UserWarning, match="full-batch L-BFGS steps, but an epoch has 3 batches"):
+        _lbfgs_probe(folder, epochs=1, batch_size=8)
+    with pytest.raises(ValueError, match="a backbone name or num_features"):
+        LinearProbe()
 
 
 def test_lbfgs_probe_counts_metrics_once_per_step(folder):
@@ -337,19 +271,19 @@ def test_lbfgs_probe_counts_metrics_once_per_step(folder):
         def on_train_epoch_end(self, trainer, pl_module):
             counts.append(int(pl_module.train_metrics["acc"].tp.sum() + pl_module.train_metrics["acc"].fn.sum()))
 
-    model, dm = _lbfgs_probe(folder, batch_size=64, epochs=3, callbacks=[Counted()])
-    assert counts == [len(dm.data.train)] * 3
-    assert model.trainer.optimizers[0].state_dict()["state"][0]["func_evals"] > 3  # it did evaluate more often
+    probe, data = _lbfgs_probe(folder, epochs=3, callbacks=[Counted()])
+    assert counts == [len(data.train_set)] * 3
+    assert probe.trainer.optimizers[0].state_dict()["state"][0]["func_evals"] > 3  # it did evaluate more often
 
 
-def test_linear_probe_recipe_trains_on_cached_features():
-    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "linear_probe.yaml").read_text())
-    dm = ImageDataModule(**recipe["data"]["init_args"])
-    model = TransferClassifier(**recipe["model"]["init_args"], num_classes=dm.num_classes)
-    dm.trainer = type("T", (), {"lightning_module": model, "log_dir": None})()
-    dm.setup()
-    assert cache_key(model, dm, "train") is not None  # frozen, deterministic, no augmentation: the cache applies
-    assert model.hparams.optimizer == "lbfgs" and dm.hparams.batch_size >= len(dm.data.train)  # full-batch steps
+def test_a_probe_trains_on_saved_features_without_a_backbone(tmp_path, folder):
+    probe = LinearProbe("test_resnet", num_classes=2)
+    images = ImageDataModule(f"folder:{folder}", image_size=16, augment="none", data_config=probe.data_config)
+    probe.feature_data(images).features.save(tmp_path / "f.safetensors")
+    data = FeatureDataModule(str(tmp_path / "f.safetensors"))
+    head_only = LinearProbe(num_features=data.train_set.features.shape[1], num_classes=data.num_classes)
+    L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(head_only, data)
+    assert head_only.backbone is None and head_only.trainer.callback_metrics["val/acc"] >= 0
 
 
 def test_cli_extract_on_two_ddp_ranks_writes_one_ordered_file(tmp_path, folder):
