@@ -184,15 +184,15 @@ def test_merge_orders_shards_of_several_ranks_and_rejects_gaps(tmp_path):
 
 
 def test_data_module_rows_use_its_preprocessing_and_split_order(folder):
-    dm = ImageDataModule(f"folder:{folder}", image_size=16, preprocess="dataset", batch_size=8)
     backbone = create_backbone("test_efficientnet").eval()
+    dm = ImageDataModule(f"folder:{folder}", image_size=16, preprocess="dataset", batch_size=8,
+                         data_config=backbone.data_config)  # fmt: skip
     feats = extract_features(backbone, dm)
     n_train, n_val = len(dm.data.train), len(dm.data.val)
     assert feats.metadata["splits"] == {"train": [0, n_train], "val": [n_train, n_train + n_val]}
     assert feats.labels.tolist() == list(dm.data.train.targets) + list(dm.data.val.targets)
     assert feats.ids == list(dm.data.train.samples) + list(dm.data.val.samples)
-    with features_module._data_config_for(dm, backbone):  # the transform of the backbone's data_config
-        image, _ = dm.val_dataloader().dataset[2]  # evaluation transform; statistics fitted on train
+    image, _ = dm.val_dataloader().dataset[2]  # evaluation transform; statistics fitted on train
     with torch.no_grad():
         expected = backbone(dm.normalize(image[None]))
     torch.testing.assert_close(feats.split("val").features[2:3], expected, atol=1e-5, rtol=0)
