@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.io import write_png
 from torchvision.models.feature_extraction import create_feature_extractor
 
-import tlkit.features as features_module
 from tlkit import ImageDataModule, TransferClassifier, create_backbone
 from tlkit.cli import main
 from tlkit.features import FeatureSet, ShardWriter, extract_features, merge_shards
