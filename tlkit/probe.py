@@ -144,8 +144,11 @@ class LinearProbe(L.LightningModule):
     def class_names(self) -> list[str]:
         return self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
 
-    def feature_data(self, images: ImageDataModule, batch_size: int | None = None) -> FeatureDataModule:
-        """The train and val features of ``images`` through the backbone (eval transform, its preprocessing).
+    def feature_data(
+        self, images: ImageDataModule, batch_size: int | None = None, device: str = "auto"
+    ) -> FeatureDataModule:
+        """The train and val features of ``images`` through the backbone (eval transform, its preprocessing),
+        computed on ``device`` (as :func:`~tlkit.features.extract_features`'s).
 
         Raises:
             ValueError: the probe has no backbone, or ``images`` augments (each epoch would see other images).
@@ -158,7 +161,7 @@ class LinearProbe(L.LightningModule):
                 f"{images.hparams.augment!r}: set augment='none', or fine-tune with tlkit.TransferClassifier "
                 "(freeze='backbone') to train on augmented images."
             )
-        features = extract_features(self.backbone, images, split="all")
+        features = extract_features(self.backbone, images, split="all", device=device)
         features.metadata["class_names"] = images.class_names
         return FeatureDataModule(features, batch_size=batch_size)
 
