@@ -251,3 +251,23 @@ def test_a_checkpoint_with_another_class_count_is_named_in_the_error(run, tmp_pa
         main(
             ["predict", "--config", str(recipe), "--ckpt_path", str(ckpt), "--data.init_args.source", f"folder:{three}"]
         )
+
+
+# ------------------------------------------------------------------------------------ checkpoints of earlier tlkit
+
+
+def test_a_checkpoint_with_the_removed_feature_cache_loads_with_a_deprecation_warning(run, tmp_path):
+    """Checkpoints written before tlkit.LinearProbe hold ``feature_cache: true``: Python and the CLI still load them."""
+    recipe, ckpt = run
+    old = _rewrite(ckpt, tmp_path / "old.ckpt", hyper_parameters__feature_cache=True)
+    with pytest.warns(FutureWarning, match=r"feature_cache=True\) is deprecated and ignored.*tlkit\.LinearProbe"):
+        model = TransferClassifier.load_from_checkpoint(old)
+    assert "feature_cache" not in model.hparams  # a checkpoint saved from it no longer carries the key
+    current = TransferClassifier.load_from_checkpoint(ckpt)
+    for (name, a), b in zip(model.state_dict().items(), current.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    out = tmp_path / "preds.csv"
+    writer = ["--trainer.callbacks+=tlkit.cli.PredictionCSVWriter", f"--trainer.callbacks.out={out}"]
+    with pytest.warns(FutureWarning, match=r"feature_cache=True\) is deprecated"):
+        main(["predict", "--config", str(recipe), "--ckpt_path", str(old), *writer])
+    assert len(list(csv.DictReader(out.open()))) > 0

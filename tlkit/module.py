@@ -94,6 +94,8 @@ class TransferClassifier(L.LightningModule):
             :meth:`configure_callbacks`; the model starts in the first phase.
         freeze_epochs: shorthand for two phases: ``freeze`` (``"backbone"`` if ``"none"``) for this many epochs,
             then everything unfrozen (with ``layer_decay`` if set). 0: off.
+        feature_cache: deprecated and ignored (with a warning): the checkpoints of tlkit before
+            :class:`tlkit.LinearProbe` hold it, and load. A linear probe on features computed once is that class.
 
     Example:
         >>> model = TransferClassifier("resnet18", num_classes=3, freeze="stages:2")
@@ -131,11 +133,14 @@ class TransferClassifier(L.LightningModule):
         layer_decay: float | None = None,
         phases: list[dict[str, Any]] | None = None,
         freeze_epochs: int = 0,
+        feature_cache: bool | None = None,
     ):
         super().__init__()
         check_arguments(lr=lr, optimizer=optimizer, schedule=schedule, warmup_epochs=warmup_epochs,
                         weight_decay=weight_decay)  # fmt: skip
-        self.save_hyperparameters()
+        if feature_cache is not None:
+            _warn_feature_cache_ignored(feature_cache)
+        self.save_hyperparameters(ignore="feature_cache")  # new checkpoints no longer carry it
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}.")
         # Not persistent: a checkpoint's class weights are its hyperparameters' class counts.
@@ -445,6 +450,17 @@ class TransferClassifier(L.LightningModule):
             "follow its own order)."
         )
         self.hparams.class_names = list(names)
+
+
+def _warn_feature_cache_ignored(feature_cache: bool) -> None:
+    """Checkpoints and recipes of tlkit before LinearProbe hold ``feature_cache`` (True by default): they still load,
+    and train the head on images through the frozen backbone, the same model, only slower."""
+    rank_zero_warn(
+        f"TransferClassifier(feature_cache={feature_cache}) is deprecated and ignored: the model now always runs "
+        "its backbone on images. For a linear probe on features computed once, use tlkit.LinearProbe "
+        "(recipes/linear_probe.yaml); drop feature_cache from the recipe.",
+        category=FutureWarning,
+    )
 
 
 def check_arguments(lr: float, optimizer: str, schedule: str, warmup_epochs: float, weight_decay: float) -> None:
