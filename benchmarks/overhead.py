@@ -40,8 +40,8 @@ class DeviceBatches:
 class OnDeviceData(ImageDataModule):
     """tlkit's data module (normalisation on the device included), fed from batches already on the device."""
 
-    def __init__(self, batches: list, steps: int, mean, std):
-        super().__init__(source="digits", preprocess="pretrained", mean=mean, std=std)
+    def __init__(self, batches: list, steps: int, data_config: dict):
+        super().__init__(source="digits", preprocess="pretrained", data_config=data_config)
         self.device_batches = DeviceBatches(batches, steps)
 
     def train_dataloader(self):
@@ -116,7 +116,7 @@ def tlkit_fit(args, batches, device, callbacks=(), **trainer_options) -> float:
         args.model, num_classes=args.num_classes, optimizer="sgd", lr=0.01, schedule="cosine",
         channels_last=args.channels_last, compile=args.compile,
     )  # fmt: skip
-    data = OnDeviceData(batches, args.steps, model.data_config["mean"], model.data_config["std"])
+    data = OnDeviceData(batches, args.steps, model.data_config)
     watch = Stopwatch(args.warmup, device)
     options = dict(
         max_steps=args.steps, max_epochs=1, accelerator=device.type, devices=1, precision=args.precision,

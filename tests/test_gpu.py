@@ -96,7 +96,8 @@ def trained(tmp_path_factory, folder):
     torch.set_num_threads(1)  # as one_thread does for the tests (a module fixture is set up before it)
     L.seed_everything(0)
     model = TransferClassifier("tf_efficientnet_lite0", pretrained="packaged", num_classes=3, channels_last=True)
-    dm, watch, seen = _data(folder, preprocess="dataset"), _Watch(), {"normalize": [], "backbone": [], "head": []}
+    dm = _data(folder, preprocess="dataset", data_config=model.data_config)
+    watch, seen = _Watch(), {"normalize": [], "backbone": [], "head": []}
     normalize = dm.normalize
 
     def recording_normalize(images):
@@ -171,7 +172,7 @@ def test_compiled_fit_runs_and_checkpoints_with_the_eager_parameter_names(folder
     watch = _Watch()
     trainer = tiny_trainer(tmp_path, accelerator=ACCELERATOR, precision="bf16-mixed", callbacks=[watch],
                            limit_train_batches=2, limit_val_batches=0)  # fmt: skip
-    trainer.fit(model, _data(folder))
+    trainer.fit(model, _data(folder, data_config=model.data_config))
     assert len(watch.losses) == 2 and all(torch.isfinite(torch.tensor(watch.losses))) and watch.where == {DEVICE_TYPE}
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the backbone really was compiled
     trainer.save_checkpoint(tmp_path / "compiled.ckpt")
