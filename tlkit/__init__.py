@@ -8,7 +8,7 @@ import os
 # must run before any tensor exists. A value the user set (THP_MEM_ALLOC_ENABLE=0 to opt out) is kept.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from tlkit.backbones import Backbone, create_backbone, list_backbones
+from tlkit.backbones import Backbone, backbone_data_config, create_backbone, list_backbones
 from tlkit.data import ImageDataModule
 from tlkit.features import FeatureSet, extract_features
 from tlkit.heads import ClassifierHead
@@ -25,6 +25,7 @@ __all__ = [
     "ImageDataModule",
     "LinearProbe",
     "TransferClassifier",
+    "backbone_data_config",
     "create_backbone",
     "extract_features",
     "list_backbones",
