@@ -5,9 +5,9 @@ Speed, in the same run, same data (the `textures` images at 64 px of ``recipes/l
 and the same number of epochs:
 
 - baseline: ``TransferClassifier`` with the whole backbone frozen (``freeze: backbone``), trained with the quickstart
-  recipe's optimiser settings (SGD, batches of 32): the backbone runs on every batch of every epoch.
+  recipe's optimiser settings (SGD) on batches of 32: the backbone runs on every batch of every epoch.
 - tlkit: ``LinearProbe`` of ``recipes/linear_probe.yaml``: ``probe.feature_data(dm)`` runs the backbone once over the
-  train and val images (timed), then full-batch L-BFGS trains the head on the features.
+  train and val images in batches of 32 (timed), then full-batch L-BFGS trains the head on the features.
 
 Each timing covers the data set-up, the backbone passes, training and validation (``fit``); the models are built
 before the clock starts. The ratio is baseline time / tlkit time (min over interleaved repeats).
@@ -57,19 +57,18 @@ def _trainer(epochs: int) -> L.Trainer:
     )  # fmt: skip
 
 
-def _data(**overrides) -> ImageDataModule:
+def _data() -> ImageDataModule:
     """The probe recipe's images, prepared for its backbone (both sides run the same backbone and weights)."""
     model = _init_args(PROBE_RECIPE, "model")
     data_config = backbone_data_config(model["backbone"], model["pretrained"])
-    return ImageDataModule(**{**_init_args(PROBE_RECIPE, "data"), **overrides}, data_config=data_config)
+    return ImageDataModule(**_init_args(PROBE_RECIPE, "data"), data_config=data_config)
 
 
 def baseline(epochs: int, seed: int = 0) -> tuple[float, float]:
     """Wall time of ``fit`` of the frozen-backbone TransferClassifier (backbone on every batch) and its val acc."""
     L.seed_everything(seed, verbose=False)
     model_args = {**_init_args(BASELINE_RECIPE, "model"), "freeze": "backbone"}
-    batch_size = _init_args(BASELINE_RECIPE, "data")["batch_size"]
-    dm = _data(batch_size=batch_size)
+    dm = _data()
     model = TransferClassifier(**model_args, num_classes=dm.num_classes)
     trainer = _trainer(epochs)
     start = time.perf_counter()
