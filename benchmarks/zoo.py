@@ -166,7 +166,9 @@ def _timm_runs_alone(name: str) -> str | None:
         model = timm.create_model(name, pretrained=False).eval()
         size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
         with torch.no_grad():
-            model(torch.rand(BATCH, 3, size, size))
+            x = torch.rand(BATCH, 3, size, size)
+            model(x)
+            model.forward_head(model.forward_features(x))  # timm's multimodal encoders have no classifier head
     except Exception as err:
         return _reason(err)
     return None
@@ -266,9 +268,12 @@ def check_stages(backbone: Any, x: Any) -> str:
             f"partition: in several stages {twice[:3]}, in none {missing[:3]}, not parameters {unknown[:3]}"
         )
     order = _forward_order(backbone, x)
+    # A container is called before everything inside it: the parameters it owns directly (CoaT's cls_token2 on the
+    # root module) say nothing of when they are used, so only modules without children place a stage in the order.
+    containers = {n for n, m in backbone.named_modules() if any(True for _ in m.children())}
     firsts = {}
     for stage, modules in _stage_modules(stage_params).items():
-        called = [order[m] for m in modules if m in order]
+        called = [order[m] for m in modules if m in order and m not in containers]
         if called:  # a stage whose modules never run (an unused branch) has no place in the order
             firsts[stage] = min(called)
     calls = sorted(firsts, key=firsts.get)
@@ -454,7 +459,7 @@ def check_model(name: str, workdir: str | os.PathLike | None = None) -> dict[str
             box["size"] = pick_input_size(box["clf"].backbone, name)
         except Exception:
             if not name.startswith(TORCHVISION) and (why := _timm_runs_alone(name)):
-                record["excluded"] = f"timm: timm itself cannot run it on CPU ({why})"
+                record["excluded"] = f"timm: timm itself cannot run it as a classifier on CPU ({why})"
             raise
         box["x"] = torch.rand(BATCH, 3, box["size"], box["size"])
         record["input_size"] = box["size"]
