@@ -7,11 +7,13 @@ For each model (random init, the smallest input its config allows) it runs five 
 2. ``freeze_backbone``/``freeze_stages1``: the freeze spec leaves exactly the intended parameters trainable, and one
    optimiser step (tlkit's own parameter groups and optimizer) changes only those; frozen BatchNorm statistics stay;
 3. ``stages``: every backbone parameter is in exactly one stage, stage names are unique, and the stages run in forward
-   order (their first parameterised module is called in that order);
+   order (the first call of a stage's leaf modules, in that order);
 4. ``features``: ``extract_features`` equals the model's own pre-logits (timm ``forward_head(pre_logits=True)``; for
    torchvision the input of the final Linear of the full model with the same weights) within 1e-5;
 5. ``onnx`` (models with BatchNorm): the BatchNorm-folded model exported to ONNX gives the PyTorch model's logits in
-   onnxruntime (relative tolerance).
+   onnxruntime (relative tolerance). It does not apply (``n/a``, listed with the reason) where torch's ONNX exporter
+   cannot export the plain model either, or where the random-init model is numerically chaotic (its own float32 and
+   float64 logits differ by more than the tolerance, so no comparison can judge a fold).
 
 Each check records ``pass``, ``fail`` (the exception's last line) or ``n/a``; each model its time and peak RSS. Models
 run in long-lived worker processes (importing torch + timm costs seconds), one model at a time each; a worker that
