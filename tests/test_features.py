@@ -343,6 +343,21 @@ def test_cached_linear_probe_equals_training_without_cache(folder):
     assert cached.training and batchnorms and not any(bn.training for bn in batchnorms)
 
 
+def test_cached_probe_features_are_the_default_features_of_an_attention_pooled_model(folder):
+    """The cache holds what the classifier sees, the same tensor as extract_features' default, not an average."""
+    model = TransferClassifier("test_vit3", num_classes=2, freeze="backbone", lr=0.05)  # its own pool is 'map'
+    dm = ImageDataModule(f"folder:{folder}", batch_size=8, augment="none")  # test_vit3's own 160-px input
+    trainer = L.Trainer(max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, dm)
+    cached = model._feature_cache["train"]
+    default = extract_features(model.backbone, dm, split="train")
+    assert default.labels.tolist() == cached.labels.tolist()
+    torch.testing.assert_close(default.features, cached.features, atol=1e-5, rtol=0)
+    averaged = extract_features(model.backbone, dm, split="train", pool="avg").features
+    assert (averaged - cached.features).abs().max() > 1e-2
+
+
 def test_unfreezing_or_augmenting_drops_the_cache(folder):
     unfreeze = _Unfreeze()
     model, shapes = _probe(folder, cache=True, callbacks=[unfreeze])
