@@ -345,16 +345,14 @@ def reference_pre_logits(backbone: Any, x: Any) -> Any:
 
 
 def check_features(backbone: Any, x: Any) -> str:
-    """``extract_features`` (the model's own pool, no preprocessing) equals the model's pre-logits."""
+    """``extract_features`` with its default pool (the model's own head, whatever its pool type; no preprocessing)
+    equals the model's pre-logits."""
 
     from tlkit import extract_features
-    from tlkit.features import POOLS
+    from tlkit.features import FeatureExtractor
 
-    own = getattr(backbone.model, "global_pool", None)
-    own = getattr(own, "pool_type", own)  # timm keeps the pool type in a SelectAdaptivePool2d, or as a string
-    pool = own if isinstance(own, str) and own in POOLS else "avg"
-    pool_note = f"pool={pool}" + (f", the model's own pool is {own!r}" if own not in (None, pool) else "")
-    feats = extract_features(backbone, x, pool=pool, device="cpu", preprocess="none", batch_size=len(x)).features
+    pool_note = f"pool=model, own pool={FeatureExtractor(backbone).own_pool}"
+    feats = extract_features(backbone, x, device="cpu", preprocess="none", batch_size=len(x)).features
     ref = reference_pre_logits(backbone, x).flatten(1)
     if feats.shape != ref.shape:
         raise CheckFailed(f"features {tuple(feats.shape)} but pre-logits {tuple(ref.shape)} ({pool_note})")
