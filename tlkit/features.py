@@ -165,7 +165,7 @@ class FeatureExtractor(nn.Module):
         self.own_pool = _own_pool_type(backbone)
         self.prefix_tokens = _prefix_tokens(backbone)
         self.layers = [str(x) for x in layers] if layers else None
-        self._layer_pool = self._resolve_layer_pool() if self.layers else pool
+        self._pooling = self._resolve_layer_pool() if self.layers else pool  # what _pool applies
         self._indices = [int(x) for x in layers] if layers and all(_is_int(x) for x in layers) else None
         self._graph = self._build_graph() if self.layers or (self.torchvision and not self.model_path) else None
 
@@ -219,9 +219,11 @@ class FeatureExtractor(nn.Module):
                 f"{self.backbone.name!r} returns {type(output).__name__} from its final layer, not one tensor, so "
                 f"pool={self.pool!r} cannot pool it; use pool='model' (its own head's pooling)."
             )
+        if self.pool == "none":  # the output as forward_features gives it
+            return output
         pooled = self._pool(output.permute(0, 3, 1, 2) if channels_last and output.ndim == 4 else output)
         width = self.backbone.num_features
-        if self.pool != "none" and pooled.shape[-1] != width:
+        if pooled.shape[-1] != width:
             raise ValueError(
                 f"pool={self.pool!r} on {self.backbone.name!r} gives {pooled.shape[-1]}-wide features, but the "
                 f"model's own head makes {width}-wide ones from its final output (it pools with "
@@ -231,7 +233,7 @@ class FeatureExtractor(nn.Module):
         return pooled
 
     def _pool(self, x: Tensor) -> Tensor:
-        pool = self._layer_pool
+        pool = self._pooling
         if pool == "none" or x.ndim == 2:
             return x
         if x.ndim == 4:  # (N, C, H, W)
