@@ -124,6 +124,10 @@ IMPOSSIBLE_POOLS = {  # kind: (model, overrides, input size, pool asked for, wha
         ("mobilenetv3_small_050", {}, 32, "max"),
         r"pool='max' on 'mobilenetv3_small_050' gives 288-wide.*1024-wide.*pool='model'",
     ),
+    "torchvision_mlp_after_pool": (
+        ("torchvision/mobilenet_v3_small", {}, 32, "max"),
+        r"pool='max' on 'torchvision/mobilenet_v3_small' gives 576-wide.*1024-wide.*pool='model'",
+    ),
     "catavgmax": (
         ("test_resnet", {"global_pool": "catavgmax"}, 32, "avg"),
         r"pool='avg' on 'test_resnet' gives 96-wide.*192-wide.*'catavgmax'",
