@@ -12,6 +12,7 @@ import timm
 import torch
 import torchvision
 from safetensors.torch import save_file
+from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 import tlkit.backbones as backbones_module
@@ -476,3 +477,16 @@ def test_torchvision_model_without_weights_gets_the_data_config_of_its_own_input
     assert backbone(torch.rand(1, 3, 384, 384)).shape == (1, backbone.num_features)
     with pytest.raises(ValueError, match=r"torchvision/vit_b_16 built without weights takes 256-px.*IMAGENET1K_V1"):
         create_backbone("torchvision/vit_b_16", pretrained=False, image_size=256)
+
+
+def test_a_multimodal_encoder_without_a_classifier_is_refused_with_its_classification_variant():
+    class Encoder(nn.Module):  # what timm's qwen3_vit_*_enc, gemma4_vit_*_enc, mobilenetv5_*_enc do
+        def forward_head(self, x):
+            raise NotImplementedError("Qwen3VitEncoder does not support classification use cases.")
+
+    with pytest.raises(ValueError, match=r"'qwen3_vit_88m_enc' is an encoder without a classification head.*"
+                       r"does not support classification.*such as 'qwen3_vit_88m'"):  # fmt: skip
+        backbones_module._check_classifies(Encoder(), "qwen3_vit_88m_enc")
+    backbones_module._check_classifies(
+        timm.create_model("test_resnet", num_classes=0), "test_resnet"
+    )  # a classifier passes

@@ -408,3 +408,15 @@ def test_a_data_module_subclass_exports_with_its_fitted_statistics(checkpoint, t
         torch.testing.assert_close(got.state_dict()[key], value)
     pretrained_mean = torch.tensor(TransferClassifier("test_efficientnet").data_config["mean"])
     assert not torch.allclose(got.state_dict()["mean"], pretrained_mean)  # the fitted statistics, not the weights'
+
+
+def test_a_model_the_onnx_exporter_cannot_export_gets_one_clear_error_and_no_file(tmp_path):
+    class Col2im(nn.Module):  # no opset-17 symbolic in torch's exporter
+        def forward(self, x):
+            return nn.functional.fold(x.flatten(2), output_size=x.shape[-2:], kernel_size=1)
+
+    out = tmp_path / "m.onnx"
+    meta = {"outputs": ["logits"], "class_names": ["a"], "hparams": {"backbone": "volo_d1_224"}}
+    with pytest.raises(RuntimeError, match=r"cannot export 'volo_d1_224'.*col2im.*--format torchscript\|safetensors"):
+        export_module._write_onnx(Col2im(), torch.rand(2, 3, 4, 4), out, meta, 17)
+    assert list(tmp_path.iterdir()) == []

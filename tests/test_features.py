@@ -49,18 +49,111 @@ def folder(tmp_path_factory) -> str:
 # ------------------------------------------------------------------------------------------------ exactness
 
 
-@pytest.mark.parametrize(
-    ("name", "pool"), [("test_efficientnet", "avg"), ("test_convnext", "avg"), ("test_vit", "token")]
-)
-def test_timm_features_equal_forward_head_pre_logits(images, name, pool):
-    backbone = create_backbone(name)
-    x = images if name != "test_vit" else torch.rand(3, 3, 160, 160)
-    feats = extract_features(backbone, x, pool=pool, preprocess="none")
+# Every kind of head pooling timm has, on its tiny test models or the smallest family member (random init).
+POOL_KINDS = {
+    "token": ("test_vit", {}, 160),
+    "map": ("test_vit", {"global_pool": "map"}, 160),  # attention pooling
+    "avg+fc_norm": ("test_vit", {"global_pool": "avg"}, 160),  # a norm after pooling, class token left out
+    "avg+norm_head": ("test_convnext", {}, 32),  # NormMlpClassifierHead: pool, then LayerNorm
+    "metaformer": ("poolformerv2_s12", {}, 32),  # MetaFormer: pool, then norm
+    "max": ("test_resnet", {"global_pool": "max"}, 32),
+    "avgmax": ("test_resnet", {"global_pool": "avgmax"}, 32),
+    "catavgmax": ("test_resnet", {"global_pool": "catavgmax"}, 32),  # twice num_features wide
+    "conv_after_pool": ("mobilenetv3_small_050", {}, 32),  # head_hidden_size: a 1x1 conv after the pooling
+    "nhwc+mlp": ("test_mambaout", {}, 64),  # (N, H, W, C) maps, an MLP head
+}
+
+
+def _pre_logits(backbone, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         model = backbone.model.eval()
-        expected = model.forward_head(model.forward_features(x), pre_logits=True)
-    assert feats.features.dtype == torch.float32
-    torch.testing.assert_close(feats.features, expected, atol=1e-5, rtol=0)
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+@pytest.mark.parametrize("kind", list(POOL_KINDS))
+def test_default_features_are_the_models_pre_logits_and_what_the_classifier_sees(kind):
+    name, overrides, size = POOL_KINDS[kind]
+    backbone = create_backbone(name, **overrides).eval()
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    feats = extract_features(backbone, x, preprocess="none")
+    assert feats.metadata["pool"] == "model" and feats.features.dtype == torch.float32
+    assert feats.features.shape == (2, backbone.num_features)
+    torch.testing.assert_close(feats.features, _pre_logits(backbone, x), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        classifier_input = backbone(x)  # Backbone.forward: what TransferClassifier's head is trained on
+    torch.testing.assert_close(feats.features, classifier_input, atol=0, rtol=0)
+
+
+def test_explicit_pool_that_is_the_models_own_is_its_head_path(images):
+    backbone = create_backbone("test_convnext").eval()  # avg pool, then the head's LayerNorm
+    feats = extract_features(backbone, images, pool="avg", preprocess="none").features
+    torch.testing.assert_close(feats, _pre_logits(backbone, images), atol=1e-5, rtol=0)
+
+
+def test_explicit_avg_on_an_attention_pooled_vit_averages_its_patch_tokens():
+    backbone = create_backbone("test_vit", global_pool="map").eval()
+    x = torch.rand(2, 3, 160, 160)
+    feats = extract_features(backbone, x, pool="avg", preprocess="none").features
+    with torch.no_grad():
+        tokens = backbone.model.forward_features(x)
+    torch.testing.assert_close(feats, tokens[:, backbone.model.num_prefix_tokens :].mean(1), atol=1e-5, rtol=0)
+    assert (feats - _pre_logits(backbone, x)).abs().max() > 1e-2  # not what the model's own head gives
+
+
+def test_nhwc_maps_are_pooled_over_their_spatial_dimensions():
+    backbone = create_backbone("swin_tiny_patch4_window7_224", img_size=32, window_size=1, depths=(1, 1, 1, 1))
+    x = torch.rand(2, 3, 32, 32)
+    feats = extract_features(backbone.eval(), x, pool="max", preprocess="none").features
+    with torch.no_grad():
+        maps = backbone.model.forward_features(x)  # (N, H, W, C)
+    torch.testing.assert_close(feats, maps.amax(dim=(1, 2)), atol=1e-5, rtol=0)
+
+
+IMPOSSIBLE_POOLS = {  # kind: (model, overrides, input size, pool asked for, what the error must say)
+    "token_without_class_token": (
+        ("test_vit", {"global_pool": "avg", "class_token": False}, 160, "token"),
+        r"needs a class token.*'test_vit' has none.*pool='model'",
+    ),
+    "token_on_a_cnn": (
+        ("test_resnet", {}, 32, "token"),
+        r"pool='token' needs a transformer's token sequence.*'test_resnet'.*pool='model'",
+    ),
+    "conv_after_pool": (
+        ("mobilenetv3_small_050", {}, 32, "max"),
+        r"pool='max' on 'mobilenetv3_small_050' gives 288-wide.*1024-wide.*pool='model'",
+    ),
+    "torchvision_mlp_after_pool": (
+        ("torchvision/mobilenet_v3_small", {}, 32, "max"),
+        r"pool='max' on 'torchvision/mobilenet_v3_small' gives 576-wide.*1024-wide.*pool='model'",
+    ),
+    "catavgmax": (
+        ("test_resnet", {"global_pool": "catavgmax"}, 32, "avg"),
+        r"pool='avg' on 'test_resnet' gives 96-wide.*192-wide.*'catavgmax'",
+    ),
+    "uncounted_class_token": (
+        ("pit_ti_224", {}, 224, "avg"),
+        r"'pit_ti_224' has a class token but does not say how many prefix tokens.*pool='model'",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(IMPOSSIBLE_POOLS))
+def test_explicit_pools_the_model_cannot_give_name_the_model_and_the_fix(kind):
+    (name, overrides, size, pool), message = IMPOSSIBLE_POOLS[kind]
+    backbone = create_backbone(name, **overrides)
+    with pytest.raises(ValueError, match=message):
+        extract_features(backbone, torch.rand(1, 3, size, size), pool=pool, preprocess="none")
+
+
+def test_layers_take_the_models_pool_type_or_ask_for_one(images):
+    backbone = create_backbone("resnet18").eval()  # its own pool is avg, so the layers are averaged
+    feats = extract_features(backbone, images, layers=["layer3"], preprocess="none").features
+    with torch.no_grad():
+        (layer3,) = backbone.model.forward_intermediates(images, indices=[3], intermediates_only=True)
+    torch.testing.assert_close(feats, layer3.mean(dim=(2, 3)), atol=1e-5, rtol=0)
+    attention_pooled = create_backbone("test_vit", global_pool="map")
+    with pytest.raises(ValueError, match=r"layers= with pool='model': 'test_vit' pools with 'map'.*pool='avg'"):
+        extract_features(attention_pooled, torch.rand(1, 3, 160, 160), layers=["blocks.0"])
 
 
 def test_torchvision_features_equal_the_models_avgpool_path(images):
@@ -251,6 +344,19 @@ def test_probe_features_are_the_backbones_on_the_data_modules_preprocessing(fold
     assert data.class_names == images.class_names and data.class_counts == images.class_counts
 
 
+def test_probe_features_are_what_an_attention_pooled_classifier_sees_not_an_average(folder):
+    probe = LinearProbe("test_vit3", num_classes=2)  # its own pool is 'map' (attention pooling)
+    images = ImageDataModule(f"folder:{folder}", batch_size=8, augment="none", data_config=probe.data_config)
+    data = probe.feature_data(images)  # test_vit3's own 160-px input
+    images.setup()
+    batch = next(iter(images.val_dataloader()))[0]
+    with torch.no_grad():
+        expected = probe.backbone.eval()(images.normalize(batch))
+    torch.testing.assert_close(data.val_set.features[: len(batch)], expected, atol=1e-5, rtol=1e-4)
+    averaged = extract_features(probe.backbone, images, split="val", pool="avg").features
+    assert (averaged[: len(batch)] - expected).abs().max() > 1e-2
+
+
 def test_probe_refuses_augmented_data_and_says_when_it_cannot_take_full_batch_steps(folder):
     probe = LinearProbe("test_resnet", num_classes=2)
     augmented = ImageDataModule(f"folder:{folder}", image_size=16, augment="basic", data_config=probe.data_config)
@@ -306,11 +412,11 @@ def test_hiera_features_use_its_head_pool_and_norm_and_keep_every_token():
     # Hiera keeps its pool type in head.pool_type and normalises after pooling; it has no class token to drop.
     backbone = create_backbone("hiera_tiny_224")
     x = torch.rand(2, 3, 224, 224)
-    feats = extract_features(backbone, x, pool="avg", preprocess="none").features
-    with torch.no_grad():
-        model = backbone.model.eval()
-        expected = model.forward_head(model.forward_features(x), pre_logits=True)
+    feats = extract_features(backbone, x, preprocess="none").features
+    explicit = extract_features(backbone, x, pool="avg", preprocess="none").features  # its own pool type
+    expected = _pre_logits(backbone, x)
     torch.testing.assert_close(feats, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(explicit, expected, atol=1e-5, rtol=0)
 
 
 def test_token_sequences_without_prefix_tokens_average_every_token():

@@ -164,3 +164,22 @@ def test_timeouts_count_cpu_time_not_waiting():
     while time.process_time() < end:
         pass
     assert slept < 0.1 and zoo.cpu_seconds(os.getpid()) - before >= 0.25
+
+
+class _Fold(torch.nn.Module):  # col2im: torch's ONNX exporter has no opset-17 symbolic for it
+    def forward(self, x):
+        return torch.nn.functional.fold(x.flatten(2), output_size=(4, 4), kernel_size=1)
+
+
+class _Chaotic(torch.nn.Module):  # float32 rounding, amplified a billion times, decides the output
+    def forward(self, x):
+        return torch.sin(1e9 * x).flatten(1)
+
+
+def test_what_the_exporter_or_arithmetic_cannot_judge_is_told_apart_from_a_failure(tmp_path):
+    x = torch.rand(2, 3, 4, 4)
+    assert "col2im" in zoo._exporter_refuses_the_model_itself(_Fold(), x, tmp_path)
+    assert zoo._exporter_refuses_the_model_itself(torch.nn.Conv2d(3, 3, 1), x, tmp_path) is None
+    assert "differ by" in zoo._chaotic(_Chaotic(), x, _Chaotic()(x))
+    linear = torch.nn.Conv2d(3, 3, 1)
+    assert zoo._chaotic(linear, x, linear(x).detach()) is None

@@ -165,10 +165,27 @@ def _looks_like_network_error(err: BaseException) -> bool:
 
 def _create_timm(name: str, hub: bool, **kwargs: Any) -> Backbone:
     model = timm.create_model(name, pretrained=hub, num_classes=0, **kwargs)
+    _check_classifies(model, name)
     config = timm.data.resolve_model_data_config(model)
     keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
     data_config = {key: config[key] for key in keys}
     return Backbone(model, name, _timm_output_width(model), data_config, _timm_groups(model))
+
+
+def _check_classifies(model: nn.Module, name: str) -> None:
+    """Refuse timm's vision encoders of multimodal models (``qwen3_vit_88m_enc``, ``mobilenetv5_300m_enc``): their
+    ``forward_head`` raises NotImplementedError (no pooled pre-logits) and their forward returns token maps."""
+    try:
+        model.forward_head(torch.zeros(1, 1, 1, 1))  # an encoder raises before it touches its input
+    except NotImplementedError as err:
+        close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.8)
+        variants = [m for m in close if not m.endswith("_enc")][:3]
+        raise ValueError(
+            f"{name!r} is an encoder without a classification head in timm ({err}); tlkit needs pooled features. "
+            f"Use a classification variant{' such as ' + ', '.join(map(repr, variants)) if variants else ''}."
+        ) from err
+    except Exception:  # any other model: the dummy input does not fit its head, which is not what is asked here
+        pass
 
 
 def _timm_output_width(model: nn.Module) -> int:

@@ -476,10 +476,19 @@ def _write_onnx(net: nn.Module, example: Tensor, out: Path, meta: dict, opset: i
     outputs = meta["outputs"]
     tmp = _atomic(out)
     axes = {name: {0: "batch"} for name in ["images", *outputs]}
-    torch.onnx.export(
-        exportable_pools(net, example), (example,), str(tmp), dynamo=False, opset_version=opset,
-        input_names=["images"], output_names=outputs, dynamic_axes=axes,
-    )  # fmt: skip
+    try:
+        torch.onnx.export(
+            exportable_pools(net, example), (example,), str(tmp), dynamo=False, opset_version=opset,
+            input_names=["images"], output_names=outputs, dynamic_axes=axes,
+        )  # fmt: skip
+    except Exception as err:  # the exporter's errors have no common base class (SymbolicValueError, TypeError...)
+        tmp.unlink(missing_ok=True)
+        backbone = meta.get("hparams", {}).get("backbone", type(net).__name__)
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise RuntimeError(
+            f"torch's ONNX exporter (opset {opset}) cannot export {backbone!r}: {type(err).__name__}: {first_line} "
+            "Export it as torchscript or safetensors instead (--format torchscript|safetensors)."
+        ) from err
     proto = onnx.load(str(tmp))
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta), "class_names": json.dumps(meta["class_names"])})
     onnx.save(proto, str(tmp))

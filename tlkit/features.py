@@ -42,7 +42,7 @@ from tlkit.data.sources import ImageDataset
 if TYPE_CHECKING:
     from tlkit.module import TransferClassifier
 
-POOLS = ("avg", "max", "token", "none")
+POOLS = ("model", "avg", "max", "token", "none")
 SPLITS = ("train", "val", "predict", "all")
 METADATA_KEY = "tlkit.features"
 DEFAULT_KEY = "features"
@@ -133,7 +133,14 @@ class FeatureExtractor(nn.Module):
         layers: intermediate outputs to return instead of the final features: for timm, module names (its
             ``feature_info`` names, e.g. ``layer2``, ``blocks.3``) or stage indices of ``forward_intermediates``;
             for torchvision, graph node names (see ``torchvision.models.feature_extraction.get_graph_node_names``).
-        pool: ``"avg"``, ``"max"``, ``"token"`` (class token of a ViT) or ``"none"`` (keep the map or tokens).
+        pool: ``"model"`` (default): pool as the model's own head does, which is exactly what a
+            :class:`~tlkit.module.TransferClassifier` on this backbone sees (``Backbone.forward``; for timm
+            ``forward_head(forward_features(x), pre_logits=True)`` whatever its pool: ``map`` attention pooling,
+            ``avgmax``, a norm or MLP after the pooling); on ``layers``, the model's global pool type if it is
+            avg, max or token. ``"avg"``, ``"max"``, ``"token"`` (class token of a ViT): that pooling of the final
+            output, which is the model's own head path where it is the model's own pool type. ``"none"`` keeps
+            the map or tokens. A pooling the model cannot give (``token`` without a class token, ``avg`` where a
+            layer after the head's pooling changes the width) raises an error saying what would work.
     """
 
     def __init__(
@@ -141,7 +148,7 @@ class FeatureExtractor(nn.Module):
         backbone: Backbone,
         preprocess: nn.Module | None = None,
         layers: Sequence[str | int] | None = None,
-        pool: str = "avg",
+        pool: str = "model",
     ):
         super().__init__()
         if pool not in POOLS:
@@ -150,34 +157,41 @@ class FeatureExtractor(nn.Module):
         self.preprocess = preprocess if preprocess is not None else nn.Identity()
         self.pool = pool
         self.torchvision = backbone.name.startswith(TORCHVISION_PREFIX)
-        # Class/register tokens lead the sequence; timm says how many, torchvision's ViT has one class token.
-        self.prefix_tokens = getattr(backbone.model, "num_prefix_tokens", 1 if self.torchvision else 0)
+        self.own_pool = _own_pool_type(backbone)
+        self.prefix_tokens = _prefix_tokens(backbone)
         self.layers = [str(x) for x in layers] if layers else None
+        self._pooling = self._resolve_layer_pool() if self.layers else pool  # what _pool applies
         self._indices = [int(x) for x in layers] if layers and all(_is_int(x) for x in layers) else None
-        self._graph = self._build_graph() if self.layers or (self.torchvision and pool != "avg") else None
+        self._graph = self._build_graph() if self.layers or (self.torchvision and not self.model_path) else None
 
     @property
     def names(self) -> list[str]:
         """Keys of the returned dict, in order."""
         return self.layers or [DEFAULT_KEY]
 
+    @property
+    def model_path(self) -> bool:
+        """Final features pooled as the model's own head pools them: the backbone's forward, as in training."""
+        return not self.layers and self.pool in ("model", self.own_pool)
+
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         x = images.float().div(255) if images.dtype == torch.uint8 else images
         x = self.preprocess(x)
+        if self.model_path:  # one code path with the classifier, so features and training inputs cannot drift
+            return {DEFAULT_KEY: self.backbone(x)}
         if self._graph is not None and self.torchvision:
             outputs = self._graph(x)
+            if self.layers is None:
+                return {DEFAULT_KEY: self._final(outputs[DEFAULT_KEY])}
             return {name: self._pool(outputs[name]) for name in self.names}
         if self._indices is not None:
             maps = self.backbone.model.forward_intermediates(x, indices=self._indices, intermediates_only=True)
             return {name: self._pool(m) for name, m in zip(self.names, maps, strict=True)}
         if self.layers:
             return self._hooked(x)
-        if self.torchvision:  # the model's own pooling path (avgpool, flatten, the Identity left for the classifier)
-            return {DEFAULT_KEY: self.backbone(x)}
-        feats = self.backbone.model.forward_features(x)
-        if self.pool == _timm_pool_type(self.backbone.model):  # timm's own head: pooling plus any norm after it
-            return {DEFAULT_KEY: self.backbone.model.forward_head(feats, pre_logits=True)}
-        return {DEFAULT_KEY: self._pool(feats)}
+        model = self.backbone.model
+        channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"  # Swin, MambaOut: (N, H, W, C) maps
+        return {DEFAULT_KEY: self._final(model.forward_features(x), channels_last)}
 
     def _hooked(self, x: Tensor) -> dict[str, Tensor]:
         """Outputs of named timm modules, caught by forward hooks (the tensors ``features_only`` returns)."""
@@ -193,21 +207,68 @@ class FeatureExtractor(nn.Module):
                 handle.remove()
         return {name: self._pool(caught[name]) for name in self.names}
 
+    def _final(self, output: Any, channels_last: bool = False) -> Tensor:
+        """The final output pooled as asked; refused where that is not the width the model's features have."""
+        if not isinstance(output, Tensor):
+            raise ValueError(
+                f"{self.backbone.name!r} returns {type(output).__name__} from its final layer, not one tensor, so "
+                f"pool={self.pool!r} cannot pool it; use pool='model' (its own head's pooling)."
+            )
+        if self.pool == "none":  # the output as forward_features gives it
+            return output
+        pooled = self._pool(output.permute(0, 3, 1, 2) if channels_last and output.ndim == 4 else output)
+        width = self.backbone.num_features
+        if pooled.shape[-1] != width:
+            raise ValueError(
+                f"pool={self.pool!r} on {self.backbone.name!r} gives {pooled.shape[-1]}-wide features, but the "
+                f"model's own head makes {width}-wide ones from its final output (it pools with "
+                f"{self.own_pool or 'its own pooling'!r} and may apply a layer after it), and those are what a "
+                "classifier on it sees. Use pool='model' for them, or pool='none' / layers=[...] for the raw output."
+            )
+        return pooled
+
     def _pool(self, x: Tensor) -> Tensor:
-        if self.pool == "none" or x.ndim == 2:
+        pool = self._pooling
+        if pool == "none" or x.ndim == 2:
             return x
         if x.ndim == 4:  # (N, C, H, W)
-            if self.pool == "token":
+            if pool == "token":
                 raise ValueError(
-                    "pool='token' needs a transformer's token sequence; this output is a (N, C, H, W) map."
+                    f"pool='token' needs a transformer's token sequence; {self.backbone.name!r} gives a "
+                    f"{tuple(x.shape)} map here. Use pool='model', 'avg' or 'max'."
                 )
-            return x.mean(dim=(2, 3)) if self.pool == "avg" else x.amax(dim=(2, 3))
+            return x.mean(dim=(2, 3)) if pool == "avg" else x.amax(dim=(2, 3))
         if x.ndim == 3:  # (N, tokens, C), prefix (class) tokens first, as timm and torchvision ViTs lay them out
-            if self.pool == "token":
-                return x[:, 0]
-            patches = x[:, self.prefix_tokens :]
-            return patches.mean(dim=1) if self.pool == "avg" else patches.amax(dim=1)
+            return self._pool_tokens(x, pool)
         raise ValueError(f"Cannot pool an output of shape {tuple(x.shape)}; use pool='none'.")
+
+    def _pool_tokens(self, x: Tensor, pool: str) -> Tensor:
+        if self.prefix_tokens is None:  # a class token, but no count of the prefix tokens to split off
+            raise ValueError(
+                f"{self.backbone.name!r} has a class token but does not say how many prefix tokens lead its "
+                f"sequence, so pool={pool!r} cannot tell them from the patch tokens. Use pool='model' or 'none'."
+            )
+        if pool == "token":
+            if self.prefix_tokens == 0:
+                raise ValueError(
+                    f"pool='token' needs a class token, and {self.backbone.name!r} has none (all its tokens are "
+                    f"patches; its own pool is {self.own_pool!r}). Use pool='model', 'avg' or 'max'."
+                )
+            return x[:, 0]
+        patches = x[:, self.prefix_tokens :]
+        return patches.mean(dim=1) if pool == "avg" else patches.amax(dim=1)
+
+    def _resolve_layer_pool(self) -> str:
+        """On intermediate layers ``model`` means the model's global pool type; a head-only pooling (attention,
+        avg+max) has no meaning there, so an explicit choice is asked for rather than guessed."""
+        if self.pool != "model":
+            return self.pool
+        if self.own_pool not in ("avg", "max", "token"):
+            raise ValueError(
+                f"layers= with pool='model': {self.backbone.name!r} pools with {self.own_pool!r}, which its head "
+                "applies to the final output only. Pass pool='avg', 'max', 'token' or 'none' for the layers."
+            )
+        return self.own_pool
 
     def _build_graph(self) -> nn.Module | None:
         model = self.backbone.model
@@ -218,18 +279,38 @@ class FeatureExtractor(nn.Module):
         return None
 
 
+def _own_pool_type(backbone: Backbone) -> str | None:
+    """The global pool the model's head applies: timm's pool type; torchvision's ViT takes its class token, the
+    other torchvision classifiers average their final map."""
+    if backbone.name.startswith(TORCHVISION_PREFIX):
+        return "token" if hasattr(backbone.model, "class_token") else "avg"
+    return _timm_pool_type(backbone.model)
+
+
+def _prefix_tokens(backbone: Backbone) -> int | None:
+    """How many class/register tokens lead the token sequence: timm says (``num_prefix_tokens``), torchvision's
+    ViT has one class token. ``None``: the model has a class token but no count (PiT, VOLO, CoaT, CrossViT)."""
+    model = backbone.model
+    if backbone.name.startswith(TORCHVISION_PREFIX):
+        return 1
+    count = getattr(model, "num_prefix_tokens", None)
+    if count is not None:
+        return count
+    return None if hasattr(model, "cls_token") else 0
+
+
 def _timm_pool_type(model: nn.Module) -> str | None:
-    """The global pool a timm model applies in ``forward_head`` (``avg``, ``max``, ``token``...), if it says.
+    """The global pool a timm model applies in ``forward_head`` (``avg``, ``max``, ``token``, ``map``...), if it says.
 
     timm keeps it as ``global_pool`` (a string or a ``SelectAdaptivePool2d``) on the model or on its head module
-    (ConvNeXt), or as ``pool_type`` on the head (Hiera's ``NormClassifierHead``).
+    (ConvNeXt), or as ``pool_type`` on the head (Hiera's ``NormClassifierHead``). ``fastavg`` is ``avg``.
     """
     head = getattr(model, "head", None)
     for owner, attr in ((model, "global_pool"), (head, "global_pool"), (head, "pool_type")):
         pool = getattr(owner, attr, None)
         pool = pool if isinstance(pool, str) else getattr(pool, "pool_type", None)
         if pool:
-            return pool
+            return pool.removeprefix("fast")
     return None
 
 
@@ -255,7 +336,7 @@ def _torchvision_graph(model: nn.Module, nodes: list[str], extractor: FeatureExt
     missing = [n for n in nodes if not any(v == n or v.startswith(f"{n}.") for v in valid)]  # modules name nodes too
     if missing:
         raise ValueError(f"Unknown layers {missing}. Valid graph nodes (get_graph_node_names): {valid}")
-    if extractor.layers is None:  # pool != avg on the final map: return it under the default key
+    if extractor.layers is None:  # a pool other than the model's own, on the final map: under the default key
         return create_feature_extractor(model, return_nodes={nodes[0]: DEFAULT_KEY})
     return create_feature_extractor(model, return_nodes={n: n for n in nodes})
 
@@ -268,7 +349,8 @@ def _torchvision_spatial_node(model: nn.Module) -> str:
     pools = [i for i, n in enumerate(nodes) if "avgpool" in n or "adaptive_avg_pool" in n]
     if not pools or pools[0] == 0:
         raise ValueError(
-            f"Cannot find the global pool of {type(model).__name__}; pass layers=[node] with pool=... "
+            f"Cannot find the global average pool of {type(model).__name__}; use pool='model' (its own pooling), "
+            f"or pass layers=[node] with pool=... "
             f"(graph nodes: {nodes})"
         )
     return nodes[pools[0] - 1]
@@ -461,7 +543,7 @@ def extract_features(
     model: str | os.PathLike | Backbone | TransferClassifier,
     data: ImageDataModule | DataLoader | str | os.PathLike | Tensor,
     layers: Sequence[str | int] | None = None,
-    pool: str = "avg",
+    pool: str = "model",
     batch_size: int | None = None,
     device: str = "auto",
     precision: str = "32-true",
@@ -485,7 +567,8 @@ def extract_features(
             DataLoader of images or ``(images, labels)``, a folder of class sub-folders, or a tensor of images
             ``(N, 3, H, W)``, uint8 or float in [0, 1].
         layers: intermediate outputs instead of the final features (see :class:`FeatureExtractor`).
-        pool: ``"avg"``, ``"max"``, ``"token"`` or ``"none"``.
+        pool: ``"model"`` (default: pooled as the model's own head pools, the features a classifier on this
+            backbone trains on), ``"avg"``, ``"max"``, ``"token"`` or ``"none"`` (see :class:`FeatureExtractor`).
         batch_size: images per batch (default: the data module's, else 64).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
         precision: Lightning precision (``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``); features are stored float32.
