@@ -304,6 +304,7 @@ def test_wandb_recipe_keeps_config_in_the_run_folder_and_no_file_holds_a_secret(
 
 def test_secret_rule_environment_names_command_line_options_and_token_shapes():
     environ = {"WANDB_API_KEY": API_KEY, "DB_PASSWORD": "hunter22", "HOME": "/home/someone", "SHORT_TOKEN": "1"}
+    environ |= {"DESKTOP_SESSION": "ubuntu", "GIT_AUTHOR_NAME": "someone"}  # names that hold no secret
     argv = ["fit", "--model.init_args.api_key", "k-123456", "--data.token=t-123456", "--trainer.max_epochs", "3"]
     assert secret_values(environ, argv) == {
         API_KEY: "WANDB_API_KEY",
