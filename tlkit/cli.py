@@ -44,6 +44,7 @@ from tlkit.tracking import (
     LoggerSaveConfigCallback,
     TrainingSpeed,
     run_directory,
+    run_directory_on_every_rank,
     scrub_logged_hyperparameters,
 )
 
@@ -73,7 +74,7 @@ class PredictionCSVWriter(BasePredictionWriter):
         split = trainer.datamodule.predict_split()
         names = pl_module.class_names
         confidence, predicted = probs.max(dim=-1)
-        out = Path(self.out or Path(trainer.log_dir or ".") / "predictions.csv")
+        out = Path(self.out or Path(run_directory_on_every_rank(trainer)) / "predictions.csv")
         rows = [
             (_sample_name(split.samples[i], i), names[p], f"{c:.6f}")
             for i, p, c in zip(indices, predicted.tolist(), confidence.tolist(), strict=True)
