@@ -74,21 +74,25 @@ def state_of(path: Path) -> str:
     return "intact"
 
 
-def strays(*folders: Path) -> list[Path]:
-    return [p for folder in folders for p in folder.iterdir() if p.name != "last.ckpt"]
+def strays(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name != "last.ckpt"]
 
 
 def run(name: str, kills: int, weights: torch.Tensor, folder: Path, tmpdir: Path, seed: int) -> dict:
+    """Kills ``kills`` writers; counts the states of last.ckpt, the kills that left a new stray file, and the stray
+    files left at the end: those in TMPDIR (no writer ever removes them: counted, then deleted to spare the memory of
+    a tmpfs) and those next to last.ckpt (which tlkit's next write removes)."""
     write = WRITERS[name]
     folder.mkdir()
     start = time.perf_counter()
     write({"state_dict": {"w": weights}, "global_step": 0}, folder / "last.ckpt")
     seconds = time.perf_counter() - start  # one write, to spread the kills over a few of them
-    rng, states, kills_leaving_strays = random.Random(seed), Counter(), 0
+    rng, states = random.Random(seed), Counter()
+    kills_leaving_strays, tmpdir_strays, tmpdir_bytes = 0, 0, 0
     for _ in range(kills):
-        before = set(strays(folder, tmpdir))
+        before = set(strays(folder))
         ready = FORK.Event()
-        child = FORK.Process(target=rewrite_forever, args=(write, weights, folder / "last.ckpt", ready))
+        child = FORK.Process(target=rewrite_forever, args=(write, weights, folder / "last.ckpt", ready), daemon=True)
         child.start()
         if not ready.wait(60):
             raise RuntimeError(f"the {name} writer wrote no checkpoint in 60 s")
@@ -96,14 +100,19 @@ def run(name: str, kills: int, weights: torch.Tensor, folder: Path, tmpdir: Path
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         states[state_of(folder / "last.ckpt")] += 1
-        kills_leaving_strays += bool(set(strays(folder, tmpdir)) - before)
-    left = strays(folder, tmpdir)
+        in_tmpdir = strays(tmpdir)
+        kills_leaving_strays += bool(in_tmpdir or set(strays(folder)) - before)
+        tmpdir_strays += len(in_tmpdir)
+        tmpdir_bytes += sum(p.stat().st_size for p in in_tmpdir)
+        for path in in_tmpdir:
+            path.unlink()
+    left = strays(folder)
     return {
         "write_ms": seconds * 1e3,
         "states": states,
         "kills_leaving_strays": kills_leaving_strays,
-        "strays_left": len(left),
-        "stray_mb": sum(p.stat().st_size for p in left) / 2**20,
+        "strays_left": tmpdir_strays + len(left),
+        "stray_mb": (tmpdir_bytes + sum(p.stat().st_size for p in left)) / 2**20,
     }
 
 

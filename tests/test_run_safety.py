@@ -53,7 +53,7 @@ def _kill_during_writes(folder: Path, kills: int) -> list[int]:
     rng, steps = random.Random(0), []
     for _ in range(kills):
         ready = FORK.Event()
-        child = FORK.Process(target=_rewrite_forever, args=(str(path), weights, ready))
+        child = FORK.Process(target=_rewrite_forever, args=(str(path), weights, ready), daemon=True)
         child.start()
         assert ready.wait(30), "the child wrote no checkpoint"
         time.sleep(rng.uniform(0, 0.05))
