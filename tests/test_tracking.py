@@ -223,7 +223,7 @@ def test_read_wandb_history_rejects_a_file_that_is_not_a_wandb_log(tmp_path):
 
 def test_wandb_test_confusion_matrix_png_goes_to_the_run_folder_not_the_shared_save_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    logger = WandbLogger(save_dir=str(tmp_path), project="t")
+    logger = WandbLogger(save_dir=str(tmp_path), project="t", offline=True)  # wandb.init's mode, whatever wandb cached
     model = TransferClassifier("test_efficientnet", num_classes=10, class_names=[f"c{i}" for i in range(10)])
     data = ImageDataModule("textures", image_size=32, batch_size=8, augment="none")
     trainer = L.Trainer(
