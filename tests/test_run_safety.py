@@ -240,7 +240,9 @@ def test_two_fits_started_together_with_the_same_root_get_their_own_run_folders(
     assert [run.name for run in runs] == ["version_0", "version_1"]
     found = []
     for run in runs:
-        lr = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["lr"]
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["trainer"]["logger"]["init_args"]["version"] is None  # run again, it claims a new folder
+        lr = config["model"]["init_args"]["lr"]
         assert read_checkpoint(run / "checkpoints" / "last.ckpt")["hyper_parameters"]["lr"] == lr  # its own weights
         steps = [line.split(",") for line in (run / "metrics.csv").read_text().splitlines()[1:]]
         header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
