@@ -12,7 +12,7 @@ than the checkpoint (``/dev/shm`` by default):
   on Linux in an unnamed ``O_TMPFILE`` file; ``tlkit-named``: the same with a named temporary file, as on systems
   without ``O_TMPFILE`` (a killed writer's file is removed by the next write).
 
-    python benchmarks/kill_during_write.py [--kills 200] [--mb 32] [--tmpdir /dev/shm] [--dir .]
+    python benchmarks/kill_during_write.py [--kills 200] [--mb 32] [--tmpdir /dev/shm] [--dir /tmp]
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=200, help="SIGKILLs per writer")
     parser.add_argument("--mb", type=float, default=32, help="checkpoint size in MB")
     parser.add_argument("--tmpdir", default="/dev/shm", help="TMPDIR, on another file system than --dir")
-    parser.add_argument("--dir", default=".", help="where the checkpoints are written (a temporary subfolder)")
+    parser.add_argument("--dir", default=tempfile.gettempdir(),
+                        help="where the checkpoints are written (a temporary subfolder)")  # fmt: skip
     parser.add_argument("--writers", nargs="+", default=list(WRITERS), choices=list(WRITERS))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix=".kill_during_write-", dir=args.dir))

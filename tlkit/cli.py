@@ -248,7 +248,7 @@ def extract(
     data: ImageDataModule = lazy_instance(ImageDataModule),
     split: str = "all",
     layers: list[str] | None = None,
-    pool: str = "avg",
+    pool: str = "model",
     batch_size: int | None = None,
     device: str = "auto",
     devices: int = 1,
@@ -266,7 +266,8 @@ def extract(
         data: the images, as for fit (--data.source, --data.image_size, --data.preprocess ...).
         split: train, val, predict, or all (train then val).
         layers: intermediate layers instead of the final features (module/node names or stage indices).
-        pool: avg, max, token or none.
+        pool: model (the default: pooled as the model's own head pools, what a classifier on it sees), avg, max,
+            token or none.
         batch_size: images per batch (default: the data's).
         device: auto, cpu, cuda, cuda:1, mps.
         devices: number of devices; several shard the data across ranks (one ordered file still).
