@@ -299,6 +299,7 @@ def test_cli_extract_writes_features_of_a_folder(tmp_path, folder):
     feats = FeatureSet.load(out)
     assert len(feats) == 4 and feats.features.shape[1] == create_backbone("test_efficientnet").num_features
     assert all(path.endswith(".png") for path in feats.ids) and sorted(set(feats.labels.tolist())) == [0, 1]
+    assert feats.metadata["pool"] == "model"  # as the Python API: what a classifier on this backbone sees
 
 
 # ---------------------------------------------------------------------------------------------- linear probe

@@ -219,3 +219,18 @@ def test_read_wandb_history_rejects_a_file_that_is_not_a_wandb_log(tmp_path):
         read_wandb_history(tmp_path)
     with pytest.raises(FileNotFoundError, match="offline-run"):
         read_wandb_history(tmp_path / "missing")
+
+
+def test_wandb_test_confusion_matrix_png_goes_to_the_run_folder_not_the_shared_save_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    logger = WandbLogger(save_dir=str(tmp_path), project="t", offline=True)  # wandb.init's mode, whatever wandb cached
+    model = TransferClassifier("test_efficientnet", num_classes=10, class_names=[f"c{i}" for i in range(10)])
+    data = ImageDataModule("textures", image_size=32, batch_size=8, augment="none")
+    trainer = L.Trainer(
+        logger=logger, callbacks=[ClassificationFigures()], limit_test_batches=1, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.test(model, data)
+    logger.experiment.finish()
+    assert (tmp_path / "t" / logger.version / "test_confusion_matrix.png").is_file()
+    assert not (tmp_path / "test_confusion_matrix.png").exists()  # trainer.log_dir: every W&B run's save_dir

@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import importlib.util
 import inspect
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any
 import lightning as L
 import torch
 from jsonargparse import CLI, Namespace, lazy_instance
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -42,6 +45,7 @@ from tlkit.tracking import (
     LoggerSaveConfigCallback,
     TrainingSpeed,
     run_directory,
+    run_directory_on_every_rank,
     scrub_logged_hyperparameters,
 )
 
@@ -71,7 +75,7 @@ class PredictionCSVWriter(BasePredictionWriter):
         split = trainer.datamodule.predict_split()
         names = pl_module.class_names
         confidence, predicted = probs.max(dim=-1)
-        out = Path(self.out or Path(trainer.log_dir or ".") / "predictions.csv")
+        out = Path(self.out or Path(run_directory_on_every_rank(trainer)) / "predictions.csv")
         rows = [
             (_sample_name(split.samples[i], i), names[p], f"{c:.6f}")
             for i, p, c in zip(indices, predicted.tolist(), confidence.tolist(), strict=True)
@@ -147,7 +151,7 @@ class TlkitCLI(LightningCLI):
             if all(name in init for name in names):
                 check(**{name: init[name] for name in names})
         # Only after the checks: a recipe with a bad value leaves no run directory behind.
-        claim_version_folders(config.get("trainer"))
+        self.claimed_versions = claim_version_folders(config.get("trainer"))
 
     def _subcommand_config(self) -> Any:
         subcommand = self.config.get("subcommand")
@@ -157,6 +161,8 @@ class TlkitCLI(LightningCLI):
         """The Trainer, with atomic checkpoints (:class:`tlkit.AtomicCheckpointIO`, unless the recipe names its own
         ``CheckpointIO`` plugin) and loggers that scrub secrets from the hyperparameters they store."""
         trainer = super().instantiate_trainer(**kwargs)
+        for init_args in getattr(self, "claimed_versions", []):
+            init_args["version"] = None  # the saved config.yaml, run again, claims a new folder instead of this one
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: not a user's choice
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         for logger in trainer.loggers:
@@ -203,16 +209,23 @@ def _data_config(backbone: str | None, pretrained: Any) -> dict[str, Any] | None
 VERSIONED_LOGGERS = (CSVLogger, TensorBoardLogger)
 
 
-def claim_version_folders(trainer_config: Any) -> None:
+def claim_version_folders(trainer_config: Any) -> list[Namespace]:
     """Sets ``version`` of each CSV/TensorBoard logger in a parsed ``trainer`` config that has none to a folder
-    created for it now (:func:`tlkit.io.claim_version`), so runs started together never share one.
+    created for it now (:func:`tlkit.io.claim_version`), so runs started together never share one. Lightning's
+    default logger (``logger`` unset or true) is written out as the TensorBoard (or CSV) logger it would be, so that
+    its folder is claimed too. Returns the ``init_args`` whose version it set.
 
     Only global rank 0 claims (the rank is read from the environment, as Lightning does): under DDP the other
     processes are started with the same command line and get rank 0's directory from the Trainer.
     """
-    loggers = trainer_config.get("logger") if trainer_config is not None else None
-    if rank_zero_only.rank != 0 or not loggers or isinstance(loggers, bool):
-        return
+    if trainer_config is None or rank_zero_only.rank != 0:
+        return []
+    if trainer_config.get("logger") in (None, True):
+        trainer_config["logger"] = default_logger(trainer_config.get("default_root_dir"))
+    loggers = trainer_config.get("logger")
+    if not loggers or isinstance(loggers, bool):
+        return []
+    claimed = []
     for logger in loggers if isinstance(loggers, list) else [loggers]:
         if not isinstance(logger, Namespace) or not _is_versioned_logger(logger.get("class_path")):
             continue
@@ -221,6 +234,17 @@ def claim_version_folders(trainer_config: Any) -> None:
             name = args.get("name", "lightning_logs")
             args["version"] = claim_version(Path(args.get("save_dir") or ".") / (name or ""))
             logger["init_args"] = args
+            claimed.append(args)
+    return claimed
+
+
+def default_logger(default_root_dir: str | None) -> Namespace:
+    """The logger Lightning creates for ``logger: true`` (TensorBoard when installed, else CSV, in
+    ``default_root_dir/lightning_logs``), as a recipe entry; a SLURM job keeps its job id as the version."""
+    tensorboard = any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX"))
+    cls = TensorBoardLogger if tensorboard else CSVLogger
+    init_args = Namespace(save_dir=default_root_dir or os.getcwd(), version=SLURMEnvironment.job_id())
+    return Namespace(class_path=f"{cls.__module__}.{cls.__name__}", init_args=init_args)
 
 
 def _is_versioned_logger(class_path: str | None) -> bool:
@@ -250,7 +274,7 @@ def extract(
     data: ImageDataModule = lazy_instance(ImageDataModule),
     split: str = "all",
     layers: list[str] | None = None,
-    pool: str = "avg",
+    pool: str = "model",
     batch_size: int | None = None,
     device: str = "auto",
     devices: int = 1,
@@ -268,7 +292,8 @@ def extract(
         data: the images, as for fit (--data.source, --data.image_size, --data.preprocess ...).
         split: train, val, predict, or all (train then val).
         layers: intermediate layers instead of the final features (module/node names or stage indices).
-        pool: avg, max, token or none.
+        pool: model (the default: pooled as the model's own head pools, what a classifier on it sees), avg, max,
+            token or none.
         batch_size: images per batch (default: the data's).
         device: auto, cpu, cuda, cuda:1, mps.
         devices: number of devices; several shard the data across ranks (one ordered file still).

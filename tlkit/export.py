@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from tlkit.data.preprocess import build_preprocess
+from tlkit.io import atomic_path
 from tlkit.module import TransferClassifier, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -395,16 +396,10 @@ def export_metadata(model: TransferClassifier, spec: dict[str, Any], input: str,
     }
 
 
-def _atomic(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out.with_name(f".{out.name}.tmp")
-
-
 def _write_torchscript(net: nn.Module, example: Tensor, out: Path, meta: dict, opset: int) -> None:
     traced = torch.jit.trace(net, example)
-    tmp = _atomic(out)
-    torch.jit.save(traced, str(tmp), _extra_files={"tlkit.json": json.dumps(meta)})
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        torch.jit.save(traced, str(tmp), _extra_files={"tlkit.json": json.dumps(meta)})
 
 
 class FixedAdaptiveAvgPool2d(nn.Module):
@@ -471,37 +466,38 @@ def exportable_pools(net: nn.Module, example: Tensor) -> nn.Module:
 
 
 def _write_onnx(net: nn.Module, example: Tensor, out: Path, meta: dict, opset: int) -> None:
+    with atomic_path(out) as tmp:  # removed if the exporter fails
+        _export_onnx(net, example, tmp, meta, opset)
+
+
+def _export_onnx(net: nn.Module, example: Tensor, path: Path, meta: dict, opset: int) -> None:
     import onnx
 
     outputs = meta["outputs"]
-    tmp = _atomic(out)
     axes = {name: {0: "batch"} for name in ["images", *outputs]}
     try:
         torch.onnx.export(
-            exportable_pools(net, example), (example,), str(tmp), dynamo=False, opset_version=opset,
+            exportable_pools(net, example), (example,), str(path), dynamo=False, opset_version=opset,
             input_names=["images"], output_names=outputs, dynamic_axes=axes,
         )  # fmt: skip
     except Exception as err:  # the exporter's errors have no common base class (SymbolicValueError, TypeError...)
-        tmp.unlink(missing_ok=True)
         backbone = meta.get("hparams", {}).get("backbone", type(net).__name__)
         first_line = (str(err).strip().splitlines() or [""])[0]
         raise RuntimeError(
             f"torch's ONNX exporter (opset {opset}) cannot export {backbone!r}: {type(err).__name__}: {first_line} "
             "Export it as torchscript or safetensors instead (--format torchscript|safetensors)."
         ) from err
-    proto = onnx.load(str(tmp))
+    proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta), "class_names": json.dumps(meta["class_names"])})
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, out)
+    onnx.save(proto, str(path))
 
 
 def save_safetensors(model: TransferClassifier, preprocess: nn.Module, meta: dict, out: Path) -> Path:
     """Model weights and preprocessing buffers (``preprocess.*``) in one safetensors file, metadata as JSON."""
     tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
     tensors |= {f"preprocess.{k}": v.contiguous() for k, v in preprocess.state_dict().items()}
-    tmp = _atomic(out)
-    save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
     print(f"Exported safetensors to {out} ({len(meta['class_names'])} classes)")
     return out
 

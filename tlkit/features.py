@@ -38,6 +38,7 @@ from tlkit.backbones import TORCHVISION_PREFIX, Backbone, Pretrained, create_bac
 from tlkit.data.datamodule import ImageDataModule
 from tlkit.data.preprocess import build_preprocess
 from tlkit.data.sources import ImageDataset
+from tlkit.io import atomic_open, atomic_path
 
 if TYPE_CHECKING:
     from tlkit.module import TransferClassifier
@@ -98,9 +99,8 @@ class FeatureSet:
         tensors = {f"layer.{k}": v.contiguous() for k, v in self.layers.items()} | {"labels": self.labels}
         header = {METADATA_KEY: json.dumps({"ids": self.ids, **self.metadata})}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # fsync'd, swapped in whole; a killed writer's leftover goes with the next
+            save_file(tensors, tmp, metadata=header)
         return path
 
     @classmethod
@@ -449,9 +449,8 @@ class ShardWriter(BasePredictionWriter):
         tensors |= {"labels": rows["labels"], "index": rows["index"]}
         ids = [self.ids[i] for i in rows["index"].tolist()]
         path = self.parts / f"rank{rank:03d}-{len(self.shards):06d}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, tmp, metadata={"ids": json.dumps(ids)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={"ids": json.dumps(ids)})
         self.shards.append(path)
         self.buffer, self.buffered = [], 0
 
@@ -523,15 +522,12 @@ def _write_streaming(path: Path, specs: list[tuple], metadata: dict[str, str]) -
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for _, _, _, chunks in specs:
             for chunk in chunks():
                 f.write(chunk.contiguous().view(torch.uint8).numpy().tobytes())
-    os.replace(tmp, path)
     return path
 
 

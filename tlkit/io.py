@@ -1,16 +1,23 @@
 """Atomic file writes: a reader (or a crash) sees the old file or the new one, never a part of one.
 
 Lightning and fsspec write a checkpoint to ``TMPDIR`` and move it into place; when ``TMPDIR`` is on another file
-system the move is a copy, and a kill during the copy leaves a truncated file where the good one was. Here the
-temporary file lives in the destination's own folder, is flushed to disk (``fsync``), and ``os.replace`` swaps it
-in (atomic on one file system); the folder is then synced so the rename itself survives a power cut.
+system the move is a copy, and a kill during the copy leaves a truncated file where the good one was. Here the new
+content is written in the destination's own folder, flushed to disk (``fsync``), and ``os.replace`` swaps it in
+(atomic on one file system); the folder is then synced so the rename itself survives a power cut.
+
+On Linux the content goes to an unnamed file (``O_TMPFILE``) that gets a name only once it is complete, so a writer
+killed mid-write leaves nothing behind: the kernel frees the unnamed file. Elsewhere (and for writers that need a
+path) it is a named temporary file ``.<name>.<pid>.<random>.tmp``; the next write of the same file removes those of
+writers that are gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,11 +32,40 @@ _TMP_SUFFIX = ".tmp"
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path next to ``path`` to write to; on success it replaces ``path`` atomically.
+def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[Any]:
+    """``open(path, mode)`` for writing a whole file, atomically: ``path`` changes only when the block succeeds.
 
-    On an exception the temporary file is removed and ``path`` is left as it was. Temporary files left behind by a
-    writer that was killed (``.<name>.<pid>.<random>.tmp`` whose process is gone) are removed on the next write.
+    Args:
+        path: the file to write (its folder is created).
+        mode: ``"wb"`` or ``"w"`` (with ``open``'s other arguments, e.g. ``newline=""``).
+
+    Example:
+        >>> with atomic_open("out/predictions.csv", "w", newline="") as f:  # doctest: +SKIP
+        ...     f.write("path,prediction\\n")
+    """
+    if not mode.startswith("w"):
+        raise ValueError(f"atomic_open writes a whole file (mode 'w' or 'wb'), not mode {mode!r}.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _unnamed_file(path.parent)
+    if fd is None:
+        with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+            yield f
+        return
+    with open(fd, mode, **kwargs) as f:  # an exception closes it, and the kernel frees the unnamed file
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        _link_into_place(f.fileno(), path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path next to ``path`` for writers that need a path (safetensors, ONNX, TorchScript); on success
+    it replaces ``path`` atomically, on an exception it is removed and ``path`` is left as it was.
+
+    A writer killed while writing leaves its temporary file (``.<name>.<pid>.<random>.tmp``); the next write of
+    ``path`` removes it (:func:`remove_stale_temporaries`). Prefer :func:`atomic_open`, which leaves nothing.
 
     Example:
         >>> with atomic_path("out/feats.safetensors") as tmp:  # doctest: +SKIP
@@ -38,9 +74,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _new_temporary(path)
     try:
         yield tmp
         _fsync_file(tmp)
@@ -51,18 +85,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator:
-    """``open(path, mode)`` for writing, made atomic with :func:`atomic_path`.
-
-    Example:
-        >>> with atomic_open("out/predictions.csv", "w", newline="") as f:  # doctest: +SKIP
-        ...     f.write("path,prediction\\n")
-    """
-    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
-        yield f
-
-
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Removes the temporary files of ``path`` whose writing process no longer runs; returns them.
 
@@ -70,12 +92,58 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """
     path = Path(path)
     removed = []
-    for tmp in path.parent.glob(f".{path.name}.*{_TMP_SUFFIX}"):
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{_TMP_SUFFIX}"):
         pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
         if pid.isdigit() and not _process_alive(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+def _unnamed_file(folder: Path) -> int | None:
+    """A file descriptor of a new unnamed file in ``folder`` (Linux ``O_TMPFILE``), or None where there is none."""
+    if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o666)  # 0o666 less the umask, as open() gives
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # the file system (or kernel) lacks it
+            return None
+        raise
+
+
+def _link_into_place(fd: int, path: Path) -> None:
+    """Gives the complete unnamed file ``fd`` a temporary name, renames that onto ``path``, and syncs the folder."""
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        remove_stale_temporaries(path)  # of writers killed between this link and the rename
+        while True:
+            name = _temporary_name(path)
+            try:
+                # With dst_dir_fd Python calls linkat(AT_SYMLINK_FOLLOW): /proc's link leads to the open file.
+                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=folder)
+                break
+            except FileExistsError:
+                continue
+        os.replace(name, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _temporary_name(path: Path) -> str:
+    # The pid tells remove_stale_temporaries whether the writer still runs.
+    return f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}"
+
+
+def _new_temporary(path: Path) -> Path:
+    while True:
+        tmp = path.with_name(_temporary_name(path))
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # usual permissions, unlike mkstemp
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _process_alive(pid: int) -> bool:
@@ -125,11 +193,11 @@ def claim_version(root: str | os.PathLike) -> int:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO`` that writes checkpoints atomically wherever ``TMPDIR`` is, without secrets.
 
-    A checkpoint is written to a temporary file in its own folder and swapped in (:func:`atomic_path`), so a kill at
-    any moment leaves the previous complete ``last.ckpt``, never a truncated one, and the next save removes the dead
-    writer's temporary file. Its non-tensor entries (``hyper_parameters``, ``datamodule_hyper_parameters``, callback
-    states) are scrubbed of secrets (:func:`tlkit.secrets.scrub_secrets`). Remote paths (``s3://``...) are left to
-    Lightning. The ``tlkit`` command installs it; from Python pass it to the Trainer.
+    A checkpoint is written in its own folder and swapped in (:func:`atomic_open`), so a kill at any moment leaves
+    the previous complete ``last.ckpt``, never a truncated one, and on Linux no temporary file. Its non-tensor
+    entries (``hyper_parameters``, ``datamodule_hyper_parameters``, callback states) are scrubbed of secrets
+    (:func:`tlkit.secrets.scrub_secrets`). Remote paths (``s3://``...) are left to Lightning. The ``tlkit`` command
+    installs it; from Python pass it to the Trainer.
 
     Example:
         >>> trainer = L.Trainer(plugins=[AtomicCheckpointIO()])  # doctest: +SKIP
@@ -139,8 +207,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        with atomic_path(path) as tmp:
-            torch.save(scrub_checkpoint(checkpoint), tmp)
+        with atomic_open(path) as f:
+            torch.save(scrub_checkpoint(checkpoint), f)
 
 
 def _is_local(path: Any) -> bool:

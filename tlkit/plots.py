@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,34 +18,18 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from tlkit.callbacks import FineTuningPhases
+from tlkit.io import atomic_open
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> str:
-    """Saves ``fig`` as a PNG: to a temporary file in the same folder, then renamed into place.
+    """Saves ``fig`` as a PNG, atomically (:func:`tlkit.io.atomic_open`).
 
     Returns:
         ``path`` as a string.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a picture gets the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_open(path) as fh:
+        fig.savefig(fh, format="png", dpi=dpi)
+    return os.fspath(path)
 
 
 def figure_to_array(fig: Figure, dpi: int = 100) -> np.ndarray:

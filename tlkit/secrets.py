@@ -20,7 +20,8 @@ from typing import Any
 
 REDACTED = "***"
 # Environment variables whose values must never reach a run directory (matched on the name, case-insensitive).
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE", re.IGNORECASE)
+# Not SESSION or AUTHOR: DESKTOP_SESSION=ubuntu or GIT_AUTHOR_NAME would turn /home/ubuntu/data into /home/***/data.
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH(?!OR)|COOKIE|PRIVATE", re.IGNORECASE)
 # "key" alone is too common a config name (e.g. "monitor_key"), so only compound names like api_key count.
 SECRET_KEY = re.compile(r"(api|access|secret|private)_?key|token|passw|secret|credential", re.IGNORECASE)
 # Token-shaped substrings: the secret part is group "secret" (the URL's user name or parameter name stays readable).

@@ -212,6 +212,12 @@ def run_directory(trainer: L.Trainer) -> str:
     return os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
 
 
+def run_directory_on_every_rank(trainer: L.Trainer) -> str:
+    """Global rank 0's :func:`run_directory`, broadcast: call it on every rank (a collective under DDP, or rank 0
+    waits forever)."""
+    return trainer.strategy.broadcast(run_directory(trainer) if trainer.is_global_zero else None)
+
+
 def scrub_logged_hyperparameters(logger: Logger) -> Logger:
     """Makes ``logger.log_hyperparams`` scrub secrets first (for any logger: Lightning logs the module's and data
     module's hyperparameters itself, e.g. into CSV's ``hparams.yaml``); returns the logger."""
@@ -365,8 +371,8 @@ class ClassificationFigures(Callback):
 
     At the end of each validation epoch (not the sanity check): ``val/confusion_matrix`` and ``val/misclassified``
     (up to ``max_images`` images titled with true and predicted class names). At the end of ``test``:
-    ``test/confusion_matrix``, also written as ``test_confusion_matrix.png`` next to the metrics
-    (``trainer.log_dir``). W&B gets ``wandb.Image``s, TensorBoard images; other loggers (CSV) get PNG files in the
+    ``test/confusion_matrix``, also written as ``test_confusion_matrix.png`` in the run's own directory
+    (:func:`run_directory`). W&B gets ``wandb.Image``s, TensorBoard images; other loggers (CSV) get PNG files in the
     run directory (``val_confusion_matrix.png``, ...), overwritten each epoch.
 
     The matrix is a torchmetrics metric, so under DDP it counts every process's images.
@@ -430,11 +436,11 @@ class ClassificationFigures(Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         matrix = self._matrix.compute()
-        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask, or rank 0 waits forever
+        run_dir = run_directory_on_every_rank(trainer)
         if not trainer.is_global_zero:
             return
         figure = confusion_matrix_figure(matrix, _class_names(pl_module), "test")
-        path = save_figure(figure, Path(log_dir or ".") / "test_confusion_matrix.png")
+        path = save_figure(figure, Path(run_dir) / "test_confusion_matrix.png")
         rank_zero_info(f"Test confusion matrix: {path}")
         for logger in trainer.loggers:
             if isinstance(logger, _LightningWandbLogger | TensorBoardLogger):
@@ -489,6 +495,7 @@ __all__ = [
     "read_wandb_config",
     "read_wandb_history",
     "run_directory",
+    "run_directory_on_every_rank",
     "scrub_logged_hyperparameters",
     "scrub_secrets",
     "secret_values",
