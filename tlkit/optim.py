@@ -123,7 +123,7 @@ def create_optimizer(
     Per-group ``lr`` and ``weight_decay`` override the defaults; groups without ``weight_decay`` get 0 (AdamW's own
     default of 1e-2 is not used). With ``"adamw"`` the decay is decoupled, with ``"sgd"``, ``"adam"`` and
     ``"rmsprop"`` it is an L2 gradient term. ``"lbfgs"`` (torch's L-BFGS with a strong-Wolfe line search, for
-    full-batch problems such as a linear probe on cached features) takes one parameter group: the groups are merged,
+    full-batch problems such as a head on a frozen backbone) takes one parameter group: the groups are merged,
     which needs one learning rate, and their weight decay is ignored: add :func:`l2_penalty` to the loss instead.
 
     Args:

@@ -419,7 +419,7 @@ class ClassificationFigures(Callback):
         predicted = logits.argmax(dim=-1)
         self._matrix.update(predicted, targets)
         room = self.max_images - len(self._wrong)
-        self._features_only |= images.ndim != 4  # a cached linear probe validates on features, not images
+        self._features_only |= images.ndim != 4  # a LinearProbe validates on features, not images
         if keep_images and room > 0 and images.ndim == 4:
             wrong = (predicted != targets).nonzero().flatten()[:room].tolist()
             self._wrong += [(images[i].detach().cpu(), int(targets[i]), int(predicted[i])) for i in wrong]
@@ -448,7 +448,7 @@ class ClassificationFigures(Callback):
 
     def _misclassified_figure(self, trainer: L.Trainer, names: list[str]) -> Figure:
         if not self._wrong:
-            note = "cached features: no images to show" if self._features_only else "no misclassified images"
+            note = "features (LinearProbe): no images to show" if self._features_only else "no misclassified images"
             return image_grid_figure(torch.zeros(1, 3, 8, 8), [note], title="val misclassified")
         images = torch.stack([image for image, _, _ in self._wrong])
         preprocess = getattr(trainer.datamodule, "preprocess", None) if trainer.datamodule is not None else None
