@@ -4,6 +4,7 @@ file of a run, W&B's staging and cache included."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import random
@@ -255,6 +256,26 @@ def test_two_fits_started_together_with_the_same_root_get_their_own_run_folders(
 # ------------------------------------------------------------------------------------------------ W&B and secrets
 
 
+def _wait_until_settled(tree: Path, quiet_s: float = 2.0, limit_s: float = 120.0) -> None:
+    """Wait until no file under ``tree`` changes for ``quiet_s``: W&B's service process (wandb-core) may still
+    be flushing the offline run after the fit's process has exited, more so on a loaded machine."""
+
+    def snapshot() -> dict[Path, tuple[int, int]]:
+        state = {}
+        for path in tree.rglob("*"):
+            with contextlib.suppress(FileNotFoundError):  # a temporary file gone between listing and stat
+                stat = path.stat()
+                state[path] = (stat.st_size, stat.st_mtime_ns)
+        return state
+
+    deadline, before = time.monotonic() + limit_s, snapshot()
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        if (after := snapshot()) == before:
+            return
+        before = after
+
+
 def _files_with(tree: Path, *secrets: str) -> list[str]:
     return [
         f"{path.relative_to(tree)} holds {secret[:8]}..."
@@ -290,6 +311,7 @@ def test_wandb_recipe_keeps_config_in_the_run_folder_and_no_file_holds_a_secret(
         "--trainer.logger.init_args.notes", f"weights pulled with {CLI_TOKEN}",  # goes to wandb.init as it is
     ]  # fmt: skip
     _finish([_start_fit(tmp_path, args, env)])
+    _wait_until_settled(tmp_path)
 
     assert not (runs / "config.yaml").exists()  # not at the save_dir root, where every run would overwrite it
     (wandb_run,) = runs.glob("wandb/offline-run-*")
