@@ -16,7 +16,7 @@ from skimage import data as skimage_data
 from torchvision.io import write_png
 from torchvision.transforms import v2
 
-from tlkit import ImageDataModule, TransferClassifier, create_backbone, extract_features
+from tlkit import ImageDataModule, TransferClassifier, backbone_data_config, create_backbone, extract_features
 from tlkit.backbones import _torchvision_data_config
 from tlkit.data.datamodule import eval_transform
 
@@ -103,9 +103,7 @@ def test_timm_backbone_data_config_carries_its_crop_mode() -> None:
 
 
 def test_image_size_override_keeps_the_weights_crop_fraction() -> None:
-    model = SimpleNamespace(data_config=create_backbone("resnet18").data_config)  # crop_pct 0.95, bicubic
-    dm = ImageDataModule(image_size=96)
-    dm.trainer = SimpleNamespace(lightning_module=model)
+    dm = ImageDataModule(image_size=96, data_config=create_backbone("resnet18").data_config)  # crop_pct 0.95, bicubic
     config = dm.data_config()
     assert config["crop_pct"] == 0.95 and config["input_size"] == (3, 96, 96)
     photo = PHOTOS["coffee-portrait"]
@@ -133,12 +131,10 @@ def test_torchvision_data_config_keeps_resize_size() -> None:
 
 
 def test_torchvision_image_size_and_crop_pct_overrides() -> None:
-    model = SimpleNamespace(data_config=_torchvision_data_config(TORCHVISION_WEIGHTS["efficientnet_b1"]))
-    dm = ImageDataModule(image_size=120)
-    dm.trainer = SimpleNamespace(lightning_module=model)
+    weights_config = _torchvision_data_config(TORCHVISION_WEIGHTS["efficientnet_b1"])
+    dm = ImageDataModule(image_size=120, data_config=weights_config)
     assert dm.data_config()["resize_size"] == 127  # 120 * 255 / 240 = 127.5: the weights' fraction, floored
-    dm = ImageDataModule(crop_pct=0.5)  # an explicit crop fraction replaces the weights' resize_size
-    dm.trainer = SimpleNamespace(lightning_module=model)
+    dm = ImageDataModule(crop_pct=0.5, data_config=weights_config)  # an explicit crop fraction replaces resize_size
     assert "resize_size" not in dm.data_config()
     assert dm.transform(train=False)(_tensor(PHOTOS["chelsea"])[:, :, :300]).shape == (3, 240, 240)
     assert dm.transform(train=False).transforms[0].size == [480]
@@ -182,9 +178,10 @@ def _references(paths: list[str], config: dict) -> torch.Tensor:
 
 
 def test_data_module_with_a_model_evaluates_with_timms_transform(tmp_path, photo_folder: str) -> None:
+    config = backbone_data_config("resnet18")  # timm cfg: crop_pct 0.95, bicubic
     dm = ImageDataModule(source=f"folder:{photo_folder}", image_size=64, batch_size=8, val_split=0.5, augment="basic",
-                         predict_source=photo_folder)  # fmt: skip
-    model = TransferClassifier("resnet18", num_classes=dm.num_classes)  # timm cfg: crop_pct 0.95, bicubic
+                         predict_source=photo_folder, data_config=config)  # fmt: skip
+    model = TransferClassifier("resnet18", num_classes=dm.num_classes)
     tiny_trainer(tmp_path, limit_train_batches=1, limit_val_batches=1).validate(model, dm)
     config = dm.data_config()
     assert config["crop_pct"] == 0.95 and config["interpolation"] == "bicubic"

@@ -66,7 +66,8 @@ def digits() -> ImageDataModule:
 
 def test_training_steps_read_nothing_back_from_the_device(tmp_path, digits, monkeypatch):
     """Whole training steps, with class weights, a logger (not writing in these steps) and TrainingSpeed."""
-    model = TransferClassifier("resnet18", num_classes=10, class_weights="balanced", freeze="stages:2")
+    model = TransferClassifier("resnet18", num_classes=10, class_weights="balanced", class_counts=digits.class_counts,
+                               freeze="stages:2")  # fmt: skip
     reads = HostReads(monkeypatch, batches=5)
     trainer = tiny_trainer(
         tmp_path, limit_train_batches=5, limit_val_batches=0, log_every_n_steps=50, logger=CSVLogger(tmp_path),
