@@ -26,6 +26,7 @@ from tlkit.heads import ClassifierHead
 from tlkit.optim import (
     OPTIMIZERS,
     SCHEDULES,
+    check_lbfgs_trainer,
     continued_scheduler,
     create_optimizer,
     create_scheduler,
@@ -318,37 +319,13 @@ class TransferClassifier(L.LightningModule):
         )
         optimizer = create_optimizer(groups, hp.optimizer, lr=phase.lr, momentum=hp.momentum, nesterov=hp.nesterov)
         if hp.optimizer == "lbfgs":
-            self._check_full_batch()
+            check_lbfgs_trainer(
+                self.trainer, "optimizer='lbfgs'", alternative=", or use optimizer='sgd'/'adam'",
+                exact_hint=", and give the whole training set as one batch instead",
+                batch_hint="Set data.batch_size to at least the number of training images, or use optimizer='adam' "
+                "(a linear probe on a frozen backbone: tlkit.LinearProbe).",
+            )  # fmt: skip
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
-
-    def _check_full_batch(self) -> None:
-        """L-BFGS builds its curvature estimate and line search on one objective: it needs the whole training set
-        in every step, its exact gradient (no clipping, no accumulation across batches) in float32 or better, on
-        one device (each DDP rank would search its own shard's loss)."""
-        trainer = self.trainer
-        if trainer.world_size > 1:
-            raise ValueError(
-                f"optimizer='lbfgs' runs on one device, not {trainer.world_size} processes: drop the DDP "
-                "strategy, or use optimizer='sgd'/'adam'."
-            )
-        if trainer.accumulate_grad_batches != 1 or trainer.gradient_clip_val:
-            raise ValueError(
-                "optimizer='lbfgs' needs the exact gradient of each step: drop accumulate_grad_batches "
-                f"(={trainer.accumulate_grad_batches}) and gradient_clip_val (={trainer.gradient_clip_val}), "
-                "and give the whole training set as one batch instead."
-            )
-        trainer.estimated_stepping_batches  # noqa: B018  (reading it sets up the train loader and its length)
-        if trainer.num_training_batches > 1:
-            rank_zero_warn(
-                f"optimizer='lbfgs' takes full-batch steps, but an epoch has {trainer.num_training_batches} batches: "
-                "each step sees one batch. Set data.batch_size to at least the number of training images, or use "
-                "optimizer='adam' (a linear probe on a frozen backbone: tlkit.LinearProbe)."
-            )
-        if "32" not in str(trainer.precision) and "64" not in str(trainer.precision):
-            rank_zero_warn(
-                f"optimizer='lbfgs' under precision={trainer.precision!r}: its line search compares losses rounded to "
-                "that precision; use precision 32."
-            )
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         """The schedule restarts over the phase (warmup included), or continues the run-wide one (``restart``)."""

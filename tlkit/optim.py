@@ -6,8 +6,10 @@ import fnmatch
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import lr_scheduler
 
@@ -354,3 +356,31 @@ __all__ = [
     "param_groups",
     "uses_weight_decay",
 ]
+
+
+def check_lbfgs_trainer(trainer: Any, who: str, *, batch_hint: str, alternative: str = "", exact_hint: str = "",
+                        precision_hint: str = "") -> None:  # fmt: skip
+    """L-BFGS builds its curvature estimate and line search on one objective: it needs the whole training set in
+    every step, its exact gradient (no clipping, no accumulation across batches) in float32 or better, on one device
+    (each DDP rank would search its own shard's loss). Raises or warns naming ``who`` (the option or the class), each
+    message ending with the caller's hint of what to do instead."""
+    if trainer.world_size > 1:
+        raise ValueError(
+            f"{who} runs on one device, not {trainer.world_size} processes: drop the DDP strategy{alternative}."
+        )
+    if trainer.accumulate_grad_batches != 1 or trainer.gradient_clip_val:
+        raise ValueError(
+            f"{who} needs the exact gradient of each step: drop accumulate_grad_batches "
+            f"(={trainer.accumulate_grad_batches}) and gradient_clip_val (={trainer.gradient_clip_val}){exact_hint}."
+        )
+    trainer.estimated_stepping_batches  # noqa: B018  (reading it sets up the train loader and its length)
+    if trainer.num_training_batches > 1:
+        rank_zero_warn(
+            f"{who} takes full-batch L-BFGS steps, but an epoch has {trainer.num_training_batches} batches: each "
+            f"step sees one batch. {batch_hint}"
+        )
+    if "32" not in str(trainer.precision) and "64" not in str(trainer.precision):
+        rank_zero_warn(
+            f"{who} under precision={trainer.precision!r}: L-BFGS's line search compares losses rounded to that "
+            f"precision; use precision 32{precision_hint}."
+        )

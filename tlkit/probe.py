@@ -26,7 +26,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -35,7 +34,7 @@ from tlkit.data.datamodule import ImageDataModule
 from tlkit.features import FeatureSet, extract_features
 from tlkit.heads import ClassifierHead
 from tlkit.module import class_weight_of, classification_metrics
-from tlkit.optim import l2_penalty
+from tlkit.optim import check_lbfgs_trainer, l2_penalty
 
 
 class FeatureDataModule(L.LightningDataModule):
@@ -219,35 +218,12 @@ class LinearProbe(L.LightningModule):
         return loss, logits
 
     def configure_optimizers(self) -> torch.optim.LBFGS:
-        self._check_full_batch()
+        check_lbfgs_trainer(
+            self.trainer, "LinearProbe", batch_hint="Leave FeatureDataModule's batch_size at None (the whole split).",
+            precision_hint=" (a head on features is cheap in float32)",
+        )  # fmt: skip
         hp = self.hparams
         return torch.optim.LBFGS(
             self.head.parameters(), lr=hp.lr, max_iter=hp.max_iter, history_size=hp.history_size,
             line_search_fn="strong_wolfe",
         )  # fmt: skip
-
-    def _check_full_batch(self) -> None:
-        """L-BFGS builds its curvature estimate and line search on one objective: it needs the whole training set
-        in every step, its exact gradient (no clipping, no accumulation across batches) in float32 or better, on
-        one device (each DDP rank would search its own shard's loss)."""
-        trainer = self.trainer
-        if trainer.world_size > 1:
-            raise ValueError(
-                f"LinearProbe's L-BFGS runs on one device, not {trainer.world_size} processes: drop the DDP strategy."
-            )
-        if trainer.accumulate_grad_batches != 1 or trainer.gradient_clip_val:
-            raise ValueError(
-                "LinearProbe's L-BFGS needs the exact gradient of each step: drop accumulate_grad_batches "
-                f"(={trainer.accumulate_grad_batches}) and gradient_clip_val (={trainer.gradient_clip_val})."
-            )
-        trainer.estimated_stepping_batches  # noqa: B018  (reading it sets up the train loader and its length)
-        if trainer.num_training_batches > 1:
-            rank_zero_warn(
-                f"LinearProbe takes full-batch L-BFGS steps, but an epoch has {trainer.num_training_batches} "
-                "batches: each step sees one batch. Leave FeatureDataModule's batch_size at None (the whole split)."
-            )
-        if "32" not in str(trainer.precision) and "64" not in str(trainer.precision):
-            rank_zero_warn(
-                f"LinearProbe under precision={trainer.precision!r}: L-BFGS's line search compares losses rounded "
-                "to that precision; use precision 32 (a head on features is cheap in float32)."
-            )
