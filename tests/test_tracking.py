@@ -17,14 +17,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from tlkit import ImageDataModule, TransferClassifier
 from tlkit.cli import main
+from tlkit.loggers import WandbLogger
+from tlkit.runs import read_wandb_config, read_wandb_history
 from tlkit.secrets import REDACTED, scrub_secrets, secret_values
-from tlkit.tracking import (
-    ClassificationFigures,
-    TrainingSpeed,
-    WandbLogger,
-    read_wandb_config,
-    read_wandb_history,
-)
+from tlkit.tracking import ClassificationFigures, TrainingSpeed
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "dummy0wandb0key0" + "0123456789abcdef" * 2  # 48 chars, looks like a real key

@@ -36,18 +36,13 @@ from tlkit.backbones import backbone_data_config, list_backbones
 from tlkit.data.datamodule import ImageDataModule
 from tlkit.data.datamodule import check_arguments as check_data_arguments
 from tlkit.io import AtomicCheckpointIO, atomic_open, claim_version
+from tlkit.loggers import scrub_logged_hyperparameters
 from tlkit.module import CKPT_PATH_KEYWORDS, read_checkpoint
 from tlkit.module import check_arguments as check_model_arguments
 from tlkit.plots import PlannedRun, lr_schedule_figure, module_lr_schedule, save_figure
 from tlkit.probe import LinearProbe
-from tlkit.tracking import (
-    ClassificationFigures,
-    LoggerSaveConfigCallback,
-    TrainingSpeed,
-    run_directory,
-    run_directory_on_every_rank,
-    scrub_logged_hyperparameters,
-)
+from tlkit.runs import run_directory, run_directory_on_every_rank
+from tlkit.tracking import ClassificationFigures, LoggerSaveConfigCallback, TrainingSpeed
 
 
 class PredictionCSVWriter(BasePredictionWriter):
