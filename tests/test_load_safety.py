@@ -180,13 +180,14 @@ BAD_VALUES = [
     (
         "--model.init_args.optimizer",
         "adamx",
-        "Unknown optimizer='adamx'; valid values: sgd, adam, adamw, rmsprop, lbfgs",
+        "Unknown optimizer='adamx'; valid values: sgd, adam, adamw, rmsprop",
     ),
     ("--model.init_args.schedule", "cosin", "Unknown schedule='cosin'; valid values: constant, step, cosine, linear"),
     ("--model.init_args.warmup_epochs", "-1", "warmup_epochs=-1.0; it must be a number >= 0"),
     ("--model.init_args.weight_decay", "-0.1", "weight_decay=-0.1; it must be a number >= 0"),
     ("--data.init_args.image_size", "0", "image_size=0; use a whole number >= 1 or None"),
     ("--data.init_args.batch_size", "0", "batch_size=0; use a whole number >= 1"),
+    ("--model.init_args.optimizer", "lbfgs", "TransferClassifier(optimizer='lbfgs') is gone: a head trained with"),
 ]
 
 

@@ -25,6 +25,11 @@ def test_class_names_must_match_num_classes():
         TransferClassifier("resnet18", num_classes=3, class_names=["a", "b"])
 
 
+def test_lbfgs_is_refused_with_the_linear_probe_as_the_fix():
+    with pytest.raises(ValueError, match=r"optimizer='lbfgs'.*is tlkit\.LinearProbe"):
+        TransferClassifier("test_efficientnet", num_classes=3, optimizer="lbfgs")
+
+
 def test_bad_head_options_name_the_valid_ones():
     with pytest.raises(ValueError, match="hidden, dropout, activation and init"):
         TransferClassifier("resnet18", num_classes=3, head={"widht": 3})

@@ -19,6 +19,7 @@ from tlkit import TransferClassifier
 from tlkit.optim import (
     OPTIMIZERS,
     SCHEDULES,
+    create_lbfgs,
     create_optimizer,
     create_scheduler,
     excluded_from_weight_decay,
@@ -184,24 +185,16 @@ def test_l1_penalty_on_decayed_params() -> None:
     assert l1_penalty([]).item() == 0.0
 
 
-def test_lbfgs_merges_the_groups_into_one_and_needs_one_lr() -> None:
-    model = _tiny_model()
-    groups = param_groups(model.named_parameters(), weight_decay=0.05, base_lr=0.01, group_of=_group_of)
-    optimizer = create_optimizer(groups, "lbfgs", lr=0.5)
-    assert type(optimizer) is torch.optim.LBFGS and len(optimizer.param_groups) == 1  # torch's LBFGS takes one
+def test_lbfgs_is_the_probes_own_optimizer_not_a_fine_tuning_choice() -> None:
+    head = nn.Linear(4, 3)
+    optimizer = create_lbfgs(head.parameters(), lr=0.5, max_iter=7)
     (group,) = optimizer.param_groups
-    assert list(map(id, group["params"])) == [id(p) for g in groups for p in g["params"]]
-    assert len(group["params"]) == len(list(model.parameters()))
-    assert group["lr"] == pytest.approx(0.01) and group["name"] == "all" and group["line_search_fn"] == "strong_wolfe"
+    assert type(optimizer) is torch.optim.LBFGS and group["line_search_fn"] == "strong_wolfe"
+    assert (group["lr"], group["max_iter"]) == (0.5, 7)
     assert group["history_size"] == 10  # scikit-learn's and SciPy's memory, not torch's 100 vectors
-    head_only = [g for g in groups if g["name"].startswith("head")]
-    assert create_optimizer(head_only, "lbfgs", lr=0.01).param_groups[0]["name"] == "head"
-    scaled = param_groups(
-        model.named_parameters(), weight_decay=0.05, base_lr=0.01, group_of=_group_of, lr_scale={"head": 10.0}
-    )
-    with pytest.raises(ValueError, match="one learning rate") as err:
-        create_optimizer(scaled, "lbfgs", lr=0.01)
-    assert "0.01 (stem)" in str(err.value) and "0.1 (head)" in str(err.value)
+    assert "lbfgs" not in OPTIMIZERS
+    with pytest.raises(ValueError, match="Unknown optimizer 'lbfgs'"):
+        create_optimizer([{"params": list(head.parameters())}], "lbfgs", lr=0.1)
 
 
 def test_l2_penalty_has_the_gradient_of_weight_decay() -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tlkit import ImageDataModule, TransferClassifier
-from tlkit.callbacks import FineTuningPhases, carry_optimizer_state, parse_phases
+from tlkit.callbacks import FineTuningPhases, parse_phases
 from tlkit.optim import layer_decay_scales
 from tlkit.resume import RngStateCheckpoint
 
@@ -123,29 +123,6 @@ def test_optimizer_holds_exactly_the_trainable_parameters_and_no_stale_state(pha
     for epoch, (optimised, trainable, state) in enumerate(rec.optimizer_checks):
         assert optimised == trainable, f"epoch {epoch}"
         assert state == trainable, f"epoch {epoch}: optimizer state for params it does not optimise"
-
-
-def test_lbfgs_starts_afresh_when_a_phase_changes_its_parameters() -> None:
-    """L-BFGS keeps one state for the whole parameter vector (under its first parameter): carried into a phase that
-    optimises more parameters, its curvature history would no longer fit the longer vector."""
-    first, second = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
-
-    def step(optimizer: torch.optim.Optimizer) -> None:
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = sum(((p - 2) ** 2).sum() for group in optimizer.param_groups for p in group["params"])
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-
-    before = torch.optim.LBFGS([first], max_iter=3)
-    step(before)
-    after = torch.optim.LBFGS([first, second], max_iter=3)
-    carry_optimizer_state(before, after)
-    assert not after.state
-    step(after)
-    torch.testing.assert_close(second.detach(), torch.full((2,), 2.0))
 
 
 def test_group_learning_rates_follow_layer_decay(phased_run) -> None:

@@ -14,14 +14,13 @@ from tlkit import TransferClassifier
 from tlkit.cli import main, recipe_lr_schedule
 from tlkit.data.preprocess import Normalize
 from tlkit.plots import (
-    PlannedRun,
     confusion_matrix_figure,
     display_images,
     figure_to_array,
     image_grid_figure,
     lr_schedule_figure,
-    module_lr_schedule,
 )
+from tlkit.schedule import PlannedRun, module_lr_schedule
 
 
 def _recipe(tmp_path: Path, **model) -> Path:

@@ -13,14 +13,14 @@ start of fitting it puts the model in the phase of the current epoch, and at the
    module's ``configure_optimizers`` for the new phase). The optimizer state (momentum, Adam moments) of parameters
    that train in both phases is carried over; parameters the new phase freezes are not in the new optimizer at all,
    so no stale state can act on them; newly unfrozen ones start from zero state;
-4. under ``torch.compile``, drops the compiled graphs (:func:`torch._dynamo.reset`), so none traced with the old
+4. under ``torch.compile``, drops the compiled graphs (:func:`torch.compiler.reset`), so none traced with the old
    ``requires_grad`` set is reused (pytorch/pytorch#139476; recent versions guard on ``requires_grad`` themselves,
    and the reset costs one recompile per phase);
 5. with ``recalibrate_bn``, re-estimates the BatchNorm running statistics on the train data (:func:`recalibrate_bn`).
 
 The phase index (and the phases) are in the callback's ``state_dict``, so in every checkpoint; on resume the phase
 is re-entered before Lightning wraps the model in DDP and builds the optimizer whose state it then loads.
-``tlkit plot-schedule`` walks the phases with the same :meth:`FineTuningPhases.enter` (:mod:`tlkit.plots`).
+``tlkit plot-schedule`` walks the phases with the same :meth:`FineTuningPhases.enter` (:mod:`tlkit.schedule`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from timm.layers import convert_sync_batchnorm
-from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
+from timm.layers import BatchNormAct2d, SyncBatchNormAct, convert_sync_batchnorm
 from torch import nn
+
+from tlkit.freezing import is_batchnorm
 
 # The module these callbacks drive (tlkit.module.TransferClassifier, which imports this module to bring them).
 TransferClassifier = L.LightningModule
@@ -183,7 +184,7 @@ class FineTuningPhases(Callback):
             for before, after in zip(previous, trainer.optimizers, strict=True):
                 carry_optimizer_state(before, after)
             if pl_module.hparams.compile:
-                torch._dynamo.reset()  # no graph traced with the old requires_grad set survives (pytorch#139476)
+                torch.compiler.reset()  # no graph traced with the old requires_grad set survives (pytorch#139476)
         if index != self._entered and self.phases[index].recalibrate_bn:
             recalibrate_bn(trainer, pl_module)
         self._entered = index
@@ -248,11 +249,8 @@ def rewrap_ddp(trainer: L.Trainer) -> None:
 def carry_optimizer_state(before: torch.optim.Optimizer, after: torch.optim.Optimizer) -> None:
     """Copy the per-parameter state of ``before`` into ``after`` for the parameters ``after`` optimises.
 
-    Parameters that are no longer optimised are left behind with the old optimizer: no stale state. L-BFGS starts
-    afresh: its state is not per parameter but the curvature history of the old parameter vector as a whole.
+    Parameters that are no longer optimised are left behind with the old optimizer: no stale state.
     """
-    if isinstance(after, torch.optim.LBFGS):
-        return
     for group in after.param_groups:
         for param in group["params"]:
             if param in before.state:
@@ -267,7 +265,7 @@ def recalibrate_bn(trainer: L.Trainer, module: TransferClassifier) -> None:
     train mode and a cumulative average (``momentum=None``, as ``torch.optim.swa_utils.update_bn``); the rest of
     the model is in eval mode. Under DDP each rank sees its shard and the statistics are averaged over ranks.
     """
-    norms = [m for m in module.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in module.backbone.modules() if is_batchnorm(m)]
     norms = [m for m in norms if m.track_running_stats]
     if not norms:
         return

@@ -39,9 +39,10 @@ from tlkit.io import AtomicCheckpointIO, atomic_open, claim_version
 from tlkit.loggers import scrub_logged_hyperparameters
 from tlkit.module import CKPT_PATH_KEYWORDS, read_checkpoint
 from tlkit.module import check_arguments as check_model_arguments
-from tlkit.plots import PlannedRun, lr_schedule_figure, module_lr_schedule, save_figure
+from tlkit.plots import lr_schedule_figure, save_figure
 from tlkit.probe import LinearProbe
 from tlkit.runs import run_directory, run_directory_on_every_rank
+from tlkit.schedule import PlannedRun, module_lr_schedule
 from tlkit.tracking import ClassificationFigures, LoggerSaveConfigCallback, TrainingSpeed
 
 

@@ -24,6 +24,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, fx, nn
+
+# torch has no public base classes of its BatchNorm and convolution layers: these private ones are what every
+# dimension (and timm's BatchNormAct2d, Conv2dSame...) shares; timm's own layers check _BatchNorm the same way.
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 

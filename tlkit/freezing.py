@@ -67,12 +67,22 @@ def _regex_names(names: list[str], pattern: str) -> set[str]:
     return frozen
 
 
+def is_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm layer of any dimension: torch's BatchNorm1d/2d/3d, SyncBatchNorm and lazy
+    variants, and timm's BatchNormAct2d / SyncBatchNormAct.
+
+    torch has no public base class of these; its private ``_BatchNorm`` is the one they share (timm checks the
+    same class), so listing the public classes instead would miss the lazy ones.
+    """
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
 def batchnorm_parameter_names(module: nn.Module) -> set[str]:
     """Names (as in ``module.named_parameters()``) of the affine parameters of its BatchNorm layers."""
     return {
         f"{prefix}.{name}" if prefix else name
         for prefix, m in module.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        if is_batchnorm(m)
         for name, _ in m.named_parameters(recurse=False)
     }
 
@@ -89,9 +99,7 @@ def frozen_batchnorms(module: nn.Module) -> list[nn.Module]:
     return [
         m
         for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and any(True for _ in m.parameters())
-        and not any(p.requires_grad for p in m.parameters())
+        if is_batchnorm(m) and any(True for _ in m.parameters()) and not any(p.requires_grad for p in m.parameters())
     ]
 
 

@@ -26,19 +26,17 @@ from tlkit.heads import ClassifierHead
 from tlkit.optim import (
     OPTIMIZERS,
     SCHEDULES,
-    check_lbfgs_trainer,
     continued_scheduler,
     create_optimizer,
     create_scheduler,
     excluded_from_weight_decay,
     l1_penalty,
-    l2_penalty,
     layer_decay_scales,
     no_weight_decay_names,
     param_groups,
     uses_weight_decay,
 )
-from tlkit.pairing import check_pairing
+from tlkit.pairing import PairingCheck
 from tlkit.resume import RngStateCheckpoint
 
 # Lightning warns when modules are in eval mode as training starts; tlkit keeps frozen BatchNorm layers in eval mode
@@ -65,10 +63,8 @@ class TransferClassifier(L.LightningModule):
         freeze: ``"none"``, ``"backbone"``, ``"stages:K"`` or ``"regex:<pattern>"`` (see :mod:`tlkit.freezing`).
         freeze_bn: keep BatchNorm layers whose parameters are frozen in eval mode (running statistics unchanged).
         head: options of :class:`~tlkit.heads.ClassifierHead`: ``hidden``, ``dropout``, ``activation``, ``init``.
-        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or ``"lbfgs"`` (full-batch L-BFGS with a line
-            search: one batch per epoch, one device, ``lr`` 1 and ``schedule="constant"``; ``weight_decay`` becomes
-            an L2 term of the loss). A linear probe on a frozen backbone is :class:`tlkit.LinearProbe`, which
-            trains on features computed once.
+        optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"rmsprop"``. A linear probe on a frozen backbone
+            (full-batch L-BFGS on features computed once) is :class:`tlkit.LinearProbe`.
         lr: peak learning rate (after warmup).
         momentum: momentum of SGD/RMSprop.
         nesterov: Nesterov momentum for SGD.
@@ -151,7 +147,6 @@ class TransferClassifier(L.LightningModule):
         self.backbone = create_backbone(backbone, pretrained=pretrained)
         self.head = _build_head(self.backbone.num_features, num_classes, head or {})
         self.enter_phase(self._declared_phases()[0])  # checks every phase now, not epochs into the run
-        self._evaluated: tuple[int, int] | None = None  # (step, batch) of the last training_step call
         self.train_metrics = classification_metrics(num_classes, "train/")
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
@@ -205,15 +200,11 @@ class TransferClassifier(L.LightningModule):
             frozen_parameter_names(self.backbone, phase.freeze)  # a bad spec fails now, not epochs into the run
             if unknown := sorted(set(phase.lr_scale) - groups):
                 raise ValueError(f"Phase {i} lr_scale names unknown groups {unknown}; groups are {sorted(groups)}.")
-            if hp.optimizer == "lbfgs" and (phase.layer_decay or any(v != 1 for v in phase.lr_scale.values())):
-                raise ValueError(
-                    f"Phase {i} sets layer_decay or lr_scale, but optimizer='lbfgs' takes one learning rate for all "
-                    "trainable parameters; drop them or use another optimizer."
-                )
         return parsed
 
     def configure_callbacks(self) -> list[L.Callback]:
-        callbacks: list[L.Callback] = [RngStateCheckpoint()]  # every checkpoint resumes the same run
+        # Every checkpoint resumes the same run; the data module at hand suits this model's weights.
+        callbacks: list[L.Callback] = [RngStateCheckpoint(), PairingCheck()]
         # Recipes declare phases on the model (model.init_args.phases / freeze_epochs), where they have always been,
         # so existing recipes and checkpoints (whose hyper_parameters hold them) keep working; the callback that owns
         # them is built from those values here, one per fit, never listed in a recipe.
@@ -221,9 +212,6 @@ class TransferClassifier(L.LightningModule):
         if len(phases) > 1 or phases[0].recalibrate_bn:
             callbacks.append(FineTuningPhases(phases))
         return callbacks
-
-    def setup(self, stage: str) -> None:
-        check_pairing(self, getattr(self.trainer, "datamodule", None))
 
     def on_fit_start(self) -> None:
         warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING, category=PossibleUserWarning)
@@ -246,26 +234,15 @@ class TransferClassifier(L.LightningModule):
         return self.head(self.backbone(images))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        # L-BFGS evaluates the batch again at every point of its line search, within one step. Metrics and logs
-        # describe the weights the step starts from, once, as with the other optimisers: not those trial points.
-        first = (self.global_step, batch_idx) != self._evaluated
-        self._evaluated = (self.global_step, batch_idx)
-        loss, _ = self._shared_step(batch, self.train_metrics, count=first)
-        hp = self.hparams
-        l2 = hp.weight_decay if hp.optimizer == "lbfgs" else 0.0  # L-BFGS has no weight decay of its own
-        if hp.l1 or l2:  # (a pass over every parameter: not in every step when there is no penalty)
+        loss, _ = self._shared_step(batch, self.train_metrics)
+        if self.hparams.l1:  # (a pass over every parameter: not in every step when there is no penalty)
             skip = no_weight_decay_names(self.backbone.model, "backbone.model.")
             penalised = [p for n, p in self.named_parameters() if p.requires_grad and uses_weight_decay(p)
                          and not excluded_from_weight_decay(n, skip)]  # fmt: skip
-            if hp.l1:
-                loss = loss + hp.l1 * l1_penalty(penalised)
-            if l2:
-                loss = loss + l2 * l2_penalty(penalised)
-        if not first:
-            return loss
+            loss = loss + self.hparams.l1 * l1_penalty(penalised)
         # Lightning reads progress-bar values back to the host after every step (a host-device synchronisation that
         # stalls the queue of GPU work), so the loss goes to the bar only when there is one.
-        bar = self._trainer is not None and self._trainer.progress_bar_callback is not None
+        bar = self.trainer.progress_bar_callback is not None
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=bar, batch_size=len(batch[1]))
         for group in self._logged_groups():
             # A CPU tensor: Lightning would copy a Python float to the module's device, which synchronises too.
@@ -304,8 +281,19 @@ class TransferClassifier(L.LightningModule):
         return loss, logits
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """The optimizer and per-step schedule of the current phase: one named group per stage (and head), at
-        ``lr * lr_scale * layer_decay ** distance``; frozen parameters are not in it."""
+        """Lightning's hook: :meth:`optimizers_for` the run the Trainer is set up for."""
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        return self.optimizers_for(int(self.trainer.estimated_stepping_batches), max_epochs)
+
+    def optimizers_for(self, total_steps: int, max_epochs: int) -> dict[str, Any]:
+        """The optimizer and per-step schedule of the current phase in a run of ``total_steps`` optimiser steps over
+        ``max_epochs`` epochs: one named group per stage (and head), at ``lr * lr_scale * layer_decay ** distance``;
+        frozen parameters are not in it. The numbers are passed in (not read from a Trainer), so a planned run's
+        schedule is this same code (:func:`tlkit.schedule.module_lr_schedule`).
+
+        Example:
+            >>> config = model.optimizers_for(total_steps=150, max_epochs=10)  # what configure_optimizers returns
+        """
         hp, phase = self.hparams, self.phase
         scales = layer_decay_scales(self.backbone.stages, phase.layer_decay) if phase.layer_decay else {}
         scales = {g: scales.get(g, 1.0) * phase.lr_scale.get(g, 1.0) for g in ("head", *self.backbone.stages)}
@@ -318,19 +306,15 @@ class TransferClassifier(L.LightningModule):
             no_weight_decay=no_weight_decay_names(self.backbone.model, "backbone.model."),  # timm's, e.g. pos_embed
         )
         optimizer = create_optimizer(groups, hp.optimizer, lr=phase.lr, momentum=hp.momentum, nesterov=hp.nesterov)
-        if hp.optimizer == "lbfgs":
-            check_lbfgs_trainer(
-                self.trainer, "optimizer='lbfgs'", alternative=", or use optimizer='sgd'/'adam'",
-                exact_hint=", and give the whole training set as one batch instead",
-                batch_hint="Set data.batch_size to at least the number of training images, or use optimizer='adam' "
-                "(a linear probe on a frozen backbone: tlkit.LinearProbe).",
-            )  # fmt: skip
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
+        scheduler = self._scheduler(optimizer, max(total_steps, 1), max(max_epochs, 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    def _scheduler(
+        self, optimizer: torch.optim.Optimizer, total: int, max_epochs: int
+    ) -> torch.optim.lr_scheduler.LRScheduler:
         """The schedule restarts over the phase (warmup included), or continues the run-wide one (``restart``)."""
         hp, phase = self.hparams, self.phase
-        total, per_epoch = self._schedule_steps()
+        per_epoch = total / max_epochs
         start, end = self.phase_epochs or (0, round(total / per_epoch))  # None: the whole run
         step_size = round(hp.step_epochs * per_epoch) if hp.step_epochs else None
         if not phase.restart:
@@ -350,12 +334,6 @@ class TransferClassifier(L.LightningModule):
         return create_scheduler(
             optimizer, hp.schedule, total_steps=steps, warmup_steps=warmup, step_size=step_size, gamma=hp.gamma
         )
-
-    def _schedule_steps(self) -> tuple[int, float]:
-        """Optimiser steps of the whole run, and per epoch."""
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        return total, total / epochs
 
     def _stage_of(self):
         stage_of = {f"backbone.{n}": stage for stage, names in self.backbone.stage_params().items() for n in names}
@@ -446,6 +424,12 @@ def check_arguments(lr: float, optimizer: str, schedule: str, warmup_epochs: flo
     Raises:
         ValueError: naming the key, the value and what is valid.
     """
+    if optimizer == "lbfgs":
+        raise ValueError(
+            "TransferClassifier(optimizer='lbfgs') is gone: a head trained with full-batch L-BFGS on a frozen backbone "
+            "is tlkit.LinearProbe, which extracts the features once (recipes/linear_probe.yaml; in Python "
+            "LinearProbe(backbone, ...)). To fine-tune, use optimizer='sgd', 'adam', 'adamw' or 'rmsprop'."
+        )
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer={optimizer!r}; valid values: {', '.join(OPTIMIZERS)}.")
     if schedule not in SCHEDULES:

@@ -1,4 +1,5 @@
-"""Parameter groups, optimizers, per-step LR schedules and an L1 penalty for fine-tuning."""
+"""Parameter groups, optimizers, per-step LR schedules and L1/L2 penalties for fine-tuning; the full-batch L-BFGS
+of :class:`tlkit.LinearProbe` (:func:`create_lbfgs`, :func:`check_lbfgs_trainer`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import lr_scheduler
 
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "rmsprop", "lbfgs")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES: tuple[str, ...] = ("constant", "step", "cosine", "linear")
 NO_DECAY_SUFFIX = "/no_decay"
 
@@ -124,9 +125,7 @@ def create_optimizer(
 
     Per-group ``lr`` and ``weight_decay`` override the defaults; groups without ``weight_decay`` get 0 (AdamW's own
     default of 1e-2 is not used). With ``"adamw"`` the decay is decoupled, with ``"sgd"``, ``"adam"`` and
-    ``"rmsprop"`` it is an L2 gradient term. ``"lbfgs"`` (torch's L-BFGS with a strong-Wolfe line search, for
-    full-batch problems such as a head on a frozen backbone) takes one parameter group: the groups are merged,
-    which needs one learning rate, and their weight decay is ignored: add :func:`l2_penalty` to the loss instead.
+    ``"rmsprop"`` it is an L2 gradient term. Full-batch L-BFGS is :func:`create_lbfgs`.
 
     Args:
         groups: Param group dicts.
@@ -141,14 +140,11 @@ def create_optimizer(
         The optimizer.
 
     Raises:
-        ValueError: If ``name`` is unknown, ``nesterov`` is set for a non-SGD optimizer, or the groups of
-            ``"lbfgs"`` have different learning rates.
+        ValueError: If ``name`` is unknown, or ``nesterov`` is set for a non-SGD optimizer.
     """
     _check_choice("optimizer", name, OPTIMIZERS)
     if nesterov and name != "sgd":
         raise ValueError(f"nesterov=True is only supported by 'sgd', not {name!r}")
-    if name == "lbfgs":
-        return _lbfgs(groups, lr)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0)
     if name == "adam":
@@ -156,27 +152,6 @@ def create_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
     return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, eps=eps, weight_decay=0.0)
-
-
-def _lbfgs(groups: list[dict], lr: float) -> torch.optim.LBFGS:
-    stages = [group.get("name", "all").split(NO_DECAY_SUFFIX)[0] for group in groups]
-    rates: dict[float, str] = {}  # each learning rate and the first stage that has it
-    for group, stage in zip(groups, stages, strict=True):
-        rates.setdefault(group.get("lr", lr), stage)
-    if len(rates) > 1:
-        raise ValueError(
-            "optimizer='lbfgs' takes one learning rate for all trainable parameters, got "
-            + ", ".join(f"{rate:g} ({name})" for rate, name in rates.items())
-            + "; drop layer_decay and lr_scale, or use another optimizer."
-        )
-    merged = {
-        "params": [param for group in groups for param in group["params"]],
-        "lr": next(iter(rates), lr),
-        "name": stages[0] if len(set(stages)) == 1 else "all",  # the name Lightning's LearningRateMonitor shows
-    }
-    # 10 curvature pairs, as scikit-learn's and SciPy's L-BFGS keep (torch's default of 100 holds 200 copies of the
-    # parameter vector: small for a head, gigabytes for a backbone).
-    return torch.optim.LBFGS([merged], lr=lr, history_size=10, line_search_fn="strong_wolfe")
 
 
 @dataclass
@@ -341,37 +316,28 @@ def l2_penalty(params: Iterable[Tensor]) -> Tensor:
     return torch.stack(terms).sum() / 2
 
 
-__all__ = [
-    "NO_DECAY_SUFFIX",
-    "OPTIMIZERS",
-    "SCHEDULES",
-    "continued_scheduler",
-    "create_optimizer",
-    "create_scheduler",
-    "excluded_from_weight_decay",
-    "l1_penalty",
-    "l2_penalty",
-    "layer_decay_scales",
-    "no_weight_decay_names",
-    "param_groups",
-    "uses_weight_decay",
-]
+def create_lbfgs(
+    params: Iterable[Tensor], *, lr: float = 1.0, max_iter: int = 20, history_size: int = 10
+) -> torch.optim.LBFGS:
+    """torch's L-BFGS with a strong-Wolfe line search, for a full-batch problem (a linear probe's head).
+
+    It takes no weight decay: add :func:`l2_penalty` to the loss. 10 curvature pairs is what scikit-learn's and
+    SciPy's L-BFGS keep (torch's default of 100 holds 200 copies of the parameter vector).
+    """
+    return torch.optim.LBFGS(params, lr=lr, max_iter=max_iter, history_size=history_size, line_search_fn="strong_wolfe")
 
 
-def check_lbfgs_trainer(trainer: Any, who: str, *, batch_hint: str, alternative: str = "", exact_hint: str = "",
-                        precision_hint: str = "") -> None:  # fmt: skip
+def check_lbfgs_trainer(trainer: Any, who: str, *, batch_hint: str, precision_hint: str = "") -> None:
     """L-BFGS builds its curvature estimate and line search on one objective: it needs the whole training set in
     every step, its exact gradient (no clipping, no accumulation across batches) in float32 or better, on one device
-    (each DDP rank would search its own shard's loss). Raises or warns naming ``who`` (the option or the class), each
-    message ending with the caller's hint of what to do instead."""
+    (each DDP rank would search its own shard's loss). Raises or warns naming ``who`` (the class), the warnings
+    ending with the caller's hint of what to do instead."""
     if trainer.world_size > 1:
-        raise ValueError(
-            f"{who} runs on one device, not {trainer.world_size} processes: drop the DDP strategy{alternative}."
-        )
+        raise ValueError(f"{who} runs on one device, not {trainer.world_size} processes: drop the DDP strategy.")
     if trainer.accumulate_grad_batches != 1 or trainer.gradient_clip_val:
         raise ValueError(
             f"{who} needs the exact gradient of each step: drop accumulate_grad_batches "
-            f"(={trainer.accumulate_grad_batches}) and gradient_clip_val (={trainer.gradient_clip_val}){exact_hint}."
+            f"(={trainer.accumulate_grad_batches}) and gradient_clip_val (={trainer.gradient_clip_val})."
         )
     trainer.estimated_stepping_batches  # noqa: B018  (reading it sets up the train loader and its length)
     if trainer.num_training_batches > 1:
@@ -384,3 +350,22 @@ def check_lbfgs_trainer(trainer: Any, who: str, *, batch_hint: str, alternative:
             f"{who} under precision={trainer.precision!r}: L-BFGS's line search compares losses rounded to that "
             f"precision; use precision 32{precision_hint}."
         )
+
+
+__all__ = [
+    "NO_DECAY_SUFFIX",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "check_lbfgs_trainer",
+    "continued_scheduler",
+    "create_lbfgs",
+    "create_optimizer",
+    "create_scheduler",
+    "excluded_from_weight_decay",
+    "l1_penalty",
+    "l2_penalty",
+    "layer_decay_scales",
+    "no_weight_decay_names",
+    "param_groups",
+    "uses_weight_decay",
+]

@@ -1,7 +1,9 @@
-"""Checks of a model and the data module it trains on, run when the Trainer brings them together (``setup``).
+"""Checks of a model and the data module it trains on, run when the Trainer brings them together.
 
 Nothing flows here: the data module got its ``data_config`` at construction (from the model, or the CLI's link).
-These checks only say when the pair would silently train something else than the user meant.
+These checks only say when the pair would silently train something else than the user meant. They run in a
+callback (:class:`PairingCheck`, which the model brings), because Lightning hands a callback both halves of the pair
+(``trainer.datamodule`` and ``pl_module``); neither the model nor the data module looks the other up.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import lightning as L
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -20,6 +24,14 @@ FITTED_PREPROCESSING = {
     "pca": "PCA-whitened",
     "zca": "ZCA-whitened",
 }
+
+
+class PairingCheck(Callback):
+    """Runs :func:`check_pairing` on the model and the data module of every ``fit``/``validate``/``test``/
+    ``predict``, at ``setup``, before any batch."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_pairing(pl_module, trainer.datamodule)
 
 
 def check_pairing(model: nn.Module, datamodule: Any) -> None:
@@ -66,3 +78,6 @@ def _warn_frozen_pretrained(model: nn.Module, dm: ImageDataModule) -> None:
         "inputs, so the features they give may be worse. Use preprocess='pretrained' with a frozen pretrained "
         "backbone, or unfreeze it (freeze='none') so it can adapt."
     )
+
+
+__all__ = ["FITTED_PREPROCESSING", "PairingCheck", "check_pairing"]

@@ -1,4 +1,5 @@
-"""Figures people would rather look at than read: confusion matrices, image grids and learning-rate schedules.
+"""Figures people would rather look at than read: confusion matrices, image grids and learning-rate schedules
+(the schedules themselves are simulated by :mod:`tlkit.schedule`).
 
 Everything draws on a bare :class:`matplotlib.figure.Figure` (no pyplot: no global state, no backend switch), so the
 functions work the same in a training process, a notebook and a test. :func:`figure_to_array` turns a figure into
@@ -10,14 +11,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from tlkit.callbacks import FineTuningPhases
 from tlkit.io import atomic_open
 
 
@@ -121,132 +120,6 @@ def display_images(images: Tensor, preprocess: torch.nn.Module | None = None) ->
     return ((x - centre) / (3 * spread + 1e-8)).clamp(-1, 1) * 0.5 + 0.5
 
 
-# ------------------------------------------------------------------------------------------- learning-rate schedule
-
-
-class PlannedRun:
-    """Stands in for the Trainer while a module's ``configure_optimizers`` runs for a run that is only planned.
-
-    It answers what schedules ask the trainer (``estimated_stepping_batches``, ``max_epochs``, ...), so the
-    optimiser, its parameter groups and the scheduler come from the module's own code, exactly as in training.
-
-    Args:
-        steps_per_epoch: optimiser steps per epoch (after gradient accumulation).
-        max_epochs: epochs of the run.
-        max_steps: a cap on the optimiser steps (-1: none).
-    """
-
-    def __init__(self, steps_per_epoch: int, max_epochs: int, max_steps: int = -1) -> None:
-        if steps_per_epoch < 1 or max_epochs < 1:
-            raise ValueError(f"Need steps_per_epoch >= 1 and max_epochs >= 1, got {steps_per_epoch}, {max_epochs}.")
-        self.steps_per_epoch, self.max_epochs, self.max_steps = steps_per_epoch, max_epochs, max_steps
-        self.current_epoch = self.global_step = 0
-        self.world_size, self.is_global_zero = 1, True
-
-    @property
-    def estimated_stepping_batches(self) -> int:
-        total = self.steps_per_epoch * self.max_epochs
-        return min(total, self.max_steps) if self.max_steps > 0 else total
-
-
-def module_lr_schedule(module: Any, run: PlannedRun) -> dict[str, list[float]]:
-    """Learning rate of each parameter group of ``module`` (a LightningModule) at every step of ``run``.
-
-    Runs ``module.configure_optimizers()`` with ``run`` as its trainer, then :func:`simulate_lr_schedule`; a module
-    that brings fine-tuning phases (a :class:`~tlkit.callbacks.FineTuningPhases` among its ``configure_callbacks``)
-    is walked through them as in training. No parameter changes.
-
-    Example:
-        >>> curves = module_lr_schedule(TransferClassifier("resnet18"), PlannedRun(steps_per_epoch=15, max_epochs=5))
-    """
-    phases = next((c for c in module.configure_callbacks() if isinstance(c, FineTuningPhases)), None)
-    previous = _attached_trainer(module)
-    module.trainer = run
-    try:
-        if phases is not None:
-            return _phased_lr_schedule(module, phases, run)
-        config = module.configure_optimizers()
-    finally:
-        module.trainer = previous
-    return simulate_lr_schedule(config, run.estimated_stepping_batches, run.steps_per_epoch)
-
-
-def _attached_trainer(module: Any) -> Any:
-    try:
-        return module.trainer
-    except RuntimeError:  # Lightning's answer for a module not attached to a Trainer
-        return None
-
-
-def _phased_lr_schedule(module: Any, phases: FineTuningPhases, run: PlannedRun) -> dict[str, list[float]]:
-    """A run with fine-tuning phases gets a new optimiser and schedule at each phase start: enter each phase as
-    :class:`~tlkit.callbacks.FineTuningPhases` does and simulate it over its own steps. A group that does not train
-    in a phase (frozen, or not yet unfrozen) reads NaN there, which the plot leaves blank."""
-    total, entered = run.estimated_stepping_batches, (module.phase, module.phase_index, module.phase_epochs)
-    curves: dict[str, list[float]] = {}
-    done = 0
-    try:
-        for index in range(len(phases.phases)):
-            end = min(phases.epochs_of(index, run.max_epochs)[1] * run.steps_per_epoch, total)
-            if end <= done:
-                break
-            phases.enter(module, index, run.max_epochs)
-            phase = simulate_lr_schedule(module.configure_optimizers(), end - done, run.steps_per_epoch)
-            for name in phase.keys() - curves.keys():
-                curves[name] = [math.nan] * done
-            for name, values in curves.items():
-                values += phase.get(name, [math.nan] * (end - done))
-            done = end
-    finally:
-        phase, index, epochs = entered
-        module.enter_phase(phase, index=index, epochs=epochs)  # the phase (and freeze state) the module had
-    return curves
-
-
-def simulate_lr_schedule(
-    optimizers: Any, total_steps: int, steps_per_epoch: int | None = None
-) -> dict[str, list[float]]:
-    """Steps an optimiser and its scheduler without gradients and records each parameter group's learning rate.
-
-    Args:
-        optimizers: what ``LightningModule.configure_optimizers`` returns: an optimiser, ``(optimiser, scheduler)``,
-            ``([optimisers], [schedulers])`` or a dict with ``optimizer`` and ``lr_scheduler`` (scheduler or config
-            dict with ``interval``).
-        total_steps: optimiser steps to simulate.
-        steps_per_epoch: optimiser steps per epoch, for schedulers stepped per epoch.
-
-    Returns:
-        Group name (``name`` key of the param group, else ``group<i>``) -> learning rate before each step.
-    """
-    optimizer, scheduler, interval = _unpack_optimizers(optimizers)
-    names = [group.get("name", f"group{i}") for i, group in enumerate(optimizer.param_groups)]
-    curves: dict[str, list[float]] = {name: [] for name in names}
-    for step in range(total_steps):
-        for name, group in zip(names, optimizer.param_groups, strict=True):
-            curves[name].append(float(group["lr"]))
-        optimizer.step()  # no gradients, so no parameter changes; keeps the scheduler's step-order check quiet
-        epoch_ends = steps_per_epoch and (step + 1) % steps_per_epoch == 0
-        if scheduler is not None and (interval == "step" or epoch_ends):
-            scheduler.step()
-    return curves
-
-
-def _unpack_optimizers(config: Any) -> tuple[torch.optim.Optimizer, Any, str]:
-    if isinstance(config, torch.optim.Optimizer):
-        return config, None, "step"
-    if isinstance(config, dict):
-        optimizer, scheduler = config["optimizer"], config.get("lr_scheduler")
-    elif isinstance(config, list | tuple) and len(config) == 2:
-        optimizer, scheduler = (x[0] if isinstance(x, list | tuple) else x for x in config)
-    else:
-        raise TypeError(f"Cannot read an optimiser and scheduler from {type(config).__name__}: {config!r}")
-    interval = "epoch"  # Lightning's default for a bare scheduler
-    if isinstance(scheduler, dict):
-        interval = scheduler.get("interval", "epoch")
-        scheduler = scheduler["scheduler"]
-    return optimizer, scheduler, interval
-
-
 def lr_schedule_figure(
     curves: dict[str, list[float]], steps_per_epoch: int | None = None, title: str = "learning rate"
 ) -> Figure:
@@ -279,13 +152,10 @@ def lr_schedule_figure(
 
 
 __all__ = [
-    "PlannedRun",
     "confusion_matrix_figure",
     "display_images",
     "figure_to_array",
     "image_grid_figure",
     "lr_schedule_figure",
-    "module_lr_schedule",
     "save_figure",
-    "simulate_lr_schedule",
 ]

@@ -34,7 +34,7 @@ from tlkit.data.datamodule import ImageDataModule
 from tlkit.features import FeatureSet, extract_features
 from tlkit.heads import ClassifierHead
 from tlkit.module import class_weight_of, classification_metrics
-from tlkit.optim import check_lbfgs_trainer, l2_penalty
+from tlkit.optim import check_lbfgs_trainer, create_lbfgs, l2_penalty
 
 
 class FeatureDataModule(L.LightningDataModule):
@@ -223,7 +223,4 @@ class LinearProbe(L.LightningModule):
             precision_hint=" (a head on features is cheap in float32)",
         )  # fmt: skip
         hp = self.hparams
-        return torch.optim.LBFGS(
-            self.head.parameters(), lr=hp.lr, max_iter=hp.max_iter, history_size=hp.history_size,
-            line_search_fn="strong_wolfe",
-        )  # fmt: skip
+        return create_lbfgs(self.head.parameters(), lr=hp.lr, max_iter=hp.max_iter, history_size=hp.history_size)
