@@ -156,3 +156,10 @@ def test_display_images_inverts_normalisation_exactly():
     shown = display_images(torch.randn(2, 3, 4, 4) * 7)  # whitened: any range -> [0, 1]
     assert shown.min() >= 0 and shown.max() <= 1
     assert not math.isnan(shown.sum().item())
+
+
+def test_a_module_without_a_schedule_is_refused_by_name():
+    from tlkit import LinearProbe
+
+    with pytest.raises(TypeError, match="A LinearProbe has no learning-rate schedule to simulate"):
+        module_lr_schedule(LinearProbe(num_features=4, num_classes=2), PlannedRun(steps_per_epoch=1, max_epochs=1))
