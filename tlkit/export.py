@@ -358,8 +358,9 @@ def fuse(net: InferenceModel, example: Tensor) -> InferenceModel:
     rounding grows with the logits, and a fixed bound refused correct folds of models with large logits.
     """
     folded_backbone, count = fold_batchnorm(net.backbone)
-    folded = copy.copy(net)
-    folded._modules = dict(net._modules, backbone=folded_backbone)
+    input = "uint8" if net.uint8 else "float"
+    folded = InferenceModel(net.preprocess, folded_backbone, net.head, input=input, return_features=net.return_features)
+    folded.train(net.training)
     with torch.no_grad():
         before, after = _first(net(example)), _first(folded(example))
     diff, bound = fold_error(before, after)
