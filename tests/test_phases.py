@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tlkit import ImageDataModule, TransferClassifier
 from tlkit.callbacks import FineTuningPhases, parse_phases
 from tlkit.optim import layer_decay_scales
+from tlkit.pairing import PairingCheck
 from tlkit.resume import RngStateCheckpoint
 
 BN_MODEL = "test_efficientnet"  # timm test model with BatchNormAct2d, 100k parameters
@@ -265,8 +266,8 @@ def test_compiled_run_trains_unfrozen_layers_and_matches_eager(monkeypatch: pyte
 def test_freeze_epochs_shorthand_expands_to_two_phases() -> None:
     model = TransferClassifier(BN_MODEL, num_classes=3, freeze_epochs=2, layer_decay=0.8, lr=0.03)
     callbacks = model.configure_callbacks()
-    assert [type(c) for c in callbacks] == [RngStateCheckpoint, FineTuningPhases]
-    phases = callbacks[1]
+    assert [type(c) for c in callbacks] == [RngStateCheckpoint, PairingCheck, FineTuningPhases]
+    phases = callbacks[2]
     assert [(p.epochs, p.freeze, p.layer_decay, p.lr) for p in phases.phases] == [
         (2, "backbone", 0.8, 0.03),
         (None, "none", 0.8, 0.03),
@@ -274,7 +275,8 @@ def test_freeze_epochs_shorthand_expands_to_two_phases() -> None:
     assert not any(p.requires_grad for p in model.backbone.parameters())  # the model starts in the first phase
     assert [phases.index_at(e) for e in range(4)] == [0, 0, 1, 1]
     assert [phases.epochs_of(i, max_epochs=5) for i in (0, 1)] == [(0, 2), (2, 5)]
-    assert [type(c) for c in TransferClassifier(BN_MODEL, num_classes=3).configure_callbacks()] == [RngStateCheckpoint]
+    one_phase = TransferClassifier(BN_MODEL, num_classes=3).configure_callbacks()
+    assert [type(c) for c in one_phase] == [RngStateCheckpoint, PairingCheck]
 
 
 @pytest.mark.parametrize(
