@@ -8,7 +8,7 @@ random scales, resized), written to a temporary folder.
 - tlkit: ``ImageDataModule(augment="basic").train_dataloader()``: torchvision.io decode to uint8, uint8
   ``v2.RandomResizedCrop`` + flip in the workers (uint8 batches), then ``dm.normalize`` (float + mean/std) in the main
   process, where it runs on the device in training. Here the device is the CPU, so its cost is counted. The
-  script imports tlkit like any user script does, which turns on PyTorch's huge-page allocation of large CPU tensors
+  script turns on PyTorch's huge-page allocation of large CPU tensors as the ``tlkit`` command does
   (``THP_MEM_ALLOC_ENABLE=1``; run with ``THP_MEM_ALLOC_ENABLE=0`` to see the cost of page faults). Both pipelines
   run in this one process and its workers, so both get it; only tlkit allocates large tensors in the main process.
 
@@ -25,10 +25,15 @@ bad-image scan (every file decoded once, before the split) is timed separately.
     python benchmarks/data_throughput.py [--images 2000] [--repeats 5] [--workers 2] [--batch-size 64]
 """
 
+# ruff: noqa: E402 (the variable below must be set before torch is imported)
 from __future__ import annotations
 
-import argparse
 import os
+
+# As the `tlkit` command does (see tlkit.cli.main): PyTorch reads this at its first allocation, before any import of it.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import argparse
 import statistics
 import tempfile
 import time
@@ -40,7 +45,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tlkit import ImageDataModule  # as in a user's script: importing tlkit turns on huge pages for CPU batches
+from tlkit import ImageDataModule
 
 SIDE = 256
 OUT = 224
@@ -131,7 +136,7 @@ def main() -> None:
         base, base_finish = baseline_loader(root, args.batch_size, args.workers)
         ours, ours_finish, scan = tlkit_loader(root, args.batch_size, args.workers)
         print(f"{args.images} JPEGs of {SIDE}x{SIDE} -> {OUT}x{OUT}, batch {args.batch_size}, {args.workers} workers")
-        print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} (set by importing tlkit unless given)")
+        print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} (set by this script unless given)")
         print(f"tlkit bad-image scan (once per run, {len(ours.dataset)} train files): {scan:.2f} s")
         epoch_rate(base, base_finish), epoch_rate(ours, ours_finish)  # warm-up: workers start, caches fill
         rates: dict[str, list[float]] = {"baseline": [], "tlkit": [], "loader": [], "unread": []}

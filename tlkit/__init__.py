@@ -1,22 +1,31 @@
-"""tlkit: transfer learning for image models on PyTorch Lightning."""
+"""tlkit: transfer learning for image models on PyTorch Lightning.
 
-import os
+The public names are imported on first use (PEP 562), so ``import tlkit`` (and the ``tlkit`` command's help) does not
+pay for Lightning and timm until something needs them. Importing tlkit changes no environment variable and installs
+no warnings filter.
+"""
 
-# Every fresh CPU batch of float images (38 MB for 64 images of 224 px) otherwise costs a page fault per 4 KiB, making
-# normalising on a CPU "device" 2-3x slower than the arithmetic. PyTorch's CPU allocator backs allocations of 2 MB and
-# more with transparent huge pages when this is set; it reads the variable once, at its first allocation, so this
-# must run before any tensor exists. A value the user set (THP_MEM_ALLOC_ENABLE=0 to opt out) is kept.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from __future__ import annotations
 
-from tlkit.backbones import Backbone, backbone_data_config, create_backbone, list_backbones
-from tlkit.data import ImageDataModule
-from tlkit.features import FeatureSet, extract_features
-from tlkit.heads import ClassifierHead
-from tlkit.io import AtomicCheckpointIO
-from tlkit.module import TransferClassifier
-from tlkit.probe import FeatureDataModule, LinearProbe
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
+# public name -> the module that defines it
+_EXPORTS = {
+    "AtomicCheckpointIO": "tlkit.io",
+    "Backbone": "tlkit.backbones",
+    "ClassifierHead": "tlkit.heads",
+    "FeatureDataModule": "tlkit.probe",
+    "FeatureSet": "tlkit.features",
+    "ImageDataModule": "tlkit.data",
+    "LinearProbe": "tlkit.probe",
+    "TransferClassifier": "tlkit.module",
+    "backbone_data_config": "tlkit.backbones",
+    "create_backbone": "tlkit.backbones",
+    "extract_features": "tlkit.features",
+    "list_backbones": "tlkit.backbones",
+}
+__all__ = [  # written out (not sorted(_EXPORTS)) so that linters and IDEs read it
     "AtomicCheckpointIO",
     "Backbone",
     "ClassifierHead",
@@ -31,3 +40,24 @@ __all__ = [
     "list_backbones",
 ]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what type checkers and IDEs read; at run time __getattr__ imports each name on first use
+    from tlkit.backbones import Backbone, backbone_data_config, create_backbone, list_backbones
+    from tlkit.data import ImageDataModule
+    from tlkit.features import FeatureSet, extract_features
+    from tlkit.heads import ClassifierHead
+    from tlkit.io import AtomicCheckpointIO
+    from tlkit.module import TransferClassifier
+    from tlkit.probe import FeatureDataModule, LinearProbe
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tlkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,0 +1,456 @@
+"""What the ``tlkit`` command runs (:mod:`tlkit.cli` parses the command name and imports this module only then):
+LightningCLI for fit/validate/test/predict, small jsonargparse functions for the rest.
+
+tlkit fit --config recipes/quickstart.yaml [--trainer.max_epochs 3 ...]
+tlkit validate|test|predict --config ... --ckpt_path ...
+tlkit backbones [--filter 'convnext*'] [--pretrained true]
+tlkit extract --backbone resnet50 --data.source folder:imgs/ --out feats.safetensors
+tlkit export --ckpt_path run/last.ckpt --format onnx|torchscript|safetensors [--fuse-bn]
+tlkit plot-schedule --config recipes/quickstart.yaml -o lr.png [--trainer.max_epochs 10 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import importlib.util
+import inspect
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from jsonargparse import CLI, Namespace, lazy_instance
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+from tlkit.backbones import backbone_data_config, list_backbones
+from tlkit.data.datamodule import ImageDataModule
+from tlkit.data.datamodule import check_arguments as check_data_arguments
+from tlkit.io import AtomicCheckpointIO, atomic_open, claim_version
+from tlkit.loggers import scrub_logged_hyperparameters
+from tlkit.module import CKPT_PATH_KEYWORDS, read_checkpoint
+from tlkit.module import check_arguments as check_model_arguments
+from tlkit.plots import lr_schedule_figure, save_figure
+from tlkit.probe import LinearProbe
+from tlkit.runs import run_directory, run_directory_on_every_rank
+from tlkit.schedule import PlannedRun, module_lr_schedule
+from tlkit.tracking import ClassificationFigures, LoggerSaveConfigCallback, TrainingSpeed
+
+
+class PredictionCSVWriter(BasePredictionWriter):
+    """Writes ``path, predicted class name, probability`` per image to a CSV file (atomically) after predict.
+
+    Names are the model's ``class_names`` (the checkpoint's); a warning says when the images to predict come in
+    class folders named otherwise.
+    """
+
+    def __init__(self, out: str | None = None):
+        super().__init__(write_interval="epoch")
+        self.out = out
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        names = getattr(trainer.datamodule, "predict_class_names", lambda: None)()
+        if names is not None and list(names) != list(pl_module.class_names):
+            rank_zero_warn(
+                f"The images to predict are in class folders {list(names)}, but the model was trained on "
+                f"{list(pl_module.class_names)}; predictions are labelled with the model's class names."
+            )
+
+    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: Any, predictions: Sequence, batch_indices: Any) -> None:
+        probs = torch.cat(_flatten(predictions))
+        indices = [i for batch in _flatten(batch_indices) for i in batch]
+        split = trainer.datamodule.predict_split()
+        names = pl_module.class_names
+        confidence, predicted = probs.max(dim=-1)
+        out = Path(self.out or Path(run_directory_on_every_rank(trainer)) / "predictions.csv")
+        rows = [
+            (_sample_name(split.samples[i], i), names[p], f"{c:.6f}")
+            for i, p, c in zip(indices, predicted.tolist(), confidence.tolist(), strict=True)
+        ]
+        _write_csv_atomic(out, ["path", "prediction", "probability"], rows)
+        _say(f"Predictions for {len(rows)} images written to {out}")
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    """A line for the person at the terminal (once per job, not once per process)."""
+    print(message, flush=True)
+
+
+def _sample_name(sample: Any, index: int) -> str:
+    """A file's path; built-in sources hold images in memory, named by their index in the split."""
+    return str(sample) if isinstance(sample, str | Path) else f"#{index}"
+
+
+def _flatten(items: Sequence) -> list:
+    """Lightning nests predictions (and their indices) in a list per dataloader when there are several."""
+    nested = items and isinstance(items[0], list) and items[0] and isinstance(items[0][0], torch.Tensor | list)
+    return [x for per_loader in items for x in per_loader] if nested else list(items)
+
+
+def _write_csv_atomic(path: Path, header: list[str], rows: list[tuple]) -> None:
+    with atomic_open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+class TlkitCLI(LightningCLI):
+    """LightningCLI with the model's backbone configuring the data and the data's classes configuring the model,
+    so a recipe states each once: the data module's ``data_config`` is computed from ``model.backbone`` and
+    ``model.pretrained`` when the recipe is parsed (:func:`~tlkit.backbones.backbone_data_config`), and the model
+    gets ``num_classes``, ``class_names`` and ``class_counts`` from the data module when it is built.
+
+    Every run also gets the tracking callbacks (configurable as ``--figures.max_images 8``; see
+    :mod:`tlkit.tracking`): throughput and phase (``speed``), confusion matrix and misclassified images
+    (``figures``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """LightningCLI's, and a run that fails before writing anything (a class that refuses a value, a missing
+        file, an interrupt) leaves no empty version folder behind."""
+        self.claimed_folders: list[Path] = []
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            remove_empty_folders(self.claimed_folders)
+            raise
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        model_weights = ("model.init_args.backbone", "model.init_args.pretrained")
+        parser.link_arguments(model_weights, "data.init_args.data_config", compute_fn=_data_config, apply_on="parse")
+        for name in ("num_classes", "class_names", "class_counts"):
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        parser.add_lightning_class_args(TrainingSpeed, "speed")
+        parser.add_lightning_class_args(ClassificationFigures, "figures")
+
+    def init_parser(self, **kwargs: Any) -> Any:
+        """Parsers that raise their errors (``tlkit.cli.main`` prints one paragraph) instead of printing the whole
+        usage, hundreds of lines, before them and exiting."""
+        return super().init_parser(**{"exit_on_error": False, **kwargs})
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse, then check ``--ckpt_path`` before LightningCLI reads its hyperparameters (which resolves the
+        classes it names): a clear error for a bad file, and the Trainer loads it with ``weights_only=True``.
+
+        ``args`` are always given (``tlkit.cli.main`` passes the command line on), so LightningCLI's warning about
+        receiving both ``args`` and ``sys.argv`` would fire on every command; this parses as LightningCLI does
+        without it."""
+        is_object = isinstance(args, dict | Namespace)
+        self.config = parser.parse_object(args) if is_object else parser.parse_args(args)
+        config = self._subcommand_config()
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and str(ckpt_path) not in CKPT_PATH_KEYWORDS:
+            read_checkpoint(ckpt_path)
+        if "weights_only" in config:
+            if config.weights_only is False:
+                raise ValueError("--weights_only false would unpickle arbitrary objects; tlkit checkpoints need none.")
+            config.weights_only = True  # Lightning's default (None) lets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD unpickle
+
+    def before_instantiate_classes(self) -> None:
+        """Check the recipe's values before the data module reads its source and before any run directory (the
+        classes check them again when constructed; here they fail with the bare message, first), then give each
+        CSV/TensorBoard logger of the recipe a version folder of its own, created atomically."""
+        config = self._subcommand_config()
+        for key, check in (("model", check_model_arguments), ("data", check_data_arguments)):
+            init = dict((config.get(key) or {}).get("init_args") or {})
+            names = inspect.signature(check).parameters
+            if all(name in init for name in names):
+                check(**{name: init[name] for name in names})
+        # Only after the checks: a recipe with a bad value leaves no run directory behind.
+        self.claimed_versions = claim_version_folders(config.get("trainer"))
+        self.claimed_folders = [version_folder(init_args) for init_args in self.claimed_versions]
+
+    def _subcommand_config(self) -> Any:
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The Trainer, with atomic checkpoints (:class:`tlkit.AtomicCheckpointIO`, unless the recipe names its own
+        ``CheckpointIO`` plugin) and loggers that scrub secrets from the hyperparameters they store."""
+        trainer = super().instantiate_trainer(**kwargs)
+        for init_args in getattr(self, "claimed_versions", []):
+            init_args["version"] = None  # the saved config.yaml, run again, claims a new folder instead of this one
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: not a user's choice
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for logger in trainer.loggers:
+            scrub_logged_hyperparameters(logger)
+        return trainer
+
+    def before_fit(self) -> None:
+        self._features_for_a_probe()
+
+    def before_validate(self) -> None:
+        self._features_for_a_probe()
+
+    def before_test(self) -> None:
+        self._features_for_a_probe()
+
+    def _features_for_a_probe(self) -> None:
+        """A :class:`~tlkit.LinearProbe` trains and evaluates on features: extract them from the recipe's images
+        once, with the probe's backbone (``predict`` keeps the images, which the probe classifies through it)."""
+        if isinstance(self.model, LinearProbe) and isinstance(self.datamodule, ImageDataModule):
+            self.datamodule = self.model.feature_data(self.datamodule)
+
+    def before_predict(self) -> None:
+        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionCSVWriter())
+
+    def after_fit(self) -> None:
+        checkpoint = next((cb for cb in self.trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+        metrics = {k: f"{v.item():.4f}" for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+        _say(f"Validation: {metrics}")
+        if checkpoint is not None and checkpoint.best_model_path:
+            score = checkpoint.best_model_score
+            best = f" ({checkpoint.monitor}={score:.4f})" if score is not None else ""
+            _say(f"Best checkpoint{best}: {checkpoint.best_model_path}")
+        if self.trainer.is_global_zero:
+            _say(f"Run directory (config.yaml, checkpoints): {run_directory(self.trainer)}")
+
+
+def _data_config(backbone: str | None, pretrained: Any) -> dict[str, Any] | None:
+    """The recipe backbone's data config (None for a model without a backbone name)."""
+    return backbone_data_config(backbone, pretrained) if backbone else None
+
+
+# Loggers whose ``save_dir/name/version_<n>`` folders tlkit claims atomically when the recipe gives no version.
+VERSIONED_LOGGERS = (CSVLogger, TensorBoardLogger)
+
+
+def claim_version_folders(trainer_config: Any) -> list[Namespace]:
+    """Sets ``version`` of each CSV/TensorBoard logger in a parsed ``trainer`` config that has none to a folder
+    created for it now (:func:`tlkit.io.claim_version`), so runs started together never share one. Lightning's
+    default logger (``logger`` unset or true) is written out as the TensorBoard (or CSV) logger it would be, so that
+    its folder is claimed too. Returns the ``init_args`` whose version it set.
+
+    Only global rank 0 claims (the rank is read from the environment, as Lightning does): under DDP the other
+    processes are started with the same command line and get rank 0's directory from the Trainer.
+    """
+    if trainer_config is None or rank_zero_only.rank != 0:
+        return []
+    if trainer_config.get("logger") in (None, True):
+        trainer_config["logger"] = default_logger(trainer_config.get("default_root_dir"))
+    loggers = trainer_config.get("logger")
+    if not loggers or isinstance(loggers, bool):
+        return []
+    claimed = []
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if not isinstance(logger, Namespace) or not _is_versioned_logger(logger.get("class_path")):
+            continue
+        args = logger.get("init_args") or Namespace()
+        if args.get("version") is None:
+            name = args.get("name", "lightning_logs")
+            args["version"] = claim_version(Path(args.get("save_dir") or ".") / (name or ""))
+            logger["init_args"] = args
+            claimed.append(args)
+    return claimed
+
+
+def version_folder(logger_init_args: Namespace) -> Path:
+    """The folder a CSV/TensorBoard logger writes to: ``save_dir/name/version_<n>``."""
+    args = logger_init_args
+    return Path(args.get("save_dir") or ".") / (args.get("name", "lightning_logs") or "") / f"version_{args.version}"
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Removes each folder that holds no file (empty subfolders included); one with any file is a run's output."""
+    for folder in folders:
+        if folder.is_dir() and not any(path.is_file() for path in folder.rglob("*")):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def default_logger(default_root_dir: str | None) -> Namespace:
+    """The logger Lightning creates for ``logger: true`` (TensorBoard when installed, else CSV, in
+    ``default_root_dir/lightning_logs``), as a recipe entry; a SLURM job keeps its job id as the version."""
+    tensorboard = any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX"))
+    cls = TensorBoardLogger if tensorboard else CSVLogger
+    init_args = Namespace(save_dir=default_root_dir or os.getcwd(), version=SLURMEnvironment.job_id())
+    return Namespace(class_path=f"{cls.__module__}.{cls.__name__}", init_args=init_args)
+
+
+def _is_versioned_logger(class_path: str | None) -> bool:
+    if not class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    return isinstance(cls, type) and issubclass(cls, VERSIONED_LOGGERS)
+
+
+def backbones(filter: str | None = None, pretrained: bool = False) -> None:
+    """List the backbones tlkit can create.
+
+    Args:
+        filter: shell-style pattern, e.g. 'convnext*' or 'torchvision/res*'.
+        pretrained: only those with pretrained weights.
+    """
+    names = list_backbones(filter, pretrained=pretrained)
+    print("\n".join(names) if names else f"No backbone matches {filter!r}.")
+
+
+def extract(
+    out: str = "features.safetensors",
+    backbone: str | None = None,
+    ckpt_path: str | None = None,
+    pretrained: bool | str = True,
+    data: ImageDataModule = lazy_instance(ImageDataModule),
+    split: str = "all",
+    layers: list[str] | None = None,
+    pool: str = "model",
+    batch_size: int | None = None,
+    device: str = "auto",
+    devices: int = 1,
+    strategy: str = "auto",
+    precision: str = "32-true",
+    shard_size: int = 4096,
+) -> None:
+    """Extract backbone features of a data set into one safetensors file (rows in data order, labels aligned).
+
+    Args:
+        out: the .safetensors file to write.
+        backbone: timm name or torchvision/<name> (or use ckpt_path).
+        ckpt_path: a TransferClassifier checkpoint whose backbone to use.
+        pretrained: weights of --backbone: true (hub), false, 'packaged' or a weights file.
+        data: the images, as for fit (--data.source, --data.image_size, --data.preprocess ...).
+        split: train, val, predict, or all (train then val).
+        layers: intermediate layers instead of the final features (module/node names or stage indices).
+        pool: model (the default: pooled as the model's own head pools, what a classifier on it sees), avg, max,
+            token or none.
+        batch_size: images per batch (default: the data's).
+        device: auto, cpu, cuda, cuda:1, mps.
+        devices: number of devices; several shard the data across ranks (one ordered file still).
+        strategy: Lightning strategy for several devices (default ddp).
+        precision: 32-true, bf16-mixed, 16-mixed.
+        shard_size: rows per temporary shard, which bounds the memory used.
+    """
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from tlkit.features import extract_features
+
+    if (backbone is None) == (ckpt_path is None):
+        raise ValueError("Pass exactly one of --backbone NAME or --ckpt_path FILE.")
+    feats = extract_features(
+        ckpt_path or backbone, data, layers=layers, pool=pool, batch_size=batch_size, device=device,
+        precision=precision, out=out, pretrained=pretrained, split=split, devices=devices, strategy=strategy,
+        shard_size=shard_size, progress=True,
+    )  # fmt: skip
+    if feats is not None:
+        shapes = {name: tuple(t.shape) for name, t in feats.layers.items()}
+        rank_zero_info(f"Features {shapes} of {len(feats)} images written to {out}")
+
+
+def export(
+    ckpt_path: str | None = None,
+    format: str = "onnx",
+    out: str | None = None,
+    fuse_bn: bool = False,
+    input: str = "uint8",
+    return_features: bool = False,
+) -> None:
+    """Export a checkpoint with its preprocessing in front: images (uint8 or float [0, 1], NCHW) in, logits out.
+
+    Args:
+        ckpt_path: the .ckpt written by `tlkit fit`.
+        format: onnx, torchscript or safetensors (weights + JSON metadata, reloadable without pickle).
+        out: output file (default: the checkpoint path with the format's suffix).
+        fuse_bn: fold BatchNorm layers into the convolutions before them (checked and printed).
+        input: uint8 or float.
+        return_features: also output the pooled features.
+    """
+    from tlkit.export import export as export_model
+
+    if ckpt_path is None:
+        raise ValueError("tlkit export needs --ckpt_path FILE (a checkpoint written by `tlkit fit`).")
+    export_model(ckpt_path, format=format, out=out, fuse_bn=fuse_bn, input=input, return_features=return_features)
+
+
+def plot_schedule(args: list[str]) -> str:
+    """``tlkit plot-schedule --config recipe.yaml -o lr.png [overrides]``: draw the learning rate of every
+    parameter group at every optimiser step of a recipe, without training (see :func:`recipe_lr_schedule`)."""
+    parser = argparse.ArgumentParser(prog="tlkit plot-schedule", description=plot_schedule.__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, action="append", help="recipe YAML (repeatable, as in fit)")
+    parser.add_argument("-o", "--out", default="lr.png", help="PNG to write (default: lr.png)")
+    options, overrides = parser.parse_known_args(args)
+    recipe = [arg for path in options.config for arg in ("--config", path)]
+    curves, run = recipe_lr_schedule([*recipe, *overrides])
+    names = ", ".join(Path(path).name for path in options.config)
+    pairs = [part for arg in overrides for part in arg.split("=", 1)]  # --a.b=c and --a.b c alike
+    changed = [f"{key.split('.')[-1]}={value}" for key, value in zip(pairs[::2], pairs[1::2], strict=False)]
+    names += f" ({', '.join(changed)})" if changed else ""
+    title = f"{names}: {run.estimated_stepping_batches} steps, {run.max_epochs} epochs"
+    path = save_figure(lr_schedule_figure(curves, run.steps_per_epoch, title=title), options.out)
+    print(f"Learning-rate schedule of {len(curves)} parameter groups, {len(next(iter(curves.values())))} steps: {path}")
+    return path
+
+
+def recipe_lr_schedule(args: list[str]) -> tuple[dict[str, list[float]], PlannedRun]:
+    """Learning rate of each parameter group at every optimiser step of the run a recipe describes.
+
+    The model and data module are built from the recipe (``args`` as for ``tlkit fit``, without the subcommand),
+    the step count comes from the train split size, batch size, devices, ``limit_train_batches``, gradient
+    accumulation and ``max_epochs``, and the optimiser and scheduler from the model's own ``configure_optimizers``.
+    Pretrained weights are not loaded: they do not change the schedule.
+    """
+    quiet = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    cli = _cli([*args, "--model.init_args.pretrained", "false", *quiet], run=False)
+    run = PlannedRun(_steps_per_epoch(cli.trainer, cli.datamodule), cli.trainer.max_epochs, cli.trainer.max_steps)
+    return module_lr_schedule(cli.model, run), run
+
+
+def _steps_per_epoch(trainer: L.Trainer, datamodule: ImageDataModule) -> int:
+    """Optimiser steps per epoch, counted as the Trainer would (DistributedSampler pads each process's share)."""
+    per_process = math.ceil(len(datamodule.data.train) / trainer.world_size)
+    batches = math.ceil(per_process / datamodule.hparams.batch_size)
+    limit = trainer.limit_train_batches
+    batches = min(batches, int(limit)) if isinstance(limit, int) else int(batches * limit)
+    return max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
+
+
+COMMANDS: dict[str, Callable[..., Any]] = {"backbones": backbones, "extract": extract, "export": export}
+# Commands that read a recipe with ``--config`` parse their own arguments (jsonargparse's CLI owns ``--config``).
+RECIPE_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"plot-schedule": plot_schedule}
+
+
+def _flag_args(args: list[str]) -> list[str]:
+    """Accept ``--fuse-bn`` for ``--fuse_bn true``: dashes in option names, and bare boolean flags."""
+    fixed = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--") and "=" not in arg:
+            arg = "--" + arg[2:].replace("-", "_")
+            bare = i + 1 == len(args) or args[i + 1].startswith("--")
+            arg = f"{arg}=true" if bare and arg not in ("--help", "--print_config") else arg
+        fixed.append(arg)
+    return fixed
+
+
+def _cli(args: list[str] | None, **kwargs: Any) -> TlkitCLI:
+    return TlkitCLI(
+        L.LightningModule,  # TransferClassifier or LinearProbe
+        L.LightningDataModule,  # ImageDataModule (or a FeatureDataModule for a LinearProbe)
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        save_config_callback=LoggerSaveConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        **kwargs,
+    )
+
+
+def run(command: str, args: list[str]) -> None:
+    """Runs ``tlkit <command> <args>``; :func:`tlkit.cli.main` checked that the command exists."""
+    if command in COMMANDS:
+        CLI(COMMANDS[command], args=_flag_args(args), prog=f"tlkit {command}", exit_on_error=False)
+    elif command in RECIPE_COMMANDS:
+        RECIPE_COMMANDS[command](args)
+    else:
+        _cli([command, *args])
