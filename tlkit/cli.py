@@ -129,15 +129,16 @@ def user_error_message(err: BaseException) -> str | None:
 
 
 def missing_dependency_message(err: ModuleNotFoundError) -> str | None:
-    """ "ONNX export needs onnx: pip install 'tlkit[onnx]'" for a module of an optional extra; a core dependency
-    that is missing means a broken install; any other missing module is a bug (None: its traceback is shown)."""
+    """"ONNX export needs onnx: pip install 'tlkit[onnx]'" for a module of an optional extra; any other missing
+    third-party module is a core dependency (or one of theirs) that a partial install lacks; a missing tlkit module is
+    a bug (None: its traceback is shown)."""
     module = (err.name or "").partition(".")[0]
     if module in OPTIONAL_MODULES:
         extra, purpose = OPTIONAL_MODULES[module]
         return f"{purpose} needs {module}: pip install 'tlkit[{extra}]'"
-    if module and module in _core_modules():
-        return f"tlkit needs {module}, which is not installed (a broken install?): pip install --force-reinstall tlkit"
-    return None
+    if not module or module == __package__:
+        return None
+    return f"{module} is not installed, and tlkit needs it: pip install tlkit (in a checkout: pip install -e .)"
 
 
 def bad_argument_message(chain: list[BaseException]) -> str:
@@ -184,22 +185,6 @@ def _raised_by_tlkit(err: BaseException) -> bool:
 def _one_paragraph(text: str) -> str:
     """jsonargparse indents nested errors over several lines; one line reads better in a terminal."""
     return re.sub(r"\s*\n\s*", " ", text.strip())
-
-
-def _core_modules() -> set[str]:
-    """Top-level modules of tlkit's installed core dependencies (only an error path reads the metadata)."""
-    from importlib import metadata
-
-    try:
-        required = metadata.requires("tlkit") or []
-    except metadata.PackageNotFoundError:
-        return set()
-    core = {re.split(r"[ ;<>=!~\[]", r, maxsplit=1)[0].lower().replace("_", "-") for r in required if "extra" not in r}
-    return {
-        module
-        for module, dists in metadata.packages_distributions().items()
-        if any(d.lower().replace("_", "-") in core for d in dists)
-    }
 
 
 def __getattr__(name: str) -> Any:
