@@ -1,14 +1,12 @@
-"""Import-time behaviour of the package itself."""
+"""Huge pages for CPU batches: the `tlkit` command turns them on (tests/test_startup.py checks that `import tlkit`
+changes no environment variable)."""
 
-import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-import tlkit
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -21,24 +19,15 @@ def _run(code: str, **env: str) -> str:
     return result.stdout.strip()
 
 
-def test_import_turns_on_huge_pages_for_cpu_tensors_unless_the_user_chose(monkeypatch):
-    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    importlib.reload(tlkit)  # re-runs the package's import-time code (submodules stay cached)
-    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
-    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
-    importlib.reload(tlkit)
-    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
-
-
 @pytest.mark.skipif(
     not THP_MODE.exists() or "[madvise]" not in THP_MODE.read_text(),
     reason="the kernel must hand out transparent huge pages on request (THP mode 'madvise') to see the difference",
 )
-def test_a_large_batch_allocated_after_import_sits_on_huge_pages():
+def test_a_large_batch_allocated_in_the_tlkit_command_sits_on_huge_pages():
     # 32 MiB of float pixels, touched, then the process's anonymous huge-page total in KiB.
     code = (
-        "import tlkit, torch; x = torch.empty(8 << 20).fill_(1.0); "
+        "from tlkit.cli import main; main(['--help']); import torch; x = torch.empty(8 << 20).fill_(1.0); "
         "print(next(int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')))"
     )
-    with_tlkit_default, opted_out = int(_run(code)), int(_run(code, THP_MEM_ALLOC_ENABLE="0"))
-    assert with_tlkit_default - opted_out >= 16 * 1024, (with_tlkit_default, opted_out)
+    with_the_command_default, opted_out = int(_run(code)), int(_run(code, THP_MEM_ALLOC_ENABLE="0"))
+    assert with_the_command_default - opted_out >= 16 * 1024, (with_the_command_default, opted_out)

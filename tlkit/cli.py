@@ -129,7 +129,7 @@ def user_error_message(err: BaseException) -> str | None:
 
 
 def missing_dependency_message(err: ModuleNotFoundError) -> str | None:
-    """"ONNX export needs onnx: pip install 'tlkit[onnx]'" for a module of an optional extra; any other missing
+    """ "ONNX export needs onnx: pip install 'tlkit[onnx]'" for a module of an optional extra; any other missing
     third-party module is a core dependency (or one of theirs) that a partial install lacks; a missing tlkit module is
     a bug (None: its traceback is shown)."""
     module = (err.name or "").partition(".")[0]

@@ -370,6 +370,8 @@ def export(
 
     if ckpt_path is None:
         raise ValueError("tlkit export needs --ckpt_path FILE (a checkpoint written by `tlkit fit`).")
+    if format == "onnx":
+        importlib.import_module("onnx")  # the optional extra: missing, fail now rather than after loading the model
     export_model(ckpt_path, format=format, out=out, fuse_bn=fuse_bn, input=input, return_features=return_features)
 
 
@@ -452,5 +454,30 @@ def run(command: str, args: list[str]) -> None:
         CLI(COMMANDS[command], args=_flag_args(args), prog=f"tlkit {command}", exit_on_error=False)
     elif command in RECIPE_COMMANDS:
         RECIPE_COMMANDS[command](args)
+    elif {"-h", "--help"} & set(args):
+        print(recipe_help(command))
     else:
-        _cli([command, *args])
+        _cli([command, *["--help" if arg == "--help-all" else arg for arg in args]])
+
+
+def recipe_help(command: str) -> str:
+    """``tlkit fit --help``: the options of the model and the data module first (LightningCLI's own help lists the
+    Trainer's ~100 options first and the model's only under ``--model.help CLASS``), then where the rest are."""
+    from jsonargparse import ArgumentParser
+
+    from tlkit.module import TransferClassifier
+
+    sections = []
+    for key, cls in (("model", TransferClassifier), ("data", ImageDataModule)):
+        parser = ArgumentParser(usage=argparse.SUPPRESS, add_help=False)
+        parser.add_class_arguments(cls, key, fail_untyped=False)
+        sections.append(f"{key}: {cls.__module__.split('.')[0]}.{cls.__name__}\n{parser.format_help().strip()}")
+    return "\n\n".join(
+        [
+            f"usage: tlkit {command} --config RECIPE.yaml [--model.OPTION VALUE] [--data.OPTION VALUE] "
+            "[--trainer.OPTION VALUE] ...",
+            *sections,
+            f"Every option (the Trainer's, callbacks, loggers, --ckpt_path, --print_config): tlkit {command} --help-all"
+            f"\nAnother model or data class: tlkit {command} --model.help tlkit.LinearProbe",
+        ]
+    )
