@@ -160,7 +160,7 @@ def test_the_public_names_import_on_first_use():
 
 
 def test_help_lists_every_command_with_one_line_without_importing_lightning():
-    runnable = {*commands.COMMANDS, *commands.RECIPE_COMMANDS, *commands.TlkitCLI.subcommands()}
+    runnable = {*cli.FUNCTION_COMMANDS, *commands.RECIPE_COMMANDS, *commands.TlkitCLI.subcommands()}
     assert set(cli.COMMANDS) == runnable
     code = "import sys; from tlkit.cli import main; main(['--help']); "
     code += "print(sorted({'lightning', 'torch'} & set(sys.modules)))"
@@ -170,6 +170,14 @@ def test_help_lists_every_command_with_one_line_without_importing_lightning():
     for name, summary in cli.COMMANDS.items():
         assert sum(line.split()[:1] == [name] and summary in line for line in lines) == 1, name
     assert lines[-1] == "[]"
+
+
+def test_backbones_lists_names_without_importing_lightning():
+    code = "import sys; from tlkit.cli import main; main(['backbones', '--filter', 'resnet1*']); "
+    code += "print('lightning' in sys.modules)"
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    assert {"resnet18", "resnet101", "False"} <= set(result.stdout.split())
 
 
 def test_fit_help_leads_with_the_model_and_data_options(capsys):

@@ -34,6 +34,14 @@ COMMANDS = {
     "plot-schedule": "Draw a recipe's learning rate per parameter group at every step, without training",
 }
 
+# Commands that are one function each, parsed by jsonargparse from its signature and docstring ("module:function");
+# the others read a recipe (tlkit.commands.run). `tlkit backbones` needs timm, not Lightning.
+FUNCTION_COMMANDS = {
+    "backbones": "tlkit.cli:backbones",
+    "extract": "tlkit.commands:extract",
+    "export": "tlkit.commands:export",
+}
+
 # Modules of the optional extras (pyproject.toml [project.optional-dependencies]), and what needs them.
 OPTIONAL_MODULES = {
     "onnx": ("onnx", "ONNX export"),
@@ -74,12 +82,49 @@ def main(args: list[str] | None = None) -> None:
     if command not in COMMANDS:
         _exit_with(f"unknown command {command!r}. The commands are {', '.join(COMMANDS)}; see `tlkit --help`.")
     try:
-        importlib.import_module("tlkit.commands").run(command, rest)
+        run(command, rest)
     except Exception as err:
         message = None if debug or not from_command_line else user_error_message(err)
         if message is None:
             raise
         _exit_with(f"{command}: {message}\n{DEBUG_HINT}")
+
+
+def run(command: str, args: list[str]) -> None:
+    """Runs ``tlkit <command> <args>``, importing only what the command needs."""
+    if command in FUNCTION_COMMANDS:
+        from jsonargparse import CLI
+
+        module, _, name = FUNCTION_COMMANDS[command].partition(":")
+        function = getattr(importlib.import_module(module), name)
+        CLI(function, args=flag_args(args), prog=f"tlkit {command}", exit_on_error=False)
+    else:
+        importlib.import_module("tlkit.commands").run(command, args)
+
+
+def backbones(filter: str | None = None, pretrained: bool = False) -> None:
+    """List the backbones tlkit can create.
+
+    Args:
+        filter: shell-style pattern, e.g. 'convnext*' or 'torchvision/res*'.
+        pretrained: only those with pretrained weights.
+    """
+    from tlkit.backbones import list_backbones
+
+    names = list_backbones(filter, pretrained=pretrained)
+    print("\n".join(names) if names else f"No backbone matches {filter!r}.")
+
+
+def flag_args(args: list[str]) -> list[str]:
+    """Accept ``--fuse-bn`` for ``--fuse_bn true``: dashes in option names, and bare boolean flags."""
+    fixed = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--") and "=" not in arg:
+            arg = "--" + arg[2:].replace("-", "_")
+            bare = i + 1 == len(args) or args[i + 1].startswith("--")
+            arg = f"{arg}=true" if bare and arg not in ("--help", "--print_config") else arg
+        fixed.append(arg)
+    return fixed
 
 
 def usage() -> str:

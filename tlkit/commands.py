@@ -25,7 +25,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from jsonargparse import CLI, Namespace, lazy_instance
+from jsonargparse import Namespace, lazy_instance
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -33,7 +33,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from tlkit.backbones import backbone_data_config, list_backbones
+from tlkit.backbones import backbone_data_config
 from tlkit.data.datamodule import ImageDataModule
 from tlkit.data.datamodule import check_arguments as check_data_arguments
 from tlkit.io import AtomicCheckpointIO, atomic_open, claim_version
@@ -286,17 +286,6 @@ def _is_versioned_logger(class_path: str | None) -> bool:
     return isinstance(cls, type) and issubclass(cls, VERSIONED_LOGGERS)
 
 
-def backbones(filter: str | None = None, pretrained: bool = False) -> None:
-    """List the backbones tlkit can create.
-
-    Args:
-        filter: shell-style pattern, e.g. 'convnext*' or 'torchvision/res*'.
-        pretrained: only those with pretrained weights.
-    """
-    names = list_backbones(filter, pretrained=pretrained)
-    print("\n".join(names) if names else f"No backbone matches {filter!r}.")
-
-
 def extract(
     out: str = "features.safetensors",
     backbone: str | None = None,
@@ -417,21 +406,8 @@ def _steps_per_epoch(trainer: L.Trainer, datamodule: ImageDataModule) -> int:
     return max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
 
 
-COMMANDS: dict[str, Callable[..., Any]] = {"backbones": backbones, "extract": extract, "export": export}
 # Commands that read a recipe with ``--config`` parse their own arguments (jsonargparse's CLI owns ``--config``).
 RECIPE_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"plot-schedule": plot_schedule}
-
-
-def _flag_args(args: list[str]) -> list[str]:
-    """Accept ``--fuse-bn`` for ``--fuse_bn true``: dashes in option names, and bare boolean flags."""
-    fixed = []
-    for i, arg in enumerate(args):
-        if arg.startswith("--") and "=" not in arg:
-            arg = "--" + arg[2:].replace("-", "_")
-            bare = i + 1 == len(args) or args[i + 1].startswith("--")
-            arg = f"{arg}=true" if bare and arg not in ("--help", "--print_config") else arg
-        fixed.append(arg)
-    return fixed
 
 
 def _cli(args: list[str] | None, **kwargs: Any) -> TlkitCLI:
@@ -449,10 +425,9 @@ def _cli(args: list[str] | None, **kwargs: Any) -> TlkitCLI:
 
 
 def run(command: str, args: list[str]) -> None:
-    """Runs ``tlkit <command> <args>``; :func:`tlkit.cli.main` checked that the command exists."""
-    if command in COMMANDS:
-        CLI(COMMANDS[command], args=_flag_args(args), prog=f"tlkit {command}", exit_on_error=False)
-    elif command in RECIPE_COMMANDS:
+    """Runs ``tlkit <command> <args>`` for a recipe command (fit, validate, test, predict, plot-schedule); the
+    one-function commands are run by :func:`tlkit.cli.main`."""
+    if command in RECIPE_COMMANDS:
         RECIPE_COMMANDS[command](args)
     elif {"-h", "--help"} & set(args):
         print(recipe_help(command))
