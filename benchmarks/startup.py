@@ -1,9 +1,10 @@
 """Start-up time of the ``tlkit`` command against ``python -c "import torch"``, same run.
 
-``python -c "import timm"`` is timed too: `tlkit backbones` lists timm's registry, which exists once timm has imported
-all its model definitions (and torchvision, which timm imports), so that is its floor. Each command runs ``--repeats`` times, the three interleaved so that load from other processes hits all alike; prints
-the median wall time of each and the ratios of the medians (goal: at most 1.5x for ``tlkit --help`` and
-``tlkit backbones``). A first untimed round warms the file cache.
+``python -c "import timm"`` is timed too: ``tlkit backbones`` lists timm's registry, which exists once timm has
+imported all its model definitions (and torchvision, which timm imports), so that is its floor. Each command runs
+``--repeats`` times, all interleaved so that load from other processes hits each alike; prints the median wall time
+of each and the ratios of the medians (goal: at most 1.5x for ``tlkit --help`` and ``tlkit backbones``). A first
+untimed round warms the file cache.
 
     python benchmarks/startup.py [--repeats 7]
 """
