@@ -172,12 +172,19 @@ def test_help_lists_every_command_with_one_line_without_importing_lightning():
     assert lines[-1] == "[]"
 
 
-def test_backbones_lists_names_without_importing_lightning():
-    code = "import sys; from tlkit.cli import main; main(['backbones', '--filter', 'resnet1*']); "
-    code += "print('lightning' in sys.modules)"
-    result = _python(code)
-    assert result.returncode == 0, result.stderr
-    assert {"resnet18", "resnet101", "False"} <= set(result.stdout.split())
+def test_backbones_lists_names_without_lightning_and_later_without_timm(tmp_path):
+    """The first run reads timm's registry (no Lightning) and keeps the names; a later one needs no timm at all."""
+    command = "from tlkit.cli import main; main(['backbones', '--filter', 'resnet1*']); "
+    first = _python(f"import sys; {command} print('lightning' in sys.modules)", XDG_CACHE_HOME=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    assert {"resnet18", "resnet101"} <= set(first.stdout.split())
+    assert first.stdout.split()[-1] == "False"
+    (cached,) = (tmp_path / "tlkit").glob(f"backbones-timm-{metadata.version('timm')}-*.json")
+    assert cached.name == cli.backbone_names_cache().name
+    later = _python(f"import sys; sys.modules['timm'] = None; {command}", XDG_CACHE_HOME=str(tmp_path))
+    assert later.returncode == 0, later.stderr
+    assert later.stdout.split() == first.stdout.split()[:-1]
+    assert len(json.loads(cached.read_text())["pretrained"]) < len(json.loads(cached.read_text())["all"])
 
 
 def test_fit_help_leads_with_the_model_and_data_options(capsys):

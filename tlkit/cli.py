@@ -14,10 +14,13 @@ exits with status 2; ``--debug`` (or ``TLKIT_DEBUG=1``) shows the full traceback
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
+import json
 import os
 import re
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
@@ -83,6 +86,8 @@ def main(args: list[str] | None = None) -> None:
         _exit_with(f"unknown command {command!r}. The commands are {', '.join(COMMANDS)}; see `tlkit --help`.")
     try:
         run(command, rest)
+    except BrokenPipeError:  # `tlkit backbones | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
     except Exception as err:
         message = None if debug or not from_command_line else user_error_message(err)
         if message is None:
@@ -109,10 +114,47 @@ def backbones(filter: str | None = None, pretrained: bool = False) -> None:
         filter: shell-style pattern, e.g. 'convnext*' or 'torchvision/res*'.
         pretrained: only those with pretrained weights.
     """
+    names = [name for name in backbone_names(pretrained) if filter is None or fnmatch.fnmatch(name, filter)]
+    print("\n".join(names) if names else f"No backbone matches {filter!r}.")
+
+
+def backbone_names(pretrained: bool = False) -> list[str]:
+    """:func:`tlkit.list_backbones` for the installed timm and torchvision, kept in the user's cache.
+
+    timm's registry exists only once timm has imported every model definition (2-3x the time of ``import torch``),
+    and it changes only with the installed timm and torchvision; so the names are read once and kept in a file whose
+    name holds both versions and their ``models`` folders' modification times: another install is another file.
+    """
+    path = backbone_names_cache()
+    key = "pretrained" if pretrained else "all"
+    try:
+        return json.loads(path.read_text())[key]
+    except (OSError, ValueError, KeyError):  # not cached yet (or a damaged file): ask timm
+        pass
     from tlkit.backbones import list_backbones
 
-    names = list_backbones(filter, pretrained=pretrained)
-    print("\n".join(names) if names else f"No backbone matches {filter!r}.")
+    names = {"all": list_backbones(), "pretrained": list_backbones(pretrained=True)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+            json.dump(names, tmp)
+        os.replace(tmp.name, path)  # atomic: a command started meanwhile reads the whole file or none
+    except OSError:
+        pass  # a read-only cache: list the names all the same
+    return names[key]
+
+
+def backbone_names_cache() -> Path:
+    """``$XDG_CACHE_HOME/tlkit/backbones-timm-<version>-<mtime>-torchvision-<version>-<mtime>.json``."""
+    from importlib import metadata, util
+
+    parts = []
+    for package in ("timm", "torchvision"):
+        spec = util.find_spec(package)  # finds, does not import
+        models = Path(spec.submodule_search_locations[0]) / "models"
+        parts.append(f"{package}-{metadata.version(package)}-{models.stat().st_mtime_ns}")
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tlkit"
+    return root / f"backbones-{'-'.join(parts)}.json"
 
 
 def flag_args(args: list[str]) -> list[str]:
