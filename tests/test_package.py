@@ -16,7 +16,7 @@ def _run(code: str, **env: str) -> str:
     result = subprocess.run(
         [sys.executable, "-c", code], env={**environ, **env}, capture_output=True, text=True, check=True, timeout=120
     )
-    return result.stdout.strip()
+    return result.stdout.strip().splitlines()[-1]  # after the help text
 
 
 @pytest.mark.skipif(
