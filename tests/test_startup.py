@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -195,6 +196,17 @@ def test_fit_help_leads_with_the_model_and_data_options(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--help-all"])
     assert "--trainer.max_epochs" in capsys.readouterr().out
+
+
+def test_the_backbones_data_config_reaches_the_data_module_without_a_warning(tmp_path):
+    """timm's data config holds tuples; passed on as they are, jsonargparse warns on every run that they would come
+    back from the saved config.yaml as lists."""
+    args = ["--config", str(QUICKSTART), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli_run = commands.lightning_cli(args, run=False)
+    assert [str(w.message) for w in caught if "round-trip" in str(w.message)] == []
+    assert list(cli_run.datamodule.hparams.data_config["mean"]) == [0.5, 0.5, 0.5]  # the packaged weights' own
 
 
 def test_the_command_turns_on_huge_pages_unless_the_user_chose(monkeypatch):

@@ -219,8 +219,12 @@ class TlkitCLI(LightningCLI):
 
 
 def _data_config(backbone: str | None, pretrained: Any) -> dict[str, Any] | None:
-    """The recipe backbone's data config (None for a model without a backbone name)."""
-    return backbone_data_config(backbone, pretrained) if backbone else None
+    """The recipe backbone's data config (None for a model without a backbone name), with lists for timm's tuples:
+    the resolved config.yaml holds lists, and jsonargparse warns on every run about a tuple that would come back
+    from it as a list."""
+    if not backbone:
+        return None
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in backbone_data_config(backbone, pretrained).items()}
 
 
 # Loggers whose ``save_dir/name/version_<n>`` folders tlkit claims atomically when the recipe gives no version.
@@ -392,7 +396,7 @@ def recipe_lr_schedule(args: list[str]) -> tuple[dict[str, list[float]], Planned
     Pretrained weights are not loaded: they do not change the schedule.
     """
     quiet = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
-    cli = _cli([*args, "--model.init_args.pretrained", "false", *quiet], run=False)
+    cli = lightning_cli([*args, "--model.init_args.pretrained", "false", *quiet], run=False)
     run = PlannedRun(_steps_per_epoch(cli.trainer, cli.datamodule), cli.trainer.max_epochs, cli.trainer.max_steps)
     return module_lr_schedule(cli.model, run), run
 
@@ -410,7 +414,9 @@ def _steps_per_epoch(trainer: L.Trainer, datamodule: ImageDataModule) -> int:
 RECIPE_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"plot-schedule": plot_schedule}
 
 
-def _cli(args: list[str] | None, **kwargs: Any) -> TlkitCLI:
+def lightning_cli(args: list[str] | None, **kwargs: Any) -> TlkitCLI:
+    """The LightningCLI of ``tlkit fit|validate|test|predict`` (``run=False``: the model, data and Trainer of a
+    recipe, built and not run; ``args`` then without the subcommand)."""
     return TlkitCLI(
         L.LightningModule,  # TransferClassifier or LinearProbe
         L.LightningDataModule,  # ImageDataModule (or a FeatureDataModule for a LinearProbe)
@@ -432,7 +438,7 @@ def run(command: str, args: list[str]) -> None:
     elif {"-h", "--help"} & set(args):
         print(recipe_help(command))
     else:
-        _cli([command, *["--help" if arg == "--help-all" else arg for arg in args]])
+        lightning_cli([command, *["--help" if arg == "--help-all" else arg for arg in args]])
 
 
 def recipe_help(command: str) -> str:
