@@ -212,8 +212,9 @@ class TlkitCLI(LightningCLI):
         self.config = parser.parse_object(args) if is_object else parser.parse_args(args)
         config = self._subcommand_config()
         ckpt_path = config.get("ckpt_path")
+        self.checkpoint_callback_states = None
         if ckpt_path and str(ckpt_path) not in CKPT_PATH_KEYWORDS:
-            read_checkpoint(ckpt_path)
+            self.checkpoint_callback_states = read_checkpoint(ckpt_path).get("callbacks") or {}
         if "weights_only" in config:
             if config.weights_only is False:
                 raise ValueError("--weights_only false would unpickle arbitrary objects; tlkit checkpoints need none.")
@@ -250,20 +251,18 @@ class TlkitCLI(LightningCLI):
         ``CheckpointIO`` plugin) and loggers that scrub secrets from the hyperparameters they store.
 
         Unless the recipe chooses its own, the progress bar and model summary are tlkit's (no ``v_num``, no FLOPs
-        column that nothing computed), ``fit`` measures the run for its closing summary (:class:`FitSummary`), and
-        evaluating a checkpoint file keeps the recipe's ``ModelCheckpoint`` callbacks out: they save nothing outside
-        ``fit``, and restoring their state from a checkpoint written in another folder only warns that it cannot.
+        column that nothing computed); ``fit`` measures the run for its closing summary (:class:`FitSummary`).
         """
         config = self._subcommand_config_init().get("trainer") or {}
-        callbacks = [*_as_list(config.get("callbacks")), *display_callbacks(config)]
+        callbacks = [*_as_list(config.get("callbacks")), *progress_bar(config)]
         self.fit_summary = FitSummary() if self.subcommand == "fit" else None
         if self.fit_summary is not None:
             callbacks.append(self.fit_summary)
-        ckpt_path = self._subcommand_config().get("ckpt_path")
-        if self.subcommand in EVALUATIONS and ckpt_path and str(ckpt_path) not in CKPT_PATH_KEYWORDS:
-            callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
-            kwargs["enable_checkpointing"] = False
+        given = list(callbacks)  # Lightning extends this very list with its defaults
         trainer = super().instantiate_trainer(**{"callbacks": callbacks, **kwargs})
+        replace_default_summary(trainer, given)
+        if self.subcommand in EVALUATIONS and self.checkpoint_callback_states is not None:
+            keep_checkpoint_folders(trainer, self.checkpoint_callback_states)
         for init_args in getattr(self, "claimed_versions", []):
             init_args["version"] = None  # the saved config.yaml, run again, claims a new folder instead of this one
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: not a user's choice
@@ -385,6 +384,16 @@ def evaluation_folders(trainer_config: Any, run_dir: Path, command: str) -> list
     return folders
 
 
+def keep_checkpoint_folders(trainer: L.Trainer, states: dict[str, Any]) -> None:
+    """Gives each ``ModelCheckpoint`` of an evaluation the folder that its state in a checkpoint (``states``: the
+    checkpoint's ``callbacks``) was saved from, so that restoring it does not warn that "the dirpath has changed" (it
+    saves nothing outside ``fit``; its state, such as the best score, stays as the run left it)."""
+    for callback in trainer.checkpoint_callbacks:
+        state = states.get(callback.state_key) if isinstance(callback, ModelCheckpoint) else None
+        if isinstance(state, dict) and state.get("dirpath"):
+            callback.dirpath = state["dirpath"]
+
+
 def _as_list(value: Any) -> list:
     """A recipe entry that is one item or a list of them (``logger``, ``callbacks``) as a list; nothing: []."""
     if value is None or isinstance(value, bool):
@@ -392,16 +401,23 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def display_callbacks(trainer_config: Any) -> list[L.Callback]:
-    """tlkit's progress bar and model summary, for a Trainer whose recipe neither lists its own nor turns them off
-    (Lightning adds its defaults only where no such callback is given)."""
+def progress_bar(trainer_config: Any) -> list[L.Callback]:
+    """tlkit's progress bar, for a Trainer whose recipe neither lists its own nor turns it off (Lightning adds its
+    default only where none is given)."""
     callbacks = _as_list(trainer_config.get("callbacks"))
-    added: list[L.Callback] = []
-    for flag, kind, default in (("enable_progress_bar", ProgressBar, RunProgressBar),
-                                ("enable_model_summary", ModelSummary, ModelSummaryTable)):  # fmt: skip
-        if trainer_config.get(flag) is not False and not any(isinstance(c, kind) for c in callbacks):
-            added.append(default())
-    return added
+    wanted = trainer_config.get("enable_progress_bar") is not False
+    return [RunProgressBar()] if wanted and not any(isinstance(c, ProgressBar) for c in callbacks) else []
+
+
+def replace_default_summary(trainer: L.Trainer, given: list[L.Callback]) -> None:
+    """Swaps the model summary Lightning added by default (one not in ``given``, the Trainer's callbacks argument)
+    for :class:`ModelSummaryTable`. After construction, because a summary passed in makes Lightning say that it
+    skips its own."""
+    given_ids = {id(cb) for cb in given}
+    trainer.callbacks = [
+        ModelSummaryTable() if isinstance(cb, ModelSummary) and id(cb) not in given_ids else cb
+        for cb in trainer.callbacks
+    ]
 
 
 def fit_report(trainer: L.Trainer, summary: FitSummary, run_dir: str) -> str:
@@ -546,8 +562,11 @@ def plot_schedule(args: list[str]) -> str:
     changed = [f"{key.split('.')[-1]}={value}" for key, value in zip(pairs[::2], pairs[1::2], strict=False)]
     names += f" ({', '.join(changed)})" if changed else ""
     title = f"{names}: {run.estimated_stepping_batches} steps, {run.max_epochs} epochs"
-    path = save_figure(lr_schedule_figure(curves, run.steps_per_epoch, title=title), options.out)
-    print(f"Learning-rate schedule of {len(curves)} parameter groups, {len(next(iter(curves.values())))} steps: {path}")
+    figure = lr_schedule_figure(curves, run.steps_per_epoch, title=title)
+    path = save_figure(figure, options.out)
+    # Groups on the same curve (a stage's weights and its no-weight-decay biases) share one line of the legend.
+    lines, steps = len(figure.axes[0].get_lines()), len(next(iter(curves.values())))
+    print(f"Learning-rate schedule: {lines} curves for {len(curves)} parameter groups, {steps} steps: {path}")
     return path
 
 

@@ -43,6 +43,7 @@ from tlkit.resume import RngStateCheckpoint
 # on purpose (their running statistics are part of the pretrained weights). Ignored while a TransferClassifier fits,
 # not from import on: importing tlkit leaves the process's warning filters alone.
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+EVAL_MODE_WARNING_MODULE = r"lightning\.pytorch\.loops\.fit_loop\Z"  # the module that warns, and no other
 
 # Modules whose classes a checkpoint may name (``_class_path``, ``_instantiator``): resolving any other name would
 # import code chosen by whoever wrote the file.
@@ -214,7 +215,9 @@ class TransferClassifier(L.LightningModule):
         return callbacks
 
     def on_fit_start(self) -> None:
-        warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING, category=PossibleUserWarning)
+        warnings.filterwarnings(
+            "ignore", message=EVAL_MODE_WARNING, category=PossibleUserWarning, module=EVAL_MODE_WARNING_MODULE
+        )
 
     def teardown(self, stage: str) -> None:
         if stage == "fit":  # the filter on_fit_start added, and no other
