@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import math
 import os
@@ -29,6 +30,7 @@ from tlkit.data.sources import (
     Split,
     list_class_names,
     load_source,
+    read_image,
     scan_images,
 )
 
@@ -93,6 +95,8 @@ class ImageDataModule(L.LightningDataModule):
         data_config: what the backbone's weights expect (``input_size``, ``mean``, ``std``, ``interpolation``,
             ``crop_pct``, ``crop_mode``, optionally ``resize_size``): pass ``model.data_config``. None: ImageNet's
             defaults. The arguments above override its values.
+        train_per_class: keep only the first N training images of each class (a few-label training set, e.g. to
+            compare ImageNet weights with a random init); the validation split stays whole. None: all of them.
     """
 
     def __init__(
@@ -122,9 +126,12 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = False,
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
         data_config: dict[str, Any] | None = None,
+        train_per_class: int | None = None,
     ):
         super().__init__()
         check_arguments(image_size=image_size, batch_size=batch_size)
+        if train_per_class is not None and train_per_class < 1:
+            raise ValueError(f"train_per_class={train_per_class!r} keeps no image; use a count >= 1 or None (all).")
         if augment not in AUGMENTATIONS:
             raise ValueError(f"Unknown augment={augment!r}; choose one of {AUGMENTATIONS}.")
         if on_bad_image not in BAD_IMAGE_POLICIES:
@@ -159,7 +166,24 @@ class ImageDataModule(L.LightningDataModule):
                 download=hp.download,
                 max_image_pixels=hp.max_image_pixels,
             )
+            if hp.get("train_per_class"):
+                self._data = _first_per_class(self._data, hp.train_per_class)
         return self._data
+
+    def num_images(self, split: str) -> int:
+        """Number of images in ``split``: ``"train"``, ``"val"`` (also what ``test`` evaluates) or ``"predict"``."""
+        return len(self._split(split).samples)
+
+    def image(self, split: str, index: int) -> torch.Tensor:
+        """The ``index``-th image of ``split`` as its source holds it: ``uint8`` ``(3, H, W)``, before any transform
+        (the order of :meth:`num_images` and of the split's loader without shuffling, and of ``FeatureSet`` rows)."""
+        return read_image(self._split(split).samples[index], max_pixels=self.hparams.max_image_pixels)
+
+    def _split(self, split: str) -> Split:
+        splits = {"train": lambda: self.data.train, "val": lambda: self.data.val, "predict": self.predict_split}
+        if split not in splits:
+            raise ValueError(f"Unknown split {split!r}; choose one of {list(splits)}.")
+        return splits[split]()
 
     @property
     def class_counts(self) -> list[int]:
@@ -418,6 +442,18 @@ class ImageDataModule(L.LightningDataModule):
             self._pending_state = state  # loaded into the module when setup() builds it
         else:
             self.preprocess.load_state_dict(state)
+
+
+def _first_per_class(data: SourceData, per_class: int) -> SourceData:
+    """``data`` with the first ``per_class`` training images of each class (in the split's order) and all of val."""
+    seen = [0] * len(data.class_names)
+    keep = []
+    for i, target in enumerate(data.train.targets):
+        if seen[target] < per_class:
+            seen[target] += 1
+            keep.append(i)
+    train = Split([data.train.samples[i] for i in keep], [data.train.targets[i] for i in keep])
+    return dataclasses.replace(data, train=train)
 
 
 def _with_image_size(config: dict[str, Any], image_size: int) -> dict[str, Any]:
