@@ -136,8 +136,12 @@ def run_blocks(blocks: list[Block]) -> None:
 
     _shorten_trainers()
     namespaces: dict[str, dict] = {}
+    shell_results: dict[str, str | None] = {}  # a shell block repeated on another page runs once
     for block in blocks:
         error = None
+        if block.lang == "bash" and block.code in shell_results:
+            print("BLOCK " + json.dumps({"name": block.name, "error": shell_results[block.code]}), flush=True)
+            continue
         try:
             if block.lang == "python":
                 namespace = namespaces.setdefault(block.file, {"__name__": "__main__"})
@@ -149,6 +153,8 @@ def run_blocks(blocks: list[Block]) -> None:
                     main(fast_command(args[1:]))
         except BaseException:  # noqa: B036 - SystemExit included: a failing command must not end the run
             error = traceback.format_exc()
+        if block.lang == "bash":
+            shell_results[block.code] = error
         print("BLOCK " + json.dumps({"name": block.name, "error": error}), flush=True)
 
 
