@@ -136,25 +136,23 @@ def run_blocks(blocks: list[Block]) -> None:
 
     _shorten_trainers()
     namespaces: dict[str, dict] = {}
-    shell_results: dict[str, str | None] = {}  # a shell block repeated on another page runs once
+    done: set[str] = set()  # a command repeated on another page runs once (the README's main job, for one)
     for block in blocks:
         error = None
-        if block.lang == "bash" and block.code in shell_results:
-            print("BLOCK " + json.dumps({"name": block.name, "error": shell_results[block.code]}), flush=True)
-            continue
         try:
             if block.lang == "python":
                 namespace = namespaces.setdefault(block.file, {"__name__": "__main__"})
                 exec(compile(block.code, block.name, "exec"), namespace)
             else:
                 for args in shell_commands(block.code):
+                    if shlex.join(args) in done:
+                        continue
+                    done.add(shlex.join(args))
                     if args[0] != "tlkit":
                         raise ValueError(f"{args[0]!r} is not a tlkit command: mark the block <!-- not-run: why -->")
                     main(fast_command(args[1:]))
         except BaseException:  # noqa: B036 - SystemExit included: a failing command must not end the run
             error = traceback.format_exc()
-        if block.lang == "bash":
-            shell_results[block.code] = error
         print("BLOCK " + json.dumps({"name": block.name, "error": error}), flush=True)
 
 
