@@ -21,6 +21,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -128,6 +129,13 @@ def _shorten_trainers() -> None:
     lightning.Trainer.__init__ = short_init
 
 
+def _end_process_state() -> None:
+    """What the end of a `tlkit` process does and an in-process call does not: finish an open W&B run (it writes the
+    run's config and history on finish)."""
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
+
+
 def run_blocks(blocks: list[Block]) -> None:
     """Runs the blocks in order and prints one JSON line per block: its name and the error, if any."""
     import traceback
@@ -138,7 +146,7 @@ def run_blocks(blocks: list[Block]) -> None:
     namespaces: dict[str, dict] = {}
     done: set[str] = set()  # a command repeated on another page runs once (the README's main job, for one)
     for block in blocks:
-        error = None
+        error, start = None, time.perf_counter()
         try:
             if block.lang == "python":
                 namespace = namespaces.setdefault(block.file, {"__name__": "__main__"})
@@ -151,9 +159,11 @@ def run_blocks(blocks: list[Block]) -> None:
                     if args[0] != "tlkit":
                         raise ValueError(f"{args[0]!r} is not a tlkit command: mark the block <!-- not-run: why -->")
                     main(fast_command(args[1:]))
+                    _end_process_state()
         except BaseException:  # noqa: B036 - SystemExit included: a failing command must not end the run
             error = traceback.format_exc()
-        print("BLOCK " + json.dumps({"name": block.name, "error": error}), flush=True)
+        seconds = round(time.perf_counter() - start, 1)
+        print("BLOCK " + json.dumps({"name": block.name, "error": error, "seconds": seconds}), flush=True)
 
 
 def write_user_folder(root: Path) -> None:
