@@ -130,10 +130,10 @@ def _shorten_trainers() -> None:
 
 
 def _end_process_state() -> None:
-    """What the end of a `tlkit` process does and an in-process call does not: finish an open W&B run (it writes the
-    run's config and history on finish)."""
-    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-        sys.modules["wandb"].finish()
+    """What the end of a `tlkit` process does and an in-process call does not: shut W&B down (its service writes the
+    offline run's files, the config among them, when the process exits)."""
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
 
 
 def run_blocks(blocks: list[Block]) -> None:
@@ -194,6 +194,7 @@ def doc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, __file__, str(work / "blocks.json")], cwd=work, env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    (work / "runner.log").write_text(result.stdout + result.stderr)  # each block's time is in its BLOCK line
     errors = {}
     for line in result.stdout.splitlines():
         if line.startswith("BLOCK "):
