@@ -173,7 +173,9 @@ def write_user_folder(root: Path) -> None:
     for label, colour in (("cat", 40), ("dog", 200)):
         (root / label).mkdir(parents=True)
         for index in range(6):
-            image = torch.full((3, 40, 40), colour, dtype=torch.uint8) + torch.randint(0, 30, (3, 40, 40), dtype=torch.uint8)
+            image = torch.full((3, 40, 40), colour, dtype=torch.uint8) + torch.randint(
+                0, 30, (3, 40, 40), dtype=torch.uint8
+            )
             write_png(image, str(root / label / f"{index}.png"))
 
 
@@ -200,7 +202,9 @@ def doc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
         if line.startswith("BLOCK "):
             record = json.loads(line[len("BLOCK ") :])
             errors[record["name"]] = record["error"]
-    assert len(errors) == len(runnable), f"the example runner stopped (rc {result.returncode}):\n{result.stderr[-4000:]}"
+    assert len(errors) == len(runnable), (
+        f"the example runner stopped (rc {result.returncode}):\n{result.stderr[-4000:]}"
+    )
     return work, errors
 
 
