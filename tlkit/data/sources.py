@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import io
 import math
 import os
 import warnings
@@ -43,18 +42,13 @@ try:
     import fcntl
 except ImportError:  # Windows: no flock; loader workers' rows may then interleave
     fcntl = None
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.functional import pil_to_tensor
 
+from tlkit.data.decode import MAX_IMAGE_PIXELS, ImageTooLargeError, read_image
 from tlkit.data.splits import Listing, Sample, SourceData, SourceOptions, Split
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 BAD_IMAGE_POLICIES = ("skip", "raise")
-# Default pixel limit of a decoded file: PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS, ~179 MP), not its ~89 MP
-# warning level, so that 108 MP phone photos (12000x9000) load, while a 20000x20000 "bomb" (400 MP) is refused.
-MAX_IMAGE_PIXELS: int = 178_956_970
 
 PATCH = 64
 TEXTURE_TRAIN_PER_CLASS = 48
@@ -77,128 +71,6 @@ TEXTURE_SHORT_SIDE = 320
 TEXTURE_TRAIN_FRACTION = 0.75
 # Fixed so the textures val set is identical across runs, whatever seed the caller passes.
 TEXTURE_SEED = 0
-
-# --------------------------------------------------------------------------- decoding
-
-
-def read_image(sample: Sample | os.PathLike | torch.Tensor, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """Decode or convert one sample to a ``uint8`` ``(3, H, W)`` RGB tensor.
-
-    Files are shown the way people see them: the EXIF orientation (JPEG, PNG ``eXIf``, WebP, TIFF) is applied.
-
-    Args:
-        sample: A file path, a ``uint8`` numpy array (``HxW``, ``HxWx1``, ``HxWx3`` or ``HxWx4``),
-            or a ``uint8`` tensor (``HxW`` or ``CxHxW`` with C in 1, 3, 4). Alpha is dropped.
-        max_pixels: Largest width x height a file may declare before anything is decoded (None: no limit).
-
-    Returns:
-        ``uint8`` tensor of shape ``(3, H, W)``: contiguous for arrays and tensors; for decoded files, a view of
-        channels-last (HWC) memory, which the uint8 resize kernels read fastest.
-
-    Raises:
-        FileNotFoundError: The file (or a symlink's target) does not exist.
-        ImageTooLargeError: The file declares more than ``max_pixels`` pixels.
-        ValueError: The file cannot be decoded (the message names it).
-    """
-    if isinstance(sample, str | os.PathLike):
-        return _decode_file(Path(sample), max_pixels)
-    if isinstance(sample, np.ndarray):
-        if sample.ndim == 3:
-            sample = sample.transpose(2, 0, 1)  # HWC -> CHW
-        # Copy: cached source arrays may be read-only and must never be mutated through the tensor.
-        return _to_rgb_chw(torch.tensor(sample), "numpy array")
-    if isinstance(sample, torch.Tensor):
-        return _to_rgb_chw(sample.clone(), "tensor")
-    if callable(getattr(sample, "load", None)):  # e.g. an item of a torchvision dataset
-        return _to_rgb_chw(sample.load(), "dataset item")
-    raise TypeError(f"Unsupported sample type {type(sample).__name__}; expected a path, numpy array or tensor")
-
-
-class ImageTooLargeError(ValueError):
-    """An image file declares more pixels than the decoding limit allows (a decompression bomb, or a huge photo)."""
-
-
-def _decode_file(path: Path, max_pixels: int | None) -> torch.Tensor:
-    """Decode an image file to uint8 RGB CHW, upright, within the pixel limit; any failure names the file."""
-    if not path.is_file():
-        target = f" (a symlink to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
-        raise FileNotFoundError(f"Image file not found: {path}{target}")
-    try:
-        data = path.read_bytes()  # read once: PIL checks the header, torchvision may decode the same bytes
-        with _open_within_limit(path, data, max_pixels) as img:
-            image = _decode_opened(data, img)
-    except ImageTooLargeError:
-        raise
-    # Any exception: PIL's plugins raise OSError, SyntaxError, struct.error, IndexError, ... on damaged files, and
-    # one bad file must become one named, skippable error, never a crash of the scan or of a loader worker.
-    except Exception as err:
-        raise ValueError(f"Could not decode image {path}: {err}") from err
-    # No .contiguous(): decoders return a (3, H, W) view of HWC memory (channels-last), which torchvision's uint8
-    # resize kernels read ~1.6x faster than planar CHW; copying it to CHW would cost a pass and slow the resize.
-    return image
-
-
-def _open_within_limit(path: Path, data: bytes, max_pixels: int | None) -> Image.Image:
-    """Open the file's bytes with PIL (header only) and refuse it when it declares more than ``max_pixels`` pixels."""
-    _let_pil_open(max_pixels)
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:  # PIL's own, fixed limit: say which setting to change
-        raise ImageTooLargeError(f"Image {path} is too large to decode: {err} {_limit_hint(max_pixels)}") from err
-    width, height = img.size
-    if max_pixels is not None and width * height > max_pixels:
-        img.close()
-        raise ImageTooLargeError(
-            f"Image {path} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
-            f"(a guard against decompression bombs). {_limit_hint(max_pixels)}"
-        )
-    return img
-
-
-def _limit_hint(max_pixels: int | None) -> str:
-    return (
-        f"If the file is genuine, raise max_image_pixels (now {max_pixels}) on the ImageDataModule or load_source, "
-        "or set it to None for no limit."
-    )
-
-
-def _let_pil_open(max_pixels: int | None) -> None:
-    """PIL refuses files over ``2 * Image.MAX_IMAGE_PIXELS`` when opening them, before our own check runs. Our limit
-    is the one users set, so PIL's is lifted to it when it is higher (only ever raised, never lowered)."""
-    current = Image.MAX_IMAGE_PIXELS
-    if current is not None and (max_pixels is None or max_pixels > 2 * current):
-        Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max_pixels // 2 + 1
-
-
-def _decode_opened(data: bytes, img: Image.Image) -> torch.Tensor:
-    """Decode an opened file. JPEG keeps torchvision's libjpeg-turbo path (faster; a damaged JPEG raises there,
-    and it applies the EXIF orientation itself); everything else goes through PIL, which raises an error where
-    torchvision's libpng aborts the whole process (a PNG chunk with a bad CRC, issue 11)."""
-    if img.format == "JPEG" and img.mode in ("RGB", "L"):  # CMYK/YCCK JPEGs: PIL converts them exactly
-        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # bytearray: frombuffer wants it writable
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    return _pil_to_rgb(ImageOps.exif_transpose(img))
-
-
-def _pil_to_rgb(img: Image.Image) -> torch.Tensor:
-    if img.mode.startswith("I"):  # 16/32-bit integer (16-bit PNG/TIFF): PIL's convert("RGB") clips, so rescale
-        array = np.asarray(img, dtype=np.float64)
-        return read_image(np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8))
-    return pil_to_tensor(img.convert("RGB"))
-
-
-def _to_rgb_chw(image: torch.Tensor, what: str) -> torch.Tensor:
-    """Validate a uint8 HW/CHW tensor and expand it to 3 channels."""
-    if image.dtype != torch.uint8:
-        raise TypeError(f"Expected a uint8 {what}, got {image.dtype}")
-    if image.ndim == 2:
-        image = image.unsqueeze(0)
-    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
-        raise ValueError(f"Expected a {what} image with 1, 3 or 4 channels, got shape {tuple(image.shape)}")
-    if image.shape[0] == 1:
-        image = image.expand(3, -1, -1)
-    return image[:3].contiguous()
-
 
 class ImageDataset(Dataset):
     """Dataset over a :class:`Split` yielding ``(uint8 (3, H, W) image after transform, target)``.
