@@ -45,6 +45,7 @@ except ImportError:  # Windows: no flock; loader workers' rows may then interlea
 from torch.utils.data import Dataset
 
 from tlkit.data.decode import MAX_IMAGE_PIXELS, ImageTooLargeError, read_image
+from tlkit.data.index import PathList, check_files
 from tlkit.data.splits import Listing, Sample, SourceData, SourceOptions, Split
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -71,6 +72,7 @@ TEXTURE_SHORT_SIDE = 320
 TEXTURE_TRAIN_FRACTION = 0.75
 # Fixed so the textures val set is identical across runs, whatever seed the caller passes.
 TEXTURE_SEED = 0
+
 
 class ImageDataset(Dataset):
     """Dataset over a :class:`Split` yielding ``(uint8 (3, H, W) image after transform, target)``.
@@ -206,7 +208,8 @@ def stratified_split(
 
 
 def _split_by_indices(samples: Sequence[Sample], targets: Sequence[int], indices: Sequence[int]) -> Split:
-    return Split(samples=[samples[i] for i in indices], targets=[int(targets[i]) for i in indices])
+    picked = samples.take(indices) if isinstance(samples, PathList) else [samples[i] for i in indices]
+    return Split(samples=picked, targets=[int(targets[i]) for i in indices])
 
 
 # --------------------------------------------------------------------------- folder:<dir>
@@ -244,19 +247,32 @@ def _class_dirs(root: Path) -> list[str]:
 
 
 def _list_files(class_dir: Path) -> tuple[list[str], list[str]]:
-    """Sorted image paths under ``class_dir`` (recursive, like torchvision's ImageFolder), and the other files.
+    """Image paths under ``class_dir`` (recursive, like torchvision's ImageFolder), and the other files, both in the
+    order of their path components (a folder's entries sorted by name, sub-folders walked where they sort).
 
-    Hidden files (``.DS_Store``, ...) are neither; an empty class folder is an error.
+    Hidden files (``.DS_Store``, ...) are neither; an empty class folder is an error. ``os.scandir`` tells files from
+    folders without a ``stat`` per entry, so listing a large folder costs little more than ImageFolder's.
     """
-    images, others = [], []
-    for p in sorted(class_dir.rglob("*")):
-        # A dangling symlink is listed as an image (when its name says so), so the scan names it rather than losing it.
-        if (p.is_file() or p.is_symlink()) and not p.is_dir() and not p.name.startswith("."):
-            (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(str(p))
+    images: list[str] = []
+    others: list[str] = []
+    _walk(str(class_dir), images, others)
     if not images:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise FileNotFoundError(f"Class folder {class_dir} has no images (accepted extensions: {exts})")
     return images, others
+
+
+def _walk(folder: str, images: list[str], others: list[str]) -> None:
+    with os.scandir(folder) as entries:
+        ordered = sorted(entries, key=lambda e: e.name)
+    for entry in ordered:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():  # follows symlinks, as Path.rglob's is_dir did
+            _walk(entry.path, images, others)
+        # A dangling symlink is listed as an image (when its name says so), so the scan names it rather than losing it.
+        elif entry.is_file() or entry.is_symlink():
+            (images if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS else others).append(entry.path)
 
 
 def _scan_folder(
@@ -265,7 +281,7 @@ def _scan_folder(
     """List every image of every class dir in ``root`` with its label; non-image files go to ``ignored``, images
     lying in ``root`` itself (no class) to ``unusable``."""
     unusable.extend(_loose_images(root))
-    samples: list[Sample] = []
+    samples: list[str] = []
     targets: list[int] = []
     for name in _class_dirs(root):
         if name not in class_to_idx:
@@ -275,7 +291,7 @@ def _scan_folder(
         samples.extend(files)
         targets.extend([class_to_idx[name]] * len(files))
         ignored.extend(others)
-    return Split(samples=samples, targets=targets)
+    return Split(samples=PathList.from_strings(samples), targets=targets)
 
 
 def _loose_images(folder: Path) -> list[tuple[str, str]]:
@@ -372,7 +388,7 @@ def _load_csv(arg: str, options: SourceOptions) -> Listing:
     paths, labels, splits = _read_csv_rows(file)
     class_names = _sorted_labels(labels)
     class_to_idx = {name: i for i, name in enumerate(class_names)}
-    everything = Split(samples=list(paths), targets=[class_to_idx[label] for label in labels])
+    everything = Split(samples=PathList.from_strings(paths), targets=[class_to_idx[label] for label in labels])
     if splits is None:
         return Listing(class_names, everything)
     unknown = sorted({s for s in splits if s not in _CSV_SPLITS})
@@ -544,6 +560,8 @@ def scan_images(
 
 
 def _drop_bad(split: Split, bad: set[str]) -> Split:
+    if not bad:
+        return split
     keep = [i for i, s in enumerate(split.samples) if not (isinstance(s, str) and s in bad)]
     return _split_by_indices(split.samples, split.targets, keep) if len(keep) < len(split) else split
 
@@ -553,10 +571,21 @@ def _file_samples(*splits: Split | None) -> list[str]:
 
 
 def _check_bad_files(
-    listing: Listing, on_bad_image: str, workers: int | None, max_pixels: int | None
+    listing: Listing, on_bad_image: str, index_key: str, options: _CheckOptions
 ) -> list[tuple[str, str]]:
-    """Scan the listing's files; raise on a bad one (``raise``) or return them to be dropped (``skip``)."""
-    skipped = scan_images(_file_samples(listing.train, listing.val), workers, max_pixels)
+    """Check the listing's files (from their headers, cached: :mod:`tlkit.data.index`); raise on a bad one
+    (``raise``) or return them to be dropped (``skip``)."""
+    paths = _file_samples(listing.train, listing.val)
+    full_check = functools.partial(_check_image, max_pixels=options.max_pixels)
+    report = check_files(
+        paths,
+        key=index_key,
+        full_check=full_check,
+        max_pixels=options.max_pixels,
+        workers=options.workers,
+        index_dir=options.index_dir,
+    )
+    skipped = report.bad
     if skipped and on_bad_image == "raise":
         path, reason = skipped[0]
         more = f" (and {len(skipped) - 1} more unreadable file(s))" if len(skipped) > 1 else ""
@@ -565,6 +594,13 @@ def _check_bad_files(
             "unreadable files out (they are then listed in a warning and in the run directory)"
         )
     return skipped
+
+
+@dataclass(frozen=True)
+class _CheckOptions:
+    workers: int | None
+    max_pixels: int | None
+    index_dir: str | None
 
 
 def _check_classes(train: Split, class_names: Sequence[str], skipped: list[tuple[str, str]]) -> None:
@@ -634,6 +670,7 @@ def load_source(
     download: bool = False,
     scan_workers: int | None = None,
     max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    index_dir: str | None = None,
 ) -> SourceData:
     """Load train/val samples and class names for a source spec, leaving out (or stopping at) unreadable files.
 
@@ -645,9 +682,14 @@ def load_source(
         on_bad_image: ``"skip"`` (leave unreadable files out, listed in ``SourceData.skipped``) or ``"raise"``.
         root: Folder of ``torchvision:`` datasets (default ``~/.cache/tlkit/datasets``).
         download: Let ``torchvision:`` datasets download themselves when missing (needs a network).
-        scan_workers: Threads of the bad-file scan (default: one per core, at most 32).
+        scan_workers: Threads of the bad-file check (default: one per core, at most 32).
         max_image_pixels: Files declaring more pixels (width x height) are unreadable (listed, or an error with
             ``"raise"``); None: no limit. The default, ~179 MP, is PIL's hard limit.
+        index_dir: Folder of the cached image index (default ``$TLKIT_CACHE_DIR/index``, else
+            ``~/.cache/tlkit/index``); ``""``: no cache, every file checked every time.
+
+    Files are checked from their headers (a damaged file that passes is caught when loaded, see
+    :class:`ImageDataset`), and the verdicts are cached by path, size and mtime: see :mod:`tlkit.data.index`.
 
     Returns:
         The train and val splits, the class names and the skipped and ignored files.
@@ -657,7 +699,8 @@ def load_source(
     scheme, arg = _parse_spec(spec)
     options = SourceOptions(val_split=val_split, seed=seed, root=root, download=download)
     listing = scheme.load(arg, options)
-    skipped = _check_bad_files(listing, on_bad_image, scan_workers, max_image_pixels)
+    checks = _CheckOptions(scan_workers, max_image_pixels, index_dir)
+    skipped = _check_bad_files(listing, on_bad_image, _index_key(spec, arg), checks)
     bad = {path for path, _ in skipped}
     train = _drop_bad(listing.train, bad)
     _check_classes(train, listing.class_names, skipped)
@@ -668,6 +711,12 @@ def load_source(
         val = _drop_bad(listing.val, bad)
     skipped = [*listing.unusable, *skipped]
     return SourceData(train, val, listing.class_names, skipped=skipped, ignored=listing.ignored)
+
+
+def _index_key(spec: str, arg: str) -> str:
+    """What names a source's index: its scheme and the real path of its folder or file."""
+    scheme = spec.strip().partition(":")[0]
+    return f"{scheme}:{os.path.realpath(os.path.expanduser(arg))}" if arg else scheme
 
 
 def list_class_names(spec: str, *, root: str | None = None, download: bool = False) -> list[str]:
