@@ -13,11 +13,13 @@ A sample is either a file path (``str``) or an in-memory ``uint8`` numpy array i
 (``H x W x 3``; ``H x W`` grayscale is also accepted). :func:`read_image` turns either into a
 ``uint8`` ``(3, H, W)`` RGB tensor; normalisation happens later, on the device.
 
-Bad files: every image *file* of a source is decoded once by :func:`load_source` (a parallel scan, before the
-train/val split, so a skipped file cannot empty a class's val set unnoticed). Unreadable files (corrupt, truncated,
-zero-byte, not an image, missing) are dropped and listed in ``SourceData.skipped`` with ``on_bad_image="skip"``, or
-stop the load with an error naming the file with ``on_bad_image="raise"``. Odd modes (grayscale, palette, RGBA,
-CMYK, 16-bit) are converted to 8-bit RGB.
+Bad files: every image *file* of a source is checked once by :func:`load_source`, before the train/val split (so a
+skipped file cannot empty a class's val set unnoticed), from its header and end marker, with the verdicts cached
+on disk (:mod:`tlkit.data.index`). Unreadable files (corrupt header, truncated, zero-byte, not an image, missing,
+over the pixel limit) are dropped and listed in ``SourceData.skipped`` with ``on_bad_image="skip"``, or stop the load
+with an error naming the file with ``on_bad_image="raise"``; a file damaged inside its data, which only a full decode
+finds, is replaced and listed by the loader (:class:`ImageDataset`). Odd modes (grayscale, palette, RGBA, CMYK,
+16-bit) are converted to 8-bit RGB.
 
 New schemes are added by writing one loader and one class-name function and registering them in
 ``_SOURCES``.
@@ -77,7 +79,8 @@ TEXTURE_SEED = 0
 class ImageDataset(Dataset):
     """Dataset over a :class:`Split` yielding ``(uint8 (3, H, W) image after transform, target)``.
 
-    A file that became unreadable after the source's scan (damaged, removed) does not stop the loader: with
+    A file that fails to decode (damaged inside, where the source's header check cannot see, or changed or removed
+    after the scan) does not stop the loader: with
     ``on_bad_image="skip"`` it is named in a warning, appended to ``skipped_log`` and replaced by the next readable
     sample of the split (with that sample's target), so a rerun sees the same batches. ``"raise"`` re-raises.
 
@@ -130,7 +133,8 @@ class ImageDataset(Dataset):
         if path in self._reported:
             return
         self._reported.add(path)
-        reason = f"unreadable when loaded (changed after the scan): {_short_reason(err)}"
+        # The scan reads headers and end markers only: damage inside the data shows first here (or the file changed).
+        reason = f"unreadable when loaded (damaged inside, or changed after the scan): {_short_reason(err)}"
         named = f" by {replacement}" if isinstance(replacement, str) else ""
         warnings.warn(f"Skipped {path} in the loader, replaced{named}: {reason}", stacklevel=2)
         if self.skipped_log is not None:
