@@ -3,9 +3,9 @@
 Checking a file from its header costs a small fraction of decoding it (a 6-MP JPEG: a header and its last bytes,
 not 6 million pixels). A JPEG whose header opens, whose size is within the pixel limit and whose end-of-image marker
 is in place is usable; so is a PNG whose chunks all have matching CRCs, ``IEND`` last. Any other format, and a JPEG
-or PNG that fails these (truncated, or with trailing data some cameras add), is decoded in full to decide. A file that passes the header
-check but still fails to decode is caught by the loader (:class:`tlkit.data.sources.ImageDataset`), which replaces
-it and lists it in ``skipped_files.csv``.
+or PNG that fails these (truncated, or with trailing data some cameras add), is decoded in full to decide. A file
+that passes but still fails to decode is caught by the loader (:class:`tlkit.data.sources.ImageDataset`), which
+replaces it and lists it in ``skipped_files.csv``.
 
 The verdicts are stored in ``<cache dir>/index/<key>.npz``, keyed by path, size and modification time: a second run
 over an unchanged folder only lists and ``stat``s its files, and a changed or new file is checked again. Processes
