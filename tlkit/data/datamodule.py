@@ -6,7 +6,7 @@ import csv
 import functools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import InterpolationMode, v2
 
+from tlkit.data.decode import RandomResizedCropDecoder, read_image
 from tlkit.data.preprocess import build_preprocess, needs_fit
 from tlkit.data.sources import (
     BAD_IMAGE_POLICIES,
@@ -93,6 +94,12 @@ class ImageDataModule(L.LightningDataModule):
         data_config: what the backbone's weights expect (``input_size``, ``mean``, ``std``, ``interpolation``,
             ``crop_pct``, ``crop_mode``, optionally ``resize_size``): pass ``model.data_config``. None: ImageNet's
             defaults. The arguments above override its values.
+        reduced_jpeg_decode: decode a large JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, through PIL's
+            ``draft``) when the random crop (training) or the resize (evaluation) needs no more pixels than that: a
+            phone photo becomes a 224-px crop several times faster. Never below what the crop needs; False: always
+            decode in full (pixel-exact with timm's and torchvision's PIL pipelines).
+        index_dir: folder of the cached image index of ``folder:``/``csv:`` sources (see
+            :func:`tlkit.data.sources.load_source`); ``""``: no cache.
     """
 
     def __init__(
@@ -122,6 +129,8 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = False,
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
         data_config: dict[str, Any] | None = None,
+        reduced_jpeg_decode: bool = True,
+        index_dir: str | None = None,
     ):
         super().__init__()
         check_arguments(image_size=image_size, batch_size=batch_size)
@@ -158,6 +167,7 @@ class ImageDataModule(L.LightningDataModule):
                 root=hp.data_root,
                 download=hp.download,
                 max_image_pixels=hp.max_image_pixels,
+                index_dir=hp.index_dir,
             )
         return self._data
 
@@ -360,13 +370,32 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"predict_source {str(root)!r} holds no readable images ({', '.join(IMAGE_EXTENSIONS)}).")
         return Split(paths, [-1] * len(paths))
 
-    def _dataset(self, split: Split, transform: v2.Transform) -> ImageDataset:
+    def _dataset(self, split: Split, transform: v2.Compose) -> ImageDataset:
         """A split's dataset: files unreadable since the scan are replaced and appended to the skipped-files list."""
         hp = self.hparams
+        transform, decode = self._decoding(transform)
         log = self._skipped_path()
         return ImageDataset(
-            split, transform, max_pixels=hp.max_image_pixels, on_bad_image=hp.on_bad_image, skipped_log=log
+            split,
+            transform,
+            max_pixels=hp.max_image_pixels,
+            on_bad_image=hp.on_bad_image,
+            skipped_log=log,
+            decode=decode,
         )
+
+    def _decoding(self, transform: v2.Compose) -> tuple[v2.Compose, Callable[[Any], torch.Tensor] | None]:
+        """``transform`` split into what the decoder does (a JPEG decoded at a reduced DCT scale, never below what
+        the transform's first resize needs) and the steps after it; ``(transform, None)`` with
+        ``reduced_jpeg_decode=False``."""
+        hp = self.hparams
+        if not hp.reduced_jpeg_decode:
+            return transform, None
+        first, *rest = transform.transforms
+        if isinstance(first, v2.RandomResizedCrop):  # the crop is drawn from the header, then decoded to fit
+            return v2.Compose(rest), RandomResizedCropDecoder(first, hp.max_image_pixels)
+        min_size = EvalResizeSize(self.data_config())  # the evaluation transform: never below its resize
+        return transform, functools.partial(read_image, max_pixels=hp.max_image_pixels, min_size=min_size)
 
     def _loader(self, dataset: Dataset) -> DataLoader:
         """An evaluation loader (in order).
@@ -473,6 +502,28 @@ def eval_transform(config: dict[str, Any]) -> v2.Compose:
     else:
         resize = KeepRatioResize(scale, interpolation, longest=False)
     return v2.Compose([resize, v2.CenterCrop(size)])
+
+
+class EvalResizeSize:
+    """``(height, width) -> (height, width)`` that :func:`eval_transform`'s resize gives an image of that size: the
+    smallest an image may be decoded at without changing what the evaluation crop sees (beyond rounding)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        crop = tuple(config["input_size"][1:])
+        self.crop_mode = config.get("crop_mode") or "center"
+        if "resize_size" in config:  # torchvision: shorter side to resize_size
+            self.crop_mode, side = "center", config["resize_size"]
+            self.target = (side, side) if isinstance(side, int) else tuple(side) * (2 // len(side))
+        else:
+            self.target = tuple(math.floor(s / config["crop_pct"]) for s in crop)
+
+    def __call__(self, height: int, width: int) -> tuple[int, int]:
+        target_h, target_w = self.target
+        if self.crop_mode == "squash":
+            return target_h, target_w
+        pick = min if self.crop_mode == "border" else max  # border: longer side fits; center: shorter side fills
+        ratio = pick(target_h / height, target_w / width)
+        return math.ceil(height * ratio), math.ceil(width * ratio)
 
 
 class KeepRatioResize(torch.nn.Module):

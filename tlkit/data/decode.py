@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchcodec.decoders import decode_jpeg
+from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.functional import pil_to_tensor
 
 # Default pixel limit of a decoded file: PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS, ~179 MP), not its ~89 MP
@@ -183,3 +184,50 @@ def _to_rgb_chw(image: torch.Tensor, what: str) -> torch.Tensor:
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
     return image[:3].contiguous()
+
+
+class RandomResizedCropDecoder:
+    """Decode a sample and take a random resized crop of it, with the crop drawn *before* decoding, so that a JPEG is
+    decoded at the smallest DCT scale (1/2, 1/4, 1/8) at which the crop still has at least the output's pixels.
+
+    The result has the distribution of decoding in full and then applying ``v2.RandomResizedCrop(size, scale, ratio)``
+    (the same draw from torch's generator, on the upright full-size image), resized from fewer pixels: a 224-px crop
+    of a 12-MP photo rarely needs more than 1/4 of it.
+
+    Args:
+        crop: The ``v2.RandomResizedCrop`` to apply (its size, scale, ratio and interpolation).
+        max_pixels: Pixel limit of files (see :func:`read_image`).
+    """
+
+    def __init__(self, crop: v2.RandomResizedCrop, max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
+        self.crop, self.max_pixels = crop, max_pixels
+
+    def __call__(self, sample: str | os.PathLike | np.ndarray | torch.Tensor) -> torch.Tensor:
+        drawn: list[tuple[int, int, int, int, int, int]] = []
+
+        def min_size(height: int, width: int) -> tuple[int, int]:
+            top, left, crop_h, crop_w = self._draw(height, width)
+            drawn.append((top, left, crop_h, crop_w, height, width))
+            out_h, out_w = self.crop.size
+            return math.ceil(height * out_h / crop_h), math.ceil(width * out_w / crop_w)
+
+        image = read_image(sample, self.max_pixels, min_size=min_size)
+        height, width = image.shape[-2:]
+        if drawn:  # drawn on the full-size image: scale the box to the decoded one
+            top, left, crop_h, crop_w, full_h, full_w = drawn[0]
+            sy, sx = height / full_h, width / full_w
+            top, left = min(round(top * sy), height - 1), min(round(left * sx), width - 1)
+            crop_h, crop_w = (
+                max(1, min(round(crop_h * sy), height - top)),
+                max(1, min(round(crop_w * sx), width - left)),
+            )
+        else:  # an array: nothing to plan
+            top, left, crop_h, crop_w = self._draw(height, width)
+        return v2.functional.resized_crop(
+            image, top, left, crop_h, crop_w, list(self.crop.size), self.crop.interpolation, antialias=True
+        )
+
+    def _draw(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """torchvision's draw of a crop box for an image of this size (a view of no memory stands in for it)."""
+        stand_in = torch.empty(1, 1, 1).expand(1, height, width)
+        return RandomResizedCrop.get_params(stand_in, list(self.crop.scale), list(self.crop.ratio))

@@ -91,6 +91,9 @@ class ImageDataset(Dataset):
         on_bad_image: ``"skip"`` or ``"raise"``, as for :func:`load_source`.
         skipped_log: CSV file (``path,reason``) that replaced files are appended to, e.g. the run's
             ``skipped_files.csv``; None: the warning only.
+        decode: ``sample -> uint8 (3, H, W)`` image, before ``transform``; default :func:`read_image` with
+            ``max_pixels`` (a decoder that also crops, e.g. :class:`tlkit.data.decode.RandomResizedCropDecoder`,
+            takes the transform's first step).
     """
 
     def __init__(
@@ -101,8 +104,10 @@ class ImageDataset(Dataset):
         max_pixels: int | None = MAX_IMAGE_PIXELS,
         on_bad_image: str = "skip",
         skipped_log: str | os.PathLike | None = None,
+        decode: Callable[[Sample], torch.Tensor] | None = None,
     ) -> None:
         self.split = split
+        self.decode = decode or functools.partial(read_image, max_pixels=max_pixels)
         self.transform = transform
         self.max_pixels = max_pixels
         self.on_bad_image = on_bad_image
@@ -117,7 +122,7 @@ class ImageDataset(Dataset):
             position = (index + offset) % len(self)  # deterministic substitute: the next readable sample
             sample = self.split.samples[position]
             try:
-                image = read_image(sample, self.max_pixels)
+                image = self.decode(sample)
             except (ValueError, OSError) as err:
                 if self.on_bad_image == "raise" or not isinstance(sample, str):
                     raise
