@@ -14,11 +14,13 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
+from litdata import StreamingDataLoader
 from timm.data import ResizeKeepRatio
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import InterpolationMode, v2
 
+from tlkit.data import shards
 from tlkit.data.decode import RandomResizedCropDecoder, read_image
 from tlkit.data.preprocess import build_preprocess, needs_fit
 from tlkit.data.sources import (
@@ -58,7 +60,8 @@ class ImageDataModule(L.LightningDataModule):
 
     Args:
         source: ``folder:<dir>``, ``csv:<file>``, ``torchvision:<Name>``, ``textures`` or ``digits`` (see
-            :mod:`tlkit.data.sources`).
+            :mod:`tlkit.data.sources`), or ``litdata:<dir or URI>``: shards written by ``tlkit optimize`` (see
+            :mod:`tlkit.data.shards`), streamed by litdata.
         image_size: training/evaluation size in pixels; default: the backbone's input size.
         batch_size: images per batch (per device).
         num_workers: loader worker processes.
@@ -140,6 +143,11 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"Unknown on_bad_image={on_bad_image!r}; choose one of {BAD_IMAGE_POLICIES}.")
         if sampler not in SAMPLERS:
             raise ValueError(f"Unknown sampler={sampler!r}; choose one of {SAMPLERS}.")
+        if sampler is not None and source.startswith(shards.SCHEME):
+            raise ValueError(
+                f"sampler={sampler!r} cannot draw from shards (source={source!r}): litdata streams each rank's chunks "
+                "in its own order. Use class weights in the loss instead, or a folder: or csv: source."
+            )
         self.save_hyperparameters()
         self.preprocess: torch.nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -149,7 +157,15 @@ class ImageDataModule(L.LightningDataModule):
     @functools.cached_property
     def class_names(self) -> list[str]:
         """Sorted class names; index = label."""
+        if self._shards is not None:
+            return shards.read_meta(self._shards)["class_names"]
         return list_class_names(self.hparams.source, root=self.hparams.data_root, download=self.hparams.download)
+
+    @property
+    def _shards(self) -> str | None:
+        """The folder or URI of a ``litdata:`` source; None for other sources."""
+        source = self.hparams.source
+        return source.removeprefix(shards.SCHEME) if source.startswith(shards.SCHEME) else None
 
     @property
     def num_classes(self) -> int:
@@ -157,6 +173,8 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def data(self) -> SourceData:
+        if self._data is None and self._shards is not None:
+            self._data = shards.shard_source_data(self._shards)
         if self._data is None:
             hp = self.hparams
             self._data = load_source(
@@ -286,8 +304,10 @@ class ImageDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------- dataloaders
 
-    def train_dataloader(self) -> StatefulDataLoader:
+    def train_dataloader(self) -> StatefulDataLoader | StreamingDataLoader:
         self.fit_preprocess()
+        if self._shards is not None:
+            return self._shard_loader("train", self.transform(train=True), shuffle=True)
         dataset = self._dataset(self.data.train, self.transform(train=True))
         rank, world = _rank_world()
         seed = self.hparams.seed
@@ -326,8 +346,10 @@ class ImageDataModule(L.LightningDataModule):
             snapshot_every_n_steps=None,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | StreamingDataLoader:
         self.fit_preprocess()
+        if self._shards is not None:
+            return self._shard_loader("val", self.transform(train=False), shuffle=False)
         return self._loader(self._dataset(self.data.val, self.transform(train=False)))
 
     def test_dataloader(self) -> DataLoader:
@@ -339,6 +361,10 @@ class ImageDataModule(L.LightningDataModule):
 
     def predict_split(self) -> Split:
         """The images ``predict`` runs on: ``predict_source`` (labels -1) or the val split."""
+        if self.hparams.predict_source is None and self._shards is not None:
+            raise ValueError(
+                f"predict needs image files; source={self.hparams.source!r} holds shards. Pass predict_source=<folder>."
+            )
         if self.hparams.predict_source is None:
             return self.data.val
         return self._predict_files
@@ -384,6 +410,18 @@ class ImageDataModule(L.LightningDataModule):
             decode=decode,
         )
 
+    def _shard_loader(self, split: str, transform: v2.Compose, shuffle: bool) -> StreamingDataLoader:
+        """A litdata loader over one split of the shards: each DDP rank and worker streams its own chunks, the order
+        is a function of ``(seed, epoch)``, and Lightning saves the loader's position in every checkpoint."""
+        transform, decode = self._decoding(transform)
+        hp = self.hparams
+        dataset = shards.ShardDataset(
+            shards.split_dir(self._shards, split), transform, decode, shuffle=shuffle, seed=hp.seed
+        )
+        return StreamingDataLoader(
+            dataset, batch_size=hp.batch_size, num_workers=hp.num_workers, pin_memory=torch.cuda.is_available()
+        )
+
     def _decoding(self, transform: v2.Compose) -> tuple[v2.Compose, Callable[[Any], torch.Tensor] | None]:
         """``transform`` split into what the decoder does (a JPEG decoded at a reduced DCT scale, never below what
         the transform's first resize needs) and the steps after it; ``(transform, None)`` with
@@ -421,6 +459,9 @@ class ImageDataModule(L.LightningDataModule):
         restored from a checkpoint. Under DDP each rank streams its own shard and the sums are all-reduced."""
         self.setup()
         if not needs_fit(self.preprocess):
+            return
+        if self._shards is not None:  # litdata gives each rank its own part of the train split
+            self.preprocess.fit(self._shard_loader("train", self.transform(train=False), shuffle=False))
             return
         rank, world = _rank_world()
         dataset = self._dataset(self.data.train, self.transform(train=False))

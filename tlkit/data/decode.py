@@ -14,6 +14,7 @@ Which decoder reads what (measured by ``benchmarks/decoders.py``, see docs/data_
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Callable
@@ -42,7 +43,7 @@ class ImageTooLargeError(ValueError):
 
 
 def read_image(
-    sample: str | os.PathLike | np.ndarray | torch.Tensor,
+    sample: str | os.PathLike | bytes | np.ndarray | torch.Tensor,
     max_pixels: int | None = MAX_IMAGE_PIXELS,
     *,
     min_size: MinSize | None = None,
@@ -52,8 +53,8 @@ def read_image(
     Files are shown the way people see them: the EXIF orientation (JPEG, PNG ``eXIf``, WebP, TIFF) is applied.
 
     Args:
-        sample: A file path, a ``uint8`` numpy array (``HxW``, ``HxWx1``, ``HxWx3`` or ``HxWx4``),
-            or a ``uint8`` tensor (``HxW`` or ``CxHxW`` with C in 1, 3, 4). Alpha is dropped.
+        sample: A file path, an encoded file's bytes, a ``uint8`` numpy array (``HxW``, ``HxWx1``, ``HxWx3`` or
+            ``HxWx4``), or a ``uint8`` tensor (``HxW`` or ``CxHxW`` with C in 1, 3, 4). Alpha is dropped.
         max_pixels: Largest width x height a file may declare before anything is decoded (None: no limit).
         min_size: For files: called with the upright image's ``(height, width)`` from its header; returns the
             smallest ``(height, width)`` the caller needs. A JPEG is then decoded at the largest DCT reduction
@@ -73,6 +74,8 @@ def read_image(
     """
     if isinstance(sample, str | os.PathLike):
         return _decode_file(Path(sample), max_pixels, min_size)
+    if isinstance(sample, bytes | bytearray | memoryview):  # an encoded file in memory (e.g. from a shard)
+        return _decode_stream(io.BytesIO(sample), "<encoded image in memory>", max_pixels, min_size)
     if isinstance(sample, np.ndarray):
         if sample.ndim == 3:
             sample = sample.transpose(2, 0, 1)  # HWC -> CHW
@@ -97,15 +100,20 @@ def _decode_file(path: Path, max_pixels: int | None, min_size: MinSize | None) -
     if not path.is_file():
         target = f" (a symlink to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
         raise FileNotFoundError(f"Image file not found: {path}{target}")
+    with open(path, "rb") as file:
+        return _decode_stream(file, path, max_pixels, min_size)
+
+
+def _decode_stream(file: BinaryIO, name: Path | str, max_pixels: int | None, min_size: MinSize | None) -> torch.Tensor:
     try:
-        with open(path, "rb") as file, open_within_limit(path, file, max_pixels) as img:
+        with open_within_limit(name, file, max_pixels) as img:
             return _decode_opened(file, img, min_size)
     except ImageTooLargeError:
         raise
     # Any exception: PIL's plugins raise OSError, SyntaxError, struct.error, IndexError, ... on damaged files, and
     # one bad file must become one named, skippable error, never a crash of the scan or of a loader worker.
     except Exception as err:
-        raise ValueError(f"Could not decode image {path}: {err}") from err
+        raise ValueError(f"Could not decode image {name}: {err}") from err
     # No .contiguous(): decoders return a (3, H, W) view of HWC memory (channels-last), which torchvision's uint8
     # resize kernels read ~1.6x faster than planar CHW; copying it to CHW would cost a pass and slow the resize.
 
