@@ -101,13 +101,15 @@ def baseline_loader(root: Path, batch_size: int, workers: int, train: bool = Tru
 
 
 def tlkit_module(root: Path, batch_size: int, workers: int, **kwargs) -> tuple[ImageDataModule, float]:
-    """The data module, set up (its source loaded: files listed and checked, see tlkit.data.index); and the time."""
+    """The data module, set up (its source loaded: files listed and checked, see tlkit.data.index); and the time.
+    Its val split is one image per class: (almost) every image stays in the train split, like ImageFolder's."""
+    per_class = min(len(os.listdir(folder)) for folder in root.iterdir())
+    kwargs.setdefault("val_split", 1 / per_class)
     dm = ImageDataModule(
         source=f"folder:{root}",
         image_size=OUT,
         batch_size=batch_size,
         num_workers=workers,
-        val_split=0.01,  # keep (almost) every image in the train split, like the baseline's ImageFolder
         augment="basic",
         mean=MEAN,
         std=STD,
