@@ -46,6 +46,8 @@ def test_path_list_is_a_compact_sequence_of_the_same_paths() -> None:
     assert list(listed) == paths and listed[1] == paths[1] and listed[-1] == paths[-1] and len(listed) == 3
     assert listed.take([2, 0]) == [paths[2], paths[0]] and listed[1:] == paths[1:]
     assert listed + ["x"] == [*paths, "x"] and listed.blob.dtype == np.uint8
+    assert PathList.concat([listed, listed.take([0])]) == [*paths, paths[0]] and list(listed.take([])) == []
+    assert list(PathList.from_strings([])) == [] and len(PathList.from_strings([])) == 0
     with pytest.raises(IndexError, match="out of range"):
         listed[3]
 

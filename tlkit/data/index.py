@@ -36,7 +36,7 @@ try:
 except ImportError:  # Windows: no flock; processes then may build the same index at the same time
     fcntl = None
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: NUL-terminated paths
 _JPEG_END = b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -47,7 +47,7 @@ def cache_dir() -> Path:
 
 
 class PathList(Sequence[str]):
-    """An immutable list of paths stored as one UTF-8 byte array plus offsets.
+    """An immutable list of paths stored as one byte array (NUL-terminated paths) plus offsets.
 
     A Python ``str`` per file costs ~100 bytes and a reference count that every loader worker (a forked copy of the
     process) writes to when it reads the path, copying the page: a million paths as strings become a copy per
@@ -59,10 +59,21 @@ class PathList(Sequence[str]):
 
     @classmethod
     def from_strings(cls, paths: Iterable[str]) -> PathList:
-        encoded = [os.fsencode(p) for p in paths]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(e) for e in encoded], out=offsets[1:])
-        return cls(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
+        paths = list(paths)
+        if not paths:
+            return cls(np.zeros(0, dtype=np.uint8), np.zeros(1, dtype=np.int64))
+        # One encode of all paths, NUL-separated (no path contains NUL): the separators give the offsets.
+        blob = np.frombuffer(os.fsencode("\x00".join(paths) + "\x00"), dtype=np.uint8)
+        ends = np.flatnonzero(blob == 0)
+        offsets = np.concatenate([[0], ends + 1]).astype(np.int64)  # path i: blob[offsets[i] : offsets[i+1] - 1]
+        return cls(blob, offsets)
+
+    @classmethod
+    def concat(cls, lists: Sequence[PathList]) -> PathList:
+        blobs = [p.blob for p in lists]
+        starts = np.cumsum([0, *(len(b) for b in blobs)])
+        offsets = [lists[0].offsets[:1], *(p.offsets[1:] + start for p, start in zip(lists, starts, strict=False))]
+        return cls(np.concatenate(blobs) if blobs else np.zeros(0, np.uint8), np.concatenate(offsets))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -74,15 +85,21 @@ class PathList(Sequence[str]):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"PathList index {index} out of range ({len(self)} paths)")
-        return os.fsdecode(self.blob[self.offsets[index] : self.offsets[index + 1]].tobytes())
+        return os.fsdecode(self.blob[self.offsets[index] : self.offsets[index + 1] - 1].tobytes())
 
     def __iter__(self) -> Iterator[str]:
-        data, offsets = self.blob.tobytes(), self.offsets.tolist()
-        return (os.fsdecode(data[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True))
+        if len(self) == 0:
+            return iter(())
+        return iter(os.fsdecode(self.blob[:-1].tobytes()).split("\x00"))
 
     def take(self, indices: Iterable[int]) -> PathList:
-        """The paths at ``indices``, as a new PathList."""
-        return PathList.from_strings(self[i] for i in indices)
+        """The paths at ``indices``, as a new PathList (gathered as arrays, no string per path)."""
+        indices = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices, dtype=np.int64)
+        starts, lengths = self.offsets[indices], np.diff(self.offsets)[indices]
+        offsets = np.zeros(len(indices) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return PathList(self.blob[gather], offsets)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, PathList):

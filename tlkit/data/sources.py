@@ -272,16 +272,15 @@ def _list_files(class_dir: Path) -> tuple[list[str], list[str]]:
 
 
 def _walk(folder: str, images: list[str], others: list[str]) -> None:
-    with os.scandir(folder) as entries:
-        ordered = sorted(entries, key=lambda e: e.name)
-    for entry in ordered:
-        if entry.name.startswith("."):
-            continue
+    with os.scandir(folder) as it:
+        entries = sorted((e.name, e) for e in it if not e.name.startswith("."))  # names are unique: no ties
+    for name, entry in entries:
         if entry.is_dir():  # follows symlinks, as Path.rglob's is_dir did
             _walk(entry.path, images, others)
         # A dangling symlink is listed as an image (when its name says so), so the scan names it rather than losing it.
         elif entry.is_file() or entry.is_symlink():
-            (images if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS else others).append(entry.path)
+            dot = name.rfind(".")
+            (images if name[dot:].lower() in IMAGE_EXTENSIONS and dot > 0 else others).append(entry.path)
 
 
 def _scan_folder(
@@ -575,8 +574,12 @@ def _drop_bad(split: Split, bad: set[str]) -> Split:
     return _split_by_indices(split.samples, split.targets, keep) if len(keep) < len(split) else split
 
 
-def _file_samples(*splits: Split | None) -> list[str]:
-    return [s for split in splits if split is not None for s in split.samples if isinstance(s, str)]
+def _file_samples(*splits: Split | None) -> Sequence[str]:
+    """The file paths of the splits: joined as arrays when they are PathLists (a folder or CSV source)."""
+    present = [split.samples for split in splits if split is not None]
+    if all(isinstance(samples, PathList) for samples in present):
+        return PathList.concat(present)
+    return [s for samples in present for s in samples if isinstance(s, str)]
 
 
 def _check_bad_files(
