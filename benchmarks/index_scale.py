@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=1000)
     parser.add_argument("--loader-images", type=int, default=4096, help="images timed per loader")
     parser.add_argument("--small", action="store_true", help="a quick run: 5,000 JPEGs, 50 photos, 1,024 images")
+    parser.add_argument("--no-shards", action="store_true", help="index times only (optimize takes ~20 ms per file)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -170,7 +171,8 @@ def main() -> None:
         print(f"wrote {args.small_jpegs} 128-px JPEGs and {args.photos} 6-MP photos in {elapsed:.0f} s")
         index_report("128-px JPEGs", small, work)
         index_report("6-MP photos", photos, work)
-        shards_report(small, work, args.loader_images)
+        if not args.no_shards:
+            shards_report(small, work, args.loader_images)
 
 
 if __name__ == "__main__":
