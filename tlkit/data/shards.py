@@ -26,7 +26,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from tlkit.data.decode import MAX_IMAGE_PIXELS, read_image
-from tlkit.data.splits import Sample, SourceData, Split
+from tlkit.data.splits import SourceData, Split
 
 META_FILE = "tlkit_shards.json"
 SPLITS = ("train", "val")
@@ -69,12 +69,10 @@ def optimize(
     data = load_source(
         source, val_split=val_split, seed=seed, on_bad_image=on_bad_image, max_image_pixels=max_image_pixels
     )
-    encode = _Encoder(max_side, quality, max_image_pixels)
     for name, split in zip(SPLITS, (data.train, data.val), strict=True):
-        items = list(zip(split.samples, split.targets, strict=True))
         litdata.optimize(
-            fn=encode,
-            inputs=items,
+            fn=_Encoder(split, max_side, quality, max_image_pixels),
+            inputs=list(range(len(split))),  # positions, not paths: litdata would treat paths as files to fetch
             output_dir=_join(out, name),
             chunk_bytes=chunk_bytes,
             num_workers=num_workers,
@@ -94,13 +92,13 @@ def optimize(
 
 
 class _Encoder:
-    """``(sample, label) -> {"image": JPEG bytes, "label": label}``; picklable for litdata's worker processes."""
+    """``position -> {"image": JPEG bytes, "label": label}`` of one split; picklable for litdata's worker processes."""
 
-    def __init__(self, max_side: int | None, quality: int, max_pixels: int | None) -> None:
-        self.max_side, self.quality, self.max_pixels = max_side, quality, max_pixels
+    def __init__(self, split: Split, max_side: int | None, quality: int, max_pixels: int | None) -> None:
+        self.split, self.max_side, self.quality, self.max_pixels = split, max_side, quality, max_pixels
 
-    def __call__(self, item: tuple[Sample, int]) -> dict[str, Any]:
-        sample, label = item
+    def __call__(self, position: int) -> dict[str, Any]:
+        sample, label = self.split.samples[position], self.split.targets[position]
         if isinstance(sample, str) and self._keep_as_is(sample):
             return {"image": Path(sample).read_bytes(), "label": int(label)}
         image = read_image(sample, self.max_pixels, min_size=self._min_size)
