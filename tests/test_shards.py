@@ -44,7 +44,9 @@ def _folder(root: Path, per_class: int = 6) -> Path:
 def shards_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = _folder(tmp_path_factory.mktemp("photos"))
     out = tmp_path_factory.mktemp("shards")
-    shards.optimize(f"folder:{root}", str(out), max_side=64, val_split=0.25)
+    with pytest.MonkeyPatch.context() as env:  # module-scoped: before conftest's per-test cache dir
+        env.setenv("TLKIT_CACHE_DIR", str(tmp_path_factory.mktemp("tlkit_cache")))
+        shards.optimize(f"folder:{root}", str(out), max_side=64, val_split=0.25)
     return root, out
 
 
