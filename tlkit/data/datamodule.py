@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,14 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
+from litdata import StreamingDataLoader
 from timm.data import ResizeKeepRatio
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import InterpolationMode, v2
 
+from tlkit.data import shards
+from tlkit.data.decode import RandomResizedCropDecoder, read_image
 from tlkit.data.preprocess import build_preprocess, needs_fit
 from tlkit.data.sources import (
     BAD_IMAGE_POLICIES,
@@ -59,7 +62,8 @@ class ImageDataModule(L.LightningDataModule):
 
     Args:
         source: ``folder:<dir>``, ``csv:<file>``, ``torchvision:<Name>``, ``textures`` or ``digits`` (see
-            :mod:`tlkit.data.sources`).
+            :mod:`tlkit.data.sources`), or ``litdata:<dir or URI>``: shards written by ``tlkit optimize`` (see
+            :mod:`tlkit.data.shards`), streamed by litdata.
         image_size: training/evaluation size in pixels; default: the backbone's input size.
         batch_size: images per batch (per device).
         num_workers: loader worker processes.
@@ -97,6 +101,12 @@ class ImageDataModule(L.LightningDataModule):
             defaults. The arguments above override its values.
         train_per_class: keep only the first N training images of each class (a few-label training set, e.g. to
             compare ImageNet weights with a random init); the validation split stays whole. None: all of them.
+        reduced_jpeg_decode: decode a large JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, through PIL's
+            ``draft``) when the random crop (training) or the resize (evaluation) needs no more pixels than that: a
+            phone photo becomes a 224-px crop several times faster. Never below what the crop needs; False: always
+            decode in full (pixel-exact with timm's and torchvision's PIL pipelines).
+        index_dir: folder of the cached image index of ``folder:``/``csv:`` sources (see
+            :func:`tlkit.data.sources.load_source`); ``""``: no cache.
     """
 
     def __init__(
@@ -127,6 +137,8 @@ class ImageDataModule(L.LightningDataModule):
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
         data_config: dict[str, Any] | None = None,
         train_per_class: int | None = None,
+        reduced_jpeg_decode: bool = True,
+        index_dir: str | None = None,
     ):
         super().__init__()
         check_arguments(image_size=image_size, batch_size=batch_size)
@@ -138,6 +150,11 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"Unknown on_bad_image={on_bad_image!r}; choose one of {BAD_IMAGE_POLICIES}.")
         if sampler not in SAMPLERS:
             raise ValueError(f"Unknown sampler={sampler!r}; choose one of {SAMPLERS}.")
+        if sampler is not None and source.startswith(shards.SCHEME):
+            raise ValueError(
+                f"sampler={sampler!r} cannot draw from shards (source={source!r}): litdata streams each rank's chunks "
+                "in its own order. Use class weights in the loss instead, or a folder: or csv: source."
+            )
         self.save_hyperparameters()
         self.preprocess: torch.nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -147,7 +164,15 @@ class ImageDataModule(L.LightningDataModule):
     @functools.cached_property
     def class_names(self) -> list[str]:
         """Sorted class names; index = label."""
+        if self._shards is not None:
+            return shards.read_meta(self._shards)["class_names"]
         return list_class_names(self.hparams.source, root=self.hparams.data_root, download=self.hparams.download)
+
+    @property
+    def _shards(self) -> str | None:
+        """The folder or URI of a ``litdata:`` source; None for other sources."""
+        source = self.hparams.source
+        return source.removeprefix(shards.SCHEME) if source.startswith(shards.SCHEME) else None
 
     @property
     def num_classes(self) -> int:
@@ -155,6 +180,8 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def data(self) -> SourceData:
+        if self._data is None and self._shards is not None:
+            self._data = shards.shard_source_data(self._shards)
         if self._data is None:
             hp = self.hparams
             self._data = load_source(
@@ -165,6 +192,7 @@ class ImageDataModule(L.LightningDataModule):
                 root=hp.data_root,
                 download=hp.download,
                 max_image_pixels=hp.max_image_pixels,
+                index_dir=hp.index_dir,
             )
             if hp.get("train_per_class"):
                 self._data = _first_per_class(self._data, hp.train_per_class)
@@ -300,8 +328,10 @@ class ImageDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------- dataloaders
 
-    def train_dataloader(self) -> StatefulDataLoader:
+    def train_dataloader(self) -> StatefulDataLoader | StreamingDataLoader:
         self.fit_preprocess()
+        if self._shards is not None:
+            return self._shard_loader("train", self.transform(train=True), shuffle=True)
         dataset = self._dataset(self.data.train, self.transform(train=True))
         rank, world = _rank_world()
         seed = self.hparams.seed
@@ -340,8 +370,10 @@ class ImageDataModule(L.LightningDataModule):
             snapshot_every_n_steps=None,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | StreamingDataLoader:
         self.fit_preprocess()
+        if self._shards is not None:
+            return self._shard_loader("val", self.transform(train=False), shuffle=False)
         return self._loader(self._dataset(self.data.val, self.transform(train=False)))
 
     def test_dataloader(self) -> DataLoader:
@@ -353,6 +385,10 @@ class ImageDataModule(L.LightningDataModule):
 
     def predict_split(self) -> Split:
         """The images ``predict`` runs on: ``predict_source`` (labels -1) or the val split."""
+        if self.hparams.predict_source is None and self._shards is not None:
+            raise ValueError(
+                f"predict needs image files; source={self.hparams.source!r} holds shards. Pass predict_source=<folder>."
+            )
         if self.hparams.predict_source is None:
             return self.data.val
         return self._predict_files
@@ -384,13 +420,44 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"predict_source {str(root)!r} holds no readable images ({', '.join(IMAGE_EXTENSIONS)}).")
         return Split(paths, [-1] * len(paths))
 
-    def _dataset(self, split: Split, transform: v2.Transform) -> ImageDataset:
+    def _dataset(self, split: Split, transform: v2.Compose) -> ImageDataset:
         """A split's dataset: files unreadable since the scan are replaced and appended to the skipped-files list."""
         hp = self.hparams
+        transform, decode = self._decoding(transform)
         log = self._skipped_path()
         return ImageDataset(
-            split, transform, max_pixels=hp.max_image_pixels, on_bad_image=hp.on_bad_image, skipped_log=log
+            split,
+            transform,
+            max_pixels=hp.max_image_pixels,
+            on_bad_image=hp.on_bad_image,
+            skipped_log=log,
+            decode=decode,
         )
+
+    def _shard_loader(self, split: str, transform: v2.Compose, shuffle: bool) -> StreamingDataLoader:
+        """A litdata loader over one split of the shards: each DDP rank and worker streams its own chunks, the order
+        is a function of ``(seed, epoch)``, and Lightning saves the loader's position in every checkpoint."""
+        transform, decode = self._decoding(transform)
+        hp = self.hparams
+        dataset = shards.ShardDataset(
+            shards.split_dir(self._shards, split), transform, decode, shuffle=shuffle, seed=hp.seed
+        )
+        return StreamingDataLoader(
+            dataset, batch_size=hp.batch_size, num_workers=hp.num_workers, pin_memory=torch.cuda.is_available()
+        )
+
+    def _decoding(self, transform: v2.Compose) -> tuple[v2.Compose, Callable[[Any], torch.Tensor] | None]:
+        """``transform`` split into what the decoder does (a JPEG decoded at a reduced DCT scale, never below what
+        the transform's first resize needs) and the steps after it; ``(transform, None)`` with
+        ``reduced_jpeg_decode=False``."""
+        hp = self.hparams
+        if not hp.reduced_jpeg_decode:
+            return transform, None
+        first, *rest = transform.transforms
+        if isinstance(first, v2.RandomResizedCrop):  # the crop is drawn from the header, then decoded to fit
+            return v2.Compose(rest), RandomResizedCropDecoder(first, hp.max_image_pixels)
+        min_size = EvalResizeSize(self.data_config())  # the evaluation transform: never below its resize
+        return transform, functools.partial(read_image, max_pixels=hp.max_image_pixels, min_size=min_size)
 
     def _loader(self, dataset: Dataset) -> DataLoader:
         """An evaluation loader (in order).
@@ -416,6 +483,9 @@ class ImageDataModule(L.LightningDataModule):
         restored from a checkpoint. Under DDP each rank streams its own shard and the sums are all-reduced."""
         self.setup()
         if not needs_fit(self.preprocess):
+            return
+        if self._shards is not None:  # litdata gives each rank its own part of the train split
+            self.preprocess.fit(self._shard_loader("train", self.transform(train=False), shuffle=False))
             return
         rank, world = _rank_world()
         dataset = self._dataset(self.data.train, self.transform(train=False))
@@ -509,6 +579,28 @@ def eval_transform(config: dict[str, Any]) -> v2.Compose:
     else:
         resize = KeepRatioResize(scale, interpolation, longest=False)
     return v2.Compose([resize, v2.CenterCrop(size)])
+
+
+class EvalResizeSize:
+    """``(height, width) -> (height, width)`` that :func:`eval_transform`'s resize gives an image of that size: the
+    smallest an image may be decoded at without changing what the evaluation crop sees (beyond rounding)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        crop = tuple(config["input_size"][1:])
+        self.crop_mode = config.get("crop_mode") or "center"
+        if "resize_size" in config:  # torchvision: shorter side to resize_size
+            self.crop_mode, side = "center", config["resize_size"]
+            self.target = (side, side) if isinstance(side, int) else tuple(side) * (2 // len(side))
+        else:
+            self.target = tuple(math.floor(s / config["crop_pct"]) for s in crop)
+
+    def __call__(self, height: int, width: int) -> tuple[int, int]:
+        target_h, target_w = self.target
+        if self.crop_mode == "squash":
+            return target_h, target_w
+        pick = min if self.crop_mode == "border" else max  # border: longer side fits; center: shorter side fills
+        ratio = pick(target_h / height, target_w / width)
+        return math.ceil(height * ratio), math.ceil(width * ratio)
 
 
 class KeepRatioResize(torch.nn.Module):
