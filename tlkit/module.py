@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from tlkit.backbones import Pretrained, create_backbone
 from tlkit.callbacks import FineTuningPhases, Phase, parse_phases, phase_specs
+from tlkit.error_analysis import ErrorAnalysis
 from tlkit.freezing import apply_freeze, batchnorm_parameter_names, frozen_parameter_names, keep_frozen_bn_eval
 from tlkit.heads import ClassifierHead
 from tlkit.mixup import BatchMixup
@@ -264,6 +265,8 @@ class TransferClassifier(L.LightningModule):
             callbacks.append(FineTuningPhases(phases))
         if self.hparams.ema_decay and self.trainer.state.fn == "fit":  # the average exists only while fitting
             callbacks.append(EMAWeightAveraging(decay=self.hparams.ema_decay))
+        if self.trainer.state.fn == "test":  # the highest-loss images and most confused classes, as CSV files
+            callbacks.append(ErrorAnalysis())
         return callbacks
 
     def setup(self, stage: str) -> None:
