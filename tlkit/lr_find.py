@@ -12,6 +12,7 @@ suggestions read that curve:
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Sequence
@@ -80,14 +81,15 @@ def minimum_10(lrs: Sequence[float], losses: Sequence[float]) -> float | None:
 def suggestions_of(finder: _LRFinder) -> LRSuggestions:
     """The three suggestions of a finished Lightning range test."""
     lrs, losses = list(finder.results["lr"]), [float(loss) for loss in finder.results["loss"]]
-    steep = finder.suggestion() if len(lrs) > 11 else None  # Lightning skips the first 10 points and the last
+    steep = finder.suggestion() if len(lrs) > 12 else None  # Lightning skips the first 10 points and the last
     return LRSuggestions(steep, valley(lrs, losses), minimum_10(lrs, losses), lrs, losses)
 
 
 def first_phase(model: TransferClassifier) -> TransferClassifier:
     """``model`` (its current weights) with its first fine-tuning phase only: the range test trains past epoch
     boundaries, where a phased model would change its frozen set and rebuild its optimiser mid-test."""
-    hp = dict(model.hparams)
+    accepted = inspect.signature(TransferClassifier).parameters  # (LightningCLI adds _class_path to hparams)
+    hp = {key: value for key, value in model.hparams.items() if key in accepted}
     specs = phase_specs(hp.get("phases"), hp.get("freeze_epochs", 0), hp.get("freeze", "none"))
     if len(specs) == 1:
         return model
