@@ -65,6 +65,7 @@ def test_a_range_test_on_a_model_suggests_rates_in_range_and_leaves_the_weights(
 
 def test_the_first_phase_of_a_phased_model_is_searched():
     model = TransferClassifier("test_resnet", num_classes=3, freeze_epochs=1)
+    model.hparams["_class_path"] = "tlkit.TransferClassifier"  # as LightningCLI leaves it
     single = first_phase(model)
     assert single.hparams.phases == [{"epochs": None, "freeze": "backbone"}]
     assert not any(p.requires_grad for p in single.backbone.parameters())  # the head-only first phase
