@@ -594,7 +594,69 @@ def _steps_per_epoch(trainer: L.Trainer, datamodule: ImageDataModule) -> int:
 
 
 # Commands that read a recipe with ``--config`` parse their own arguments (jsonargparse's CLI owns ``--config``).
-RECIPE_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"plot-schedule": plot_schedule}
+def soup(args: list[str]) -> str:
+    """``tlkit soup --ckpt_path a.ckpt b.ckpt ... [--greedy] [-o soup.ckpt] [--config recipe.yaml]``: average
+    checkpoints of one model into a new checkpoint (uniform, or greedy: best first, each kept only if val does not
+    drop), BatchNorm statistics re-estimated (see :mod:`tlkit.soup`)."""
+    from tlkit.soup import make_soup
+
+    parser = argparse.ArgumentParser(prog="tlkit soup", description=soup.__doc__.split("\n")[0])
+    parser.add_argument("--ckpt_path", nargs="+", required=True, help="checkpoints of the same model (2 or more)")
+    parser.add_argument("--greedy", action="store_true", help="greedy soup (default: uniform)")
+    parser.add_argument("-o", "--out", default="soup.ckpt", help="checkpoint to write (default: soup.ckpt)")
+    parser.add_argument(
+        "--config", action="append", help="recipe of the data to validate on (default: the checkpoint's data)"
+    )
+    options, overrides = parser.parse_known_args(args)
+    datamodule = None
+    if options.config:
+        recipe = [arg for path in options.config for arg in ("--config", path)]
+        quiet = ["--model.init_args.pretrained", "false", "--trainer.logger", "false"]
+        datamodule = lightning_cli([*recipe, *overrides, *quiet], run=False).datamodule
+    result = make_soup(options.ckpt_path, options.out, greedy=options.greedy, datamodule=datamodule)
+    for path, acc in result.scores.items():
+        print(f"val acc {acc:.4f}  {path}{'  (in the soup)' if path in result.ingredients else ''}")
+    kind = "Greedy" if options.greedy else "Uniform"
+    print(f"{kind} soup of {len(result.ingredients)} checkpoints: val acc {result.val_acc:.4f}, in {options.out}")
+    return options.out
+
+
+def lr_find(args: list[str]) -> float:
+    """``tlkit lr-find --config recipe.yaml [-o lr_find.png] [--apply tuned.yaml] [--suggestion valley]``: the
+    learning-rate range test of Lightning's tuner on the recipe's first phase; prints the steep, valley and
+    minimum/10 suggestions, saves the loss-vs-LR plot, and with --apply writes the recipe with the chosen lr."""
+    from tlkit.lr_find import SUGGESTIONS, apply_lr, find_lr
+
+    parser = argparse.ArgumentParser(prog="tlkit lr-find", description=lr_find.__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, action="append", help="recipe YAML (repeatable, as in fit)")
+    parser.add_argument("-o", "--out", default="lr_find.png", help="PNG of the loss-vs-LR curve")
+    parser.add_argument("--apply", help="write the last --config with the chosen lr to this YAML file")
+    parser.add_argument("--suggestion", choices=SUGGESTIONS, default="valley", help="the lr --apply writes")
+    parser.add_argument("--num_training", type=int, default=100, help="steps of the test")
+    parser.add_argument("--min_lr", type=float, default=1e-6)
+    parser.add_argument("--max_lr", type=float, default=1.0)
+    options, overrides = parser.parse_known_args(args)
+    recipe = [arg for path in options.config for arg in ("--config", path)]
+    cli = lightning_cli([*recipe, *overrides, "--trainer.logger", "false"], run=False)
+    found, figure = find_lr(cli.model, cli.datamodule, cli.trainer, min_lr=options.min_lr, max_lr=options.max_lr,
+                            num_training=options.num_training)  # fmt: skip
+    save_figure(figure, options.out)
+    for name in SUGGESTIONS:
+        value = getattr(found, name)
+        print(f"{name:>10}: {'-' if value is None else f'{value:.3g}'}")
+    chosen = found.pick(options.suggestion)
+    if options.apply:
+        apply_lr(options.config[-1], chosen, options.apply)
+        print(f"{options.config[-1]} with lr {chosen:.3g} ({options.suggestion}) written to {options.apply}")
+    print(f"Loss-vs-LR plot: {options.out}")
+    return chosen
+
+
+RECIPE_COMMANDS: dict[str, Callable[[list[str]], Any]] = {
+    "plot-schedule": plot_schedule,
+    "soup": soup,
+    "lr-find": lr_find,
+}
 
 
 def lightning_cli(args: list[str] | None, **kwargs: Any) -> TlkitCLI:

@@ -33,7 +33,6 @@ from tlkit.data.sources import (
     Split,
     list_class_names,
     load_source,
-    read_image,
     scan_images,
 )
 
@@ -68,7 +67,9 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: images per batch (per device).
         num_workers: loader worker processes.
         val_split: fraction of each class held out for validation when the source has no val split.
-        seed: seed of the split and of the shuffling.
+        seed: seed of the shuffling and augmentation (and of the split, for sources without a fixed one). ``None``:
+            shuffling and augmentation follow the run's seed (``seed_everything``, ``PL_GLOBAL_SEED``), so runs with
+            different seeds see different orders, and the split stays that of seed 0, so their val sets are equal.
         preprocess: ``"pretrained"`` (the backbone weights' mean/std), ``"dataset"`` (per-channel mean/std fitted
             on the train split), ``"pca"`` or ``"zca"`` (whitening fitted on the train split) or ``"none"``.
         whiten_scope: ``"channel"`` or ``"image"``, for ``pca``/``zca``.
@@ -116,7 +117,7 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         val_split: float = 0.2,
-        seed: int = 0,
+        seed: int | None = None,
         preprocess: str = "pretrained",
         whiten_scope: str = "channel",
         whiten_eps: float | None = None,
@@ -187,7 +188,7 @@ class ImageDataModule(L.LightningDataModule):
             self._data = load_source(
                 hp.source,
                 val_split=hp.val_split,
-                seed=hp.seed,
+                seed=0 if hp.seed is None else hp.seed,  # the run's seed must not move images between splits
                 on_bad_image=hp.on_bad_image,
                 root=hp.data_root,
                 download=hp.download,
@@ -212,6 +213,13 @@ class ImageDataModule(L.LightningDataModule):
         if split not in splits:
             raise ValueError(f"Unknown split {split!r}; choose one of {list(splits)}.")
         return splits[split]()
+
+    @property
+    def shuffle_seed(self) -> int:
+        """``seed`` if given, else the run's (``PL_GLOBAL_SEED``, set by ``seed_everything``), else 0."""
+        if self.hparams.seed is not None:
+            return self.hparams.seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     @property
     def class_counts(self) -> list[int]:
@@ -334,7 +342,7 @@ class ImageDataModule(L.LightningDataModule):
             return self._shard_loader("train", self.transform(train=True), shuffle=True)
         dataset = self._dataset(self.data.train, self.transform(train=True))
         rank, world = _rank_world()
-        seed = self.hparams.seed
+        seed = self.shuffle_seed
         if self.hparams.sampler == "balanced":
             counts = torch.tensor(self.class_counts, dtype=torch.float64)
             weights = (1.0 / counts)[torch.as_tensor(self.data.train.targets)]
@@ -473,7 +481,7 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(self.hparams.seed),
+            generator=torch.Generator().manual_seed(self.shuffle_seed),
         )
 
     # ------------------------------------------------------------------------------------------------ preprocess
