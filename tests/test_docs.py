@@ -45,7 +45,7 @@ RECIPE_COMMANDS = ("fit", "validate", "test", "predict", "plot-schedule")
 NO_WORKERS = ["--data.init_args.num_workers", "0"]
 
 # The same for Python examples: every lightning.Trainer they build is shortened the same way.
-FAST_TRAINER = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=2, enable_progress_bar=False)
+FAST_TRAINER = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=2)
 
 # Files the examples name as the user's own images: `my_photos/<class>/*.png` (two classes of six 40-px images).
 USER_FOLDER = "my_photos"
