@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +56,7 @@ def test_training_uses_the_soft_target_loss_and_scores_the_unmixed_labels(monkey
     model = TransferClassifier("test_resnet", num_classes=4, mixup_alpha=1.0, label_smoothing=0.1)
     model.log = model.log_dict = lambda *a, **k: None
     model._logged_groups = lambda: []
+    model.trainer = SimpleNamespace(progress_bar_callback=None, current_epoch=0)  # what training_step reads
     images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1])
     seen = {}
 
