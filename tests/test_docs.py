@@ -32,20 +32,23 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_RUN = re.compile(r"^<!-- not-run: (?P<why>.+?) -->$")
 FENCE = re.compile(r"^```(?P<lang>[\w-]*)\s*$")
 
-# The examples train as written, only shorter: these options are appended to each `tlkit` command of that kind so
-# that all examples together take about a minute on 2 CPU cores (one epoch of two batches; evaluation on two
-# batches; no loader worker processes). Nothing else about a command changes.
+# The examples train as written, only shorter: these options are added to each `tlkit` command of that kind (where the
+# command does not set the option itself) so that all examples together take well under a minute on 2 CPU cores: one
+# epoch of two batches, evaluation on two batches, no sanity-check batches, no loader worker processes. Nothing else
+# about a command changes: the same recipe, model, data, callbacks and files written.
 FAST_OPTIONS = {
-    "fit": ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2"],
-    "validate": ["--trainer.limit_val_batches", "2"],
-    "test": ["--trainer.limit_test_batches", "2"],
-    "predict": ["--trainer.limit_predict_batches", "2"],
-}
+    "fit": {"--trainer.max_epochs": "1", "--trainer.limit_train_batches": "2", "--trainer.limit_val_batches": "2",
+            "--trainer.num_sanity_val_steps": "0"},
+    "validate": {"--trainer.limit_val_batches": "2"},
+    "test": {"--trainer.limit_test_batches": "2"},
+    "predict": {"--trainer.limit_predict_batches": "2"},
+}  # fmt: skip
 RECIPE_COMMANDS = ("fit", "validate", "test", "predict", "plot-schedule")
-NO_WORKERS = ["--data.init_args.num_workers", "0"]
+NO_WORKERS = {"--data.init_args.num_workers": "0"}
 
 # The same for Python examples: every lightning.Trainer they build is shortened the same way.
-FAST_TRAINER = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=2, enable_progress_bar=False)
+FAST_TRAINER = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=2, num_sanity_val_steps=0,
+                    enable_progress_bar=False)  # fmt: skip
 
 # Files the examples name as the user's own images: `my_photos/<class>/*.png` (two classes of six 40-px images).
 USER_FOLDER = "my_photos"
@@ -106,10 +109,12 @@ def shell_commands(code: str) -> list[list[str]]:
 
 
 def fast_command(args: list[str]) -> list[str]:
-    """A `tlkit` command's arguments with the FAST_OPTIONS of its kind appended."""
+    """A `tlkit` command's arguments with the FAST_OPTIONS of its kind added, except those the command sets itself (a
+    resume example's `--trainer.max_epochs 2` stays 2)."""
     command = args[0]
-    extra = FAST_OPTIONS.get(command, []) + (NO_WORKERS if command in RECIPE_COMMANDS else [])
-    return args + extra
+    options = {**FAST_OPTIONS.get(command, {}), **(NO_WORKERS if command in RECIPE_COMMANDS else {})}
+    given = {arg.split("=")[0] for arg in args}
+    return args + [part for option, value in options.items() if option not in given for part in (option, value)]
 
 
 # --- the runner: `python tests/test_docs.py <blocks.json>` in the temporary folder --------------------------------
@@ -193,7 +198,10 @@ def doc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     write_user_folder(work / USER_FOLDER)
     runnable = [asdict(block) for block in BLOCKS if not block.not_run]
     (work / "blocks.json").write_text(json.dumps(runnable))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # One intra-op thread (as conftest's one_thread fixture): on a shared 2-core machine two threads spinning against
+    # each other made the first step of each new shape take seconds, the examples 100 s instead of 50.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
     result = subprocess.run([sys.executable, __file__, str(work / "blocks.json")], cwd=work, env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     (work / "runner.log").write_text(result.stdout + result.stderr)  # each block's time is in its BLOCK line
@@ -245,6 +253,9 @@ def test_the_docs_have_examples_and_few_are_not_run() -> None:
 def test_fast_options_append_to_training_commands_only() -> None:
     assert fast_command(["fit", "--config", "r.yaml"])[:3] == ["fit", "--config", "r.yaml"]
     assert "--trainer.max_epochs" in fast_command(["fit", "--config", "r.yaml"])
+    resume = fast_command(["fit", "--config", "r.yaml", "--trainer.max_epochs", "2"])
+    assert resume.count("--trainer.max_epochs") == 1 and "--trainer.limit_train_batches" in resume
+    assert fast_command(["fit", "--trainer.max_epochs=2"]).count("--trainer.max_epochs") == 0
     assert fast_command(["export", "--ckpt_path", "x.ckpt"]) == ["export", "--ckpt_path", "x.ckpt"]
 
 
