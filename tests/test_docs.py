@@ -263,6 +263,16 @@ def test_readme_is_the_first_screen() -> None:
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
 
 
+def test_every_public_name_has_an_api_reference_page() -> None:
+    """The API reference is generated from docstrings, one `::: tlkit.<name>` per public name (tlkit.__all__)."""
+    import tlkit
+
+    reference = "\n".join(page.read_text() for page in (ROOT / "docs" / "reference").glob("*.md"))
+    documented = set(re.findall(r"^::: tlkit\.(\w+)$", reference, flags=re.MULTILINE))
+    assert sorted(set(tlkit.__all__) - documented) == []
+    assert sorted(documented - set(tlkit.__all__)) == []
+
+
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
