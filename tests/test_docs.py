@@ -81,7 +81,7 @@ def _nav_pages(nav) -> list[str]:
 
 
 def harvest(path: Path) -> list[Block]:
-    """The fenced ```bash and ```python blocks of a Markdown file, with the not-run marker before each, if any."""
+    """The fenced ```bash, ```python and ```yaml blocks of a Markdown file, each with its not-run marker, if any."""
     blocks, lines = [], path.read_text().splitlines()
     index = 0
     while index < len(lines):
@@ -90,7 +90,7 @@ def harvest(path: Path) -> list[Block]:
             index += 1
             continue
         end = next(i for i in range(index + 1, len(lines)) if lines[i].startswith("```"))
-        if fence["lang"] in ("bash", "python"):
+        if fence["lang"] in ("bash", "python", "yaml"):
             marker = NOT_RUN.match(lines[index - 1]) if index else None
             blocks.append(Block(str(path.relative_to(ROOT)), index + 1, fence["lang"],
                                 "\n".join(lines[index + 1 : end]), marker and marker["why"]))  # fmt: skip
@@ -185,7 +185,8 @@ def write_user_folder(root: Path) -> None:
 
 # --- the tests ----------------------------------------------------------------------------------------------------
 
-BLOCKS = all_blocks()
+BLOCKS = [block for block in all_blocks() if block.lang in ("bash", "python")]  # the examples that run
+RECIPE_EXCERPTS = [block for block in all_blocks() if block.lang == "yaml"]
 
 
 @pytest.fixture(scope="session")
@@ -260,6 +261,20 @@ def test_fast_options_append_to_training_commands_only() -> None:
 
 def test_readme_is_the_first_screen() -> None:
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+@pytest.mark.parametrize("block", RECIPE_EXCERPTS, ids=lambda block: block.name)
+def test_recipe_excerpts_name_real_arguments(block: Block) -> None:
+    """A ```yaml block shows (part of) a recipe; every `init_args` key it gives must be an argument of its class."""
+    import importlib
+    import inspect
+
+    recipe = yaml.safe_load(block.code)
+    for section in ("model", "data"):
+        if section in recipe:
+            module, _, name = recipe[section]["class_path"].rpartition(".")
+            parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+            assert sorted(set(recipe[section]["init_args"]) - set(parameters)) == [], f"{block.name} {section}"
 
 
 def test_every_public_name_has_an_api_reference_page() -> None:
