@@ -23,6 +23,15 @@ never read (the protocol of earlier versions of this script); neither counts in 
 bad-image scan (every file decoded once, before the split) is timed separately.
 
     python benchmarks/data_throughput.py [--images 2000] [--repeats 5] [--workers 2] [--batch-size 64]
+
+``--photos N`` measures a set of N 6-megapixel photos instead (3000x2000 JPEGs, quality 90, ~0.7 MB each: scikit-image
+photos enlarged, with sensor-like noise of 2 grey levels so that they compress like camera photos), in both the
+training loaders (as above) and the evaluation loaders (baseline: ``Resize(256)`` + ``CenterCrop(224)`` + ``ToTensor``
++ ``Normalize``; tlkit: ``val_dataloader()`` + ``normalize``). tlkit decodes these JPEGs at a reduced DCT scale, never
+below what the crop or the resize needs (``reduced_jpeg_decode``); ``--exact`` adds tlkit with full decodes. Also
+timed: tlkit's index of the folder (first and second run) against ImageFolder's listing.
+
+    python benchmarks/data_throughput.py --photos 200 --repeats 3
 """
 
 # ruff: noqa: E402 (the variable below must be set before torch is imported)
@@ -69,38 +78,63 @@ def make_jpegs(root: Path, n: int, classes: int = 10, seed: int = 0) -> None:
         crop.save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def baseline_loader(root: Path, batch_size: int, workers: int) -> tuple[DataLoader, callable]:
+def make_photos(root: Path, n: int, classes: int = 4, seed: int = 0) -> None:
+    """n 6-MP JPEGs (3000x2000): real photos enlarged, plus noise of 2 grey levels (a camera's grain)."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    bases = [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in PHOTOS]
+    for i in range(n):
+        base = bases[i % len(bases)].resize((3000, 2000), Image.BICUBIC)
+        noisy = np.asarray(base, dtype=np.int16) + rng.normal(0, 2, (2000, 3000, 3)).astype(np.int16)
+        folder = root / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def baseline_loader(root: Path, batch_size: int, workers: int, train: bool = True) -> tuple[DataLoader, callable]:
     from torchvision import datasets, transforms
 
-    transform = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(OUT),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(MEAN, STD),
-        ]
-    )
+    if train:
+        view = [transforms.RandomResizedCrop(OUT), transforms.RandomHorizontalFlip()]
+    else:
+        view = [transforms.Resize(256), transforms.CenterCrop(OUT)]
+    transform = transforms.Compose([*view, transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
     dataset = datasets.ImageFolder(str(root), transform=transform)
-    loader = DataLoader(dataset, batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    loader = DataLoader(dataset, batch_size, shuffle=train, num_workers=workers, persistent_workers=workers > 0)
     return loader, lambda images: images
 
 
-def tlkit_loader(root: Path, batch_size: int, workers: int) -> tuple[DataLoader, callable, float]:
+def tlkit_module(root: Path, batch_size: int, workers: int, **kwargs) -> tuple[ImageDataModule, float]:
+    """The data module, set up (its source loaded: files listed and checked, see tlkit.data.index); and the time.
+    Its val split is one image per class: (almost) every image stays in the train split, like ImageFolder's."""
+    per_class = min(len(os.listdir(folder)) for folder in root.iterdir())
+    kwargs.setdefault("val_split", 1 / per_class)
     dm = ImageDataModule(
         source=f"folder:{root}",
         image_size=OUT,
         batch_size=batch_size,
         num_workers=workers,
-        val_split=0.01,  # keep (almost) every image in the train split, like the baseline's ImageFolder
         augment="basic",
         mean=MEAN,
         std=STD,
         interpolation="bilinear",
+        crop_pct=OUT / 256,  # the baseline's Resize(256) + CenterCrop(224)
+        **kwargs,
     )
     start = time.perf_counter()
-    dm.setup("fit")  # loads the source: lists the files and decodes each once (the bad-image scan)
-    scan = time.perf_counter() - start
+    dm.setup("fit")
+    return dm, time.perf_counter() - start
+
+
+def tlkit_loader(root: Path, batch_size: int, workers: int) -> tuple[DataLoader, callable, float]:
+    dm, scan = tlkit_module(root, batch_size, workers)
     return dm.train_dataloader(), dm.normalize, scan
+
+
+def eval_loader(dm: ImageDataModule) -> DataLoader:
+    """The evaluation loader over the train split's files (as many images as the baseline's ImageFolder)."""
+    return dm._loader(dm._dataset(dm.data.train, dm.transform(train=False)))
 
 
 def first_read(images: torch.Tensor) -> torch.Tensor:
@@ -119,9 +153,66 @@ def epoch_rate(loader: DataLoader, finish: callable, read: callable = first_read
     return count / (time.perf_counter() - start)
 
 
+def compare(pipelines: dict[str, tuple[DataLoader, callable]], repeats: int) -> dict[str, list[float]]:
+    """img/s of each pipeline per repeat, the pipelines alternating (after one warm-up epoch each)."""
+    for loader, finish in pipelines.values():
+        epoch_rate(loader, finish)  # warm-up: workers start, caches fill
+    rates: dict[str, list[float]] = {name: [] for name in pipelines}
+    for _ in range(repeats):
+        for name, (loader, finish) in pipelines.items():
+            rates[name].append(epoch_rate(loader, finish))
+    return rates
+
+
+def report(rates: dict[str, list[float]], baseline: str) -> None:
+    for name, values in rates.items():
+        print(f"{name:50s} min {min(values):7.1f}  median {statistics.median(values):7.1f} img/s")
+    base = statistics.median(rates[baseline])
+    for name, values in rates.items():
+        if name != baseline:
+            print(f"ratio {name} / {baseline}: {statistics.median(values) / base:.2f}x")
+
+
+def listing_time(root: Path) -> float:
+    from torchvision import datasets
+
+    start = time.perf_counter()
+    datasets.ImageFolder(str(root))
+    return time.perf_counter() - start
+
+
+def photos_main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_photos(root, args.photos)
+        listed = listing_time(root)
+        dm, first = tlkit_module(root, args.batch_size, args.workers)
+        _, second = tlkit_module(root, args.batch_size, args.workers)
+        n = args.photos
+        print(f"{n} JPEGs of 3000x2000 -> {OUT}x{OUT}, batch {args.batch_size}, {args.workers} workers")
+        print(
+            f"ImageFolder listing: {listed:.3f} s; tlkit index: first run {first:.3f} s ({first / n * 1e3:.2f} ms per"
+        )
+        print(f"  file), second run {second:.3f} s ({100 * second / first:.1f}% of the first)")
+        for train in (True, False):
+            print(f"--- {'training' if train else 'evaluation'} loaders")
+            pipelines = {"baseline ImageFolder+PIL": baseline_loader(root, args.batch_size, args.workers, train)}
+            variants = {"tlkit": dm}
+            if args.exact:
+                variants["tlkit, full decodes"] = tlkit_module(
+                    root, args.batch_size, args.workers, reduced_jpeg_decode=False
+                )[0]
+            for name, module in variants.items():
+                loader = module.train_dataloader() if train else eval_loader(module)
+                pipelines[name] = (loader, module.normalize)
+            report(compare(pipelines, args.repeats), "baseline ImageFolder+PIL")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--photos", type=int, default=0, help="measure N 6-MP photos instead of small JPEGs")
+    parser.add_argument("--exact", action="store_true", help="with --photos: also tlkit with full decodes")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -130,6 +221,10 @@ def main() -> None:
     torch.set_num_threads(args.main_threads)
     warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities")  # torchvision 0.29
     torch.manual_seed(0)
+    os.environ["TLKIT_CACHE_DIR"] = tempfile.mkdtemp()  # a fresh image index: the first run checks every file
+    if args.photos:
+        photos_main(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_jpegs(root, args.images)
@@ -137,7 +232,7 @@ def main() -> None:
         ours, ours_finish, scan = tlkit_loader(root, args.batch_size, args.workers)
         print(f"{args.images} JPEGs of {SIDE}x{SIDE} -> {OUT}x{OUT}, batch {args.batch_size}, {args.workers} workers")
         print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} (set by this script unless given)")
-        print(f"tlkit bad-image scan (once per run, {len(ours.dataset)} train files): {scan:.2f} s")
+        print(f"tlkit index, first run ({len(ours.dataset)} train files): {scan:.2f} s")
         epoch_rate(base, base_finish), epoch_rate(ours, ours_finish)  # warm-up: workers start, caches fill
         rates: dict[str, list[float]] = {"baseline": [], "tlkit": [], "loader": [], "unread": []}
         for _ in range(args.repeats):

@@ -57,7 +57,7 @@ def test_fit_writes_checkpoint_and_resolved_config_and_reports_accuracy(recipe, 
     assert hparams["num_classes"] == 10  # taken from the data, not stated in the recipe
     assert hparams["class_names"] == [str(i) for i in range(10)]
     out = capsys.readouterr()
-    assert "val/acc" in out.out + out.err and "Best checkpoint" in out.out + out.err
+    assert "Best val/acc" in out.out + out.err and f"Run directory: {run}" in out.out + out.err
 
 
 def test_predict_writes_a_csv_of_class_names(recipe, tmp_path):
@@ -84,15 +84,6 @@ def test_print_config_works_on_every_recipe():
         )  # fmt: skip
         assert result.returncode == 0, f"{recipe.name}: {result.stderr[-2000:]}"
         assert yaml.safe_load(result.stdout)["model"]["class_path"] == model_class
-
-
-def test_quickstart_recipe_trains_end_to_end(tmp_path):
-    """The README's main command, shortened: packaged ImageNet weights on the built-in textures, offline."""
-    main(["fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_epochs", "1",
-          "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
-          "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-          "--data.init_args.num_workers", "0"])  # fmt: skip
-    assert (tmp_path / "version_0" / "config.yaml").is_file()
 
 
 def test_backbones_command_lists_matching_names(capsys):

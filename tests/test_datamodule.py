@@ -431,3 +431,18 @@ def test_folder_source_predicts_over_a_flat_folder(tmp_path):
 def test_unknown_augmentation_is_refused():
     with pytest.raises(ValueError, match="randaugment"):
         ImageDataModule(source="digits", augment="heavy")
+
+
+def test_the_shuffle_order_follows_the_runs_seed_unless_the_data_seed_is_set(
+    imbalanced_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def order_and_split(seed_everything: int, **kwargs) -> tuple[list[int], list[str]]:
+        L.seed_everything(seed_everything)  # sets PL_GLOBAL_SEED, as the CLI's seed_everything does
+        dm = ImageDataModule(source=f"folder:{imbalanced_folder}", image_size=16, val_split=0.25, **kwargs)
+        return list(dm.train_dataloader().sampler), [str(p) for p in dm.data.val.samples]
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    (order_1, val_1), (order_2, val_2) = order_and_split(1), order_and_split(2)
+    assert order_1 != order_2 and val_1 == val_2  # new order per seed; the split stays put
+    assert order_and_split(1) == (order_1, val_1)  # still exactly reproducible
+    assert order_and_split(1, seed=5)[0] == order_and_split(2, seed=5)[0]  # an explicit seed wins

@@ -30,6 +30,7 @@ _EXPORTS = {
     "create_backbone": "tlkit.backbones",
     "extract_features": "tlkit.features",
     "list_backbones": "tlkit.backbones",
+    "recipe_lr_schedule": "tlkit.commands",
 }
 __all__ = [  # written out (not sorted(_EXPORTS)) so that linters and IDEs read it
     "AtomicCheckpointIO",
@@ -44,11 +45,13 @@ __all__ = [  # written out (not sorted(_EXPORTS)) so that linters and IDEs read 
     "create_backbone",
     "extract_features",
     "list_backbones",
+    "recipe_lr_schedule",
 ]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # what type checkers and IDEs read; at run time __getattr__ imports each name on first use
     from tlkit.backbones import Backbone, backbone_data_config, create_backbone, list_backbones
+    from tlkit.commands import recipe_lr_schedule
     from tlkit.data import ImageDataModule
     from tlkit.features import FeatureSet, extract_features
     from tlkit.heads import ClassifierHead

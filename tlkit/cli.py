@@ -7,6 +7,9 @@ tlkit backbones [--filter 'convnext*'] [--pretrained true]
 tlkit extract --backbone resnet50 --data.source folder:imgs/ --out feats.safetensors
 tlkit export --ckpt_path run/last.ckpt --format onnx|torchscript|safetensors [--fuse-bn]
 tlkit plot-schedule --config recipes/quickstart.yaml -o lr.png [--trainer.max_epochs 10 ...]
+tlkit lr-find --config recipes/quickstart.yaml [-o lr_find.png] [--apply tuned.yaml]
+tlkit soup --ckpt_path a.ckpt b.ckpt ... [--greedy] [-o soup.ckpt] [--config recipe.yaml]
+tlkit optimize --source folder:imgs/ --out shards/ [--max_side 512]
 
 A known user error (a bad value, a missing file, a bad spec, a missing optional dependency) prints one paragraph and
 exits with status 2; ``--debug`` (or ``TLKIT_DEBUG=1``) shows the full traceback instead.
@@ -35,6 +38,9 @@ COMMANDS = {
     "extract": "Extract a backbone's features of a data set into one .safetensors file",
     "export": "Export a checkpoint, preprocessing included, to ONNX, TorchScript or safetensors",
     "plot-schedule": "Draw a recipe's learning rate per parameter group at every step, without training",
+    "lr-find": "Learning-rate range test of a recipe: suggestions, loss-vs-LR plot, --apply tuned.yaml",
+    "soup": "Average checkpoints of one model (uniform or --greedy) into a new checkpoint",
+    "optimize": "Write a source as litdata shards for multi-node streaming (--source folder:<dir> --out <dir>)",
 }
 
 # Commands that are one function each, parsed by jsonargparse from its signature and docstring ("module:function");
@@ -43,6 +49,7 @@ FUNCTION_COMMANDS = {
     "backbones": "tlkit.cli:backbones",
     "extract": "tlkit.commands:extract",
     "export": "tlkit.commands:export",
+    "optimize": "tlkit.data.shards:optimize",
 }
 
 # Modules of the optional extras (pyproject.toml [project.optional-dependencies]), and what needs them.

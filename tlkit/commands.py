@@ -12,14 +12,19 @@ tlkit plot-schedule --config recipes/quickstart.yaml -o lr.png [--trainer.max_ep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib
 import importlib.util
 import inspect
+import logging
 import math
 import os
+import re
+import shlex
 import shutil
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,7 @@ import lightning as L
 import torch
 from jsonargparse import Namespace, lazy_instance
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -44,7 +49,64 @@ from tlkit.plots import lr_schedule_figure, save_figure
 from tlkit.probe import LinearProbe
 from tlkit.runs import run_directory, run_directory_on_every_rank
 from tlkit.schedule import PlannedRun, module_lr_schedule
-from tlkit.tracking import ClassificationFigures, LoggerSaveConfigCallback, TrainingSpeed
+from tlkit.tracking import (
+    ClassificationFigures,
+    FitSummary,
+    LoggerSaveConfigCallback,
+    ModelSummaryTable,
+    RunProgressBar,
+    TrainingSpeed,
+)
+
+# Warnings that the libraries under tlkit raise on every run, about their own code: nothing a user of `tlkit` can
+# change makes them go away. Each is ignored by its exact message, category and the module that raises it, only while
+# a recipe command runs (:func:`quiet_library_noise`); `import tlkit` installs no filter.
+LIBRARY_WARNINGS = (
+    # Lightning 2.6 builds torch's LeafSpec, which torch 2.10 deprecated; Lightning's own code must change.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, "lightning.pytorch.utilities._pytree"),
+    # torchdata 0.11's StatefulDataLoader (the resumable train loader) calls torch.set_vital, deprecated in torch.
+    (
+        r"'set_vital' is deprecated, please do not call",
+        UserWarning,
+        "torchdata.stateful_dataloader.stateful_dataloader",
+    ),
+    # LightningCLI calls jsonargparse methods that jsonargparse 4.49 deprecated (and its note on how many it shows).
+    (r"\s*By default only one JsonargparseDeprecationWarning per type", DeprecationWarning, "lightning.pytorch.cli"),
+    (r"\s*``ArgumentParser.add_instantiator`` was deprecated", DeprecationWarning, "lightning.pytorch.cli"),
+    (r"\s*``instantiate_classes`` was deprecated", DeprecationWarning, "lightning.pytorch.cli"),
+    (r"\s*skip_none parameter was deprecated", DeprecationWarning, "lightning.pytorch.cli"),
+)
+# Lightning's advertisements for its cloud services (litlogger, litmodels), printed on every run: not about the run.
+LIBRARY_TIPS = ("💡 Tip: For seamless cloud logging and experiment tracking,", "💡 Tip: For seamless cloud uploads")
+LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def quiet_library_noise() -> Iterator[None]:
+    """Within: :data:`LIBRARY_WARNINGS` ignored and :data:`LIBRARY_TIPS` not printed; on exit both as they were."""
+    tips = _DropMessages(LIBRARY_TIPS)
+    loggers = [logging.getLogger(name) for name in LIGHTNING_INFO_LOGGERS]
+    with warnings.catch_warnings():
+        for message, category, module in LIBRARY_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=re.escape(module) + r"\Z")
+        for logger in loggers:
+            logger.addFilter(tips)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(tips)
 
 
 class PredictionCSVWriter(BasePredictionWriter):
@@ -150,8 +212,9 @@ class TlkitCLI(LightningCLI):
         self.config = parser.parse_object(args) if is_object else parser.parse_args(args)
         config = self._subcommand_config()
         ckpt_path = config.get("ckpt_path")
+        self.checkpoint_callback_states = None
         if ckpt_path and str(ckpt_path) not in CKPT_PATH_KEYWORDS:
-            read_checkpoint(ckpt_path)
+            self.checkpoint_callback_states = read_checkpoint(ckpt_path).get("callbacks") or {}
         if "weights_only" in config:
             if config.weights_only is False:
                 raise ValueError("--weights_only false would unpickle arbitrary objects; tlkit checkpoints need none.")
@@ -168,6 +231,11 @@ class TlkitCLI(LightningCLI):
             if all(name in init for name in names):
                 check(**{name: init[name] for name in names})
         # Only after the checks: a recipe with a bad value leaves no run directory behind.
+        run_dir = evaluated_run_directory(config.get("ckpt_path")) if self.subcommand in EVALUATIONS else None
+        if run_dir is not None:  # validate/test/predict a run's checkpoint: write next to it, in run/<command>/
+            self.claimed_versions = []
+            self.claimed_folders = evaluation_folders(config.get("trainer"), run_dir, self.subcommand)
+            return
         self.claimed_versions = claim_version_folders(config.get("trainer"))
         self.claimed_folders = [version_folder(init_args) for init_args in self.claimed_versions]
 
@@ -175,10 +243,26 @@ class TlkitCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         return self.config[subcommand] if subcommand else self.config
 
+    def _subcommand_config_init(self) -> Any:
+        return self.config_init[self.subcommand] if self.subcommand else self.config_init
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The Trainer, with atomic checkpoints (:class:`tlkit.AtomicCheckpointIO`, unless the recipe names its own
-        ``CheckpointIO`` plugin) and loggers that scrub secrets from the hyperparameters they store."""
-        trainer = super().instantiate_trainer(**kwargs)
+        ``CheckpointIO`` plugin) and loggers that scrub secrets from the hyperparameters they store.
+
+        Unless the recipe chooses its own, the progress bar and model summary are tlkit's (no ``v_num``, no FLOPs
+        column that nothing computed); ``fit`` measures the run for its closing summary (:class:`FitSummary`).
+        """
+        config = self._subcommand_config_init().get("trainer") or {}
+        callbacks = [*_as_list(config.get("callbacks")), *progress_bar(config)]
+        self.fit_summary = FitSummary() if self.subcommand == "fit" else None
+        if self.fit_summary is not None:
+            callbacks.append(self.fit_summary)
+        given = list(callbacks)  # Lightning extends this very list with its defaults
+        trainer = super().instantiate_trainer(**{"callbacks": callbacks, **kwargs})
+        replace_default_summary(trainer, given)
+        if self.subcommand in EVALUATIONS and self.checkpoint_callback_states is not None:
+            keep_checkpoint_folders(trainer, self.checkpoint_callback_states)
         for init_args in getattr(self, "claimed_versions", []):
             init_args["version"] = None  # the saved config.yaml, run again, claims a new folder instead of this one
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: not a user's choice
@@ -207,15 +291,10 @@ class TlkitCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionCSVWriter())
 
     def after_fit(self) -> None:
-        checkpoint = next((cb for cb in self.trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
-        metrics = {k: f"{v.item():.4f}" for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
-        _say(f"Validation: {metrics}")
-        if checkpoint is not None and checkpoint.best_model_path:
-            score = checkpoint.best_model_score
-            best = f" ({checkpoint.monitor}={score:.4f})" if score is not None else ""
-            _say(f"Best checkpoint{best}: {checkpoint.best_model_path}")
-        if self.trainer.is_global_zero:
-            _say(f"Run directory (config.yaml, checkpoints): {run_directory(self.trainer)}")
+        """One closing summary: the best validation score and its epoch, wall time and throughput, the run directory,
+        and the commands that resume the run and evaluate its best checkpoint."""
+        if self.trainer.is_global_zero and self.fit_summary is not None:
+            _say(fit_report(self.trainer, self.fit_summary, run_directory(self.trainer)))
 
 
 def _data_config(backbone: str | None, pretrained: Any) -> dict[str, Any] | None:
@@ -271,6 +350,107 @@ def remove_empty_folders(folders: list[Path]) -> None:
     for folder in folders:
         if folder.is_dir() and not any(path.is_file() for path in folder.rglob("*")):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+# The commands that evaluate a checkpoint; given one of a run's, they write into <run>/<command>/.
+EVALUATIONS = ("validate", "test", "predict")
+
+
+def evaluated_run_directory(ckpt_path: Any) -> Path | None:
+    """The run directory a checkpoint file belongs to (``<run>/checkpoints/x.ckpt`` next to ``<run>/config.yaml``, as
+    ``tlkit fit`` writes them), or None for a checkpoint kept elsewhere or one of Lightning's keywords."""
+    if not ckpt_path or str(ckpt_path) in CKPT_PATH_KEYWORDS:
+        return None
+    folder = Path(ckpt_path).parent
+    if folder.name == "checkpoints" and (folder.parent / "config.yaml").is_file():
+        return folder.parent
+    return None
+
+
+def evaluation_folders(trainer_config: Any, run_dir: Path, command: str) -> list[Path]:
+    """Points each CSV/TensorBoard logger of a parsed ``trainer`` config (Lightning's default one written out, as in
+    :func:`claim_version_folders`) at ``run_dir/command``: an evaluation of a run lands in the run's own directory,
+    replacing the previous evaluation of that kind, instead of in a new ``version_<n>``. Returns the folders."""
+    if trainer_config is None or rank_zero_only.rank != 0:
+        return []
+    if trainer_config.get("logger") in (None, True):
+        trainer_config["logger"] = default_logger(trainer_config.get("default_root_dir"))
+    folders = []
+    for logger in _as_list(trainer_config.get("logger")):
+        if isinstance(logger, Namespace) and _is_versioned_logger(logger.get("class_path")):
+            logger["init_args"] = Namespace(**{**vars(logger.get("init_args") or Namespace()),
+                                               "save_dir": str(run_dir), "name": "", "version": command})  # fmt: skip
+            folders.append(run_dir / command)
+    return folders
+
+
+def keep_checkpoint_folders(trainer: L.Trainer, states: dict[str, Any]) -> None:
+    """Gives each ``ModelCheckpoint`` of an evaluation the folder that its state in a checkpoint (``states``: the
+    checkpoint's ``callbacks``) was saved from, so that restoring it does not warn that "the dirpath has changed" (it
+    saves nothing outside ``fit``; its state, such as the best score, stays as the run left it)."""
+    for callback in trainer.checkpoint_callbacks:
+        state = states.get(callback.state_key) if isinstance(callback, ModelCheckpoint) else None
+        if isinstance(state, dict) and state.get("dirpath"):
+            callback.dirpath = state["dirpath"]
+
+
+def _as_list(value: Any) -> list:
+    """A recipe entry that is one item or a list of them (``logger``, ``callbacks``) as a list; nothing: []."""
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def progress_bar(trainer_config: Any) -> list[L.Callback]:
+    """tlkit's progress bar, for a Trainer whose recipe neither lists its own nor turns it off (Lightning adds its
+    default only where none is given)."""
+    callbacks = _as_list(trainer_config.get("callbacks"))
+    wanted = trainer_config.get("enable_progress_bar") is not False
+    return [RunProgressBar()] if wanted and not any(isinstance(c, ProgressBar) for c in callbacks) else []
+
+
+def replace_default_summary(trainer: L.Trainer, given: list[L.Callback]) -> None:
+    """Swaps the model summary Lightning added by default (one not in ``given``, the Trainer's callbacks argument)
+    for :class:`ModelSummaryTable`. After construction, because a summary passed in makes Lightning say that it
+    skips its own."""
+    given_ids = {id(cb) for cb in given}
+    trainer.callbacks = [
+        ModelSummaryTable() if isinstance(cb, ModelSummary) and id(cb) not in given_ids else cb
+        for cb in trainer.callbacks
+    ]
+
+
+def fit_report(trainer: L.Trainer, summary: FitSummary, run_dir: str) -> str:
+    """The closing lines of ``tlkit fit``: best validation score and its epoch, time and throughput, run directory,
+    and the commands to resume the run and to evaluate its best checkpoint."""
+    checkpoints = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    monitored = next((cb for cb in checkpoints if cb.monitor), None)
+    lines = [summary.timing_line(trainer.world_size)]
+    if monitored is not None:
+        lines.append(summary.best_line(monitored.monitor, monitored.mode))
+    else:
+        lines.append(summary.last_line())
+    lines.append(f"Run directory: {run_dir}")
+    config = shlex.quote(str(Path(run_dir) / "config.yaml"))
+    last = _latest_checkpoint(checkpoints)
+    if last:
+        lines.append(f"Resume (add --trainer.max_epochs N to train on): tlkit fit --config {config} "
+                     f"--ckpt_path {shlex.quote(last)}")  # fmt: skip
+    else:
+        lines.append("Resume: no checkpoint of the last epoch (a ModelCheckpoint with save_last: true writes one)")
+    best = monitored.best_model_path if monitored is not None else last
+    if best:
+        lines.append(f"Evaluate: tlkit validate --config {config} --ckpt_path {shlex.quote(best)}  (or test, predict)")
+    return "\n".join(lines)
+
+
+def _latest_checkpoint(checkpoints: list[ModelCheckpoint]) -> str:
+    """The checkpoint of the run's last epoch: a ``save_last`` file, else the newest file of a ModelCheckpoint
+    without a monitor (which keeps the latest epoch), else ''."""
+    for cb in checkpoints:
+        if cb.last_model_path:
+            return cb.last_model_path
+    return next((cb.best_model_path for cb in checkpoints if cb.monitor is None and cb.best_model_path), "")
 
 
 def default_logger(default_root_dir: str | None) -> Namespace:
@@ -382,8 +562,11 @@ def plot_schedule(args: list[str]) -> str:
     changed = [f"{key.split('.')[-1]}={value}" for key, value in zip(pairs[::2], pairs[1::2], strict=False)]
     names += f" ({', '.join(changed)})" if changed else ""
     title = f"{names}: {run.estimated_stepping_batches} steps, {run.max_epochs} epochs"
-    path = save_figure(lr_schedule_figure(curves, run.steps_per_epoch, title=title), options.out)
-    print(f"Learning-rate schedule of {len(curves)} parameter groups, {len(next(iter(curves.values())))} steps: {path}")
+    figure = lr_schedule_figure(curves, run.steps_per_epoch, title=title)
+    path = save_figure(figure, options.out)
+    # Groups on the same curve (a stage's weights and its no-weight-decay biases) share one line of the legend.
+    lines, steps = len(figure.axes[0].get_lines()), len(next(iter(curves.values())))
+    print(f"Learning-rate schedule: {lines} curves for {len(curves)} parameter groups, {steps} steps: {path}")
     return path
 
 
@@ -411,7 +594,69 @@ def _steps_per_epoch(trainer: L.Trainer, datamodule: ImageDataModule) -> int:
 
 
 # Commands that read a recipe with ``--config`` parse their own arguments (jsonargparse's CLI owns ``--config``).
-RECIPE_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"plot-schedule": plot_schedule}
+def soup(args: list[str]) -> str:
+    """``tlkit soup --ckpt_path a.ckpt b.ckpt ... [--greedy] [-o soup.ckpt] [--config recipe.yaml]``: average
+    checkpoints of one model into a new checkpoint (uniform, or greedy: best first, each kept only if val does not
+    drop), BatchNorm statistics re-estimated (see :mod:`tlkit.soup`)."""
+    from tlkit.soup import make_soup
+
+    parser = argparse.ArgumentParser(prog="tlkit soup", description=soup.__doc__.split("\n")[0])
+    parser.add_argument("--ckpt_path", nargs="+", required=True, help="checkpoints of the same model (2 or more)")
+    parser.add_argument("--greedy", action="store_true", help="greedy soup (default: uniform)")
+    parser.add_argument("-o", "--out", default="soup.ckpt", help="checkpoint to write (default: soup.ckpt)")
+    parser.add_argument(
+        "--config", action="append", help="recipe of the data to validate on (default: the checkpoint's data)"
+    )
+    options, overrides = parser.parse_known_args(args)
+    datamodule = None
+    if options.config:
+        recipe = [arg for path in options.config for arg in ("--config", path)]
+        quiet = ["--model.init_args.pretrained", "false", "--trainer.logger", "false"]
+        datamodule = lightning_cli([*recipe, *overrides, *quiet], run=False).datamodule
+    result = make_soup(options.ckpt_path, options.out, greedy=options.greedy, datamodule=datamodule)
+    for path, acc in result.scores.items():
+        print(f"val acc {acc:.4f}  {path}{'  (in the soup)' if path in result.ingredients else ''}")
+    kind = "Greedy" if options.greedy else "Uniform"
+    print(f"{kind} soup of {len(result.ingredients)} checkpoints: val acc {result.val_acc:.4f}, in {options.out}")
+    return options.out
+
+
+def lr_find(args: list[str]) -> float:
+    """``tlkit lr-find --config recipe.yaml [-o lr_find.png] [--apply tuned.yaml] [--suggestion valley]``: the
+    learning-rate range test of Lightning's tuner on the recipe's first phase; prints the steep, valley and
+    minimum/10 suggestions, saves the loss-vs-LR plot, and with --apply writes the recipe with the chosen lr."""
+    from tlkit.lr_find import SUGGESTIONS, apply_lr, find_lr
+
+    parser = argparse.ArgumentParser(prog="tlkit lr-find", description=lr_find.__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, action="append", help="recipe YAML (repeatable, as in fit)")
+    parser.add_argument("-o", "--out", default="lr_find.png", help="PNG of the loss-vs-LR curve")
+    parser.add_argument("--apply", help="write the last --config with the chosen lr to this YAML file")
+    parser.add_argument("--suggestion", choices=SUGGESTIONS, default="valley", help="the lr --apply writes")
+    parser.add_argument("--num_training", type=int, default=100, help="steps of the test")
+    parser.add_argument("--min_lr", type=float, default=1e-6)
+    parser.add_argument("--max_lr", type=float, default=1.0)
+    options, overrides = parser.parse_known_args(args)
+    recipe = [arg for path in options.config for arg in ("--config", path)]
+    cli = lightning_cli([*recipe, *overrides, "--trainer.logger", "false"], run=False)
+    found, figure = find_lr(cli.model, cli.datamodule, cli.trainer, min_lr=options.min_lr, max_lr=options.max_lr,
+                            num_training=options.num_training)  # fmt: skip
+    save_figure(figure, options.out)
+    for name in SUGGESTIONS:
+        value = getattr(found, name)
+        print(f"{name:>10}: {'-' if value is None else f'{value:.3g}'}")
+    chosen = found.pick(options.suggestion)
+    if options.apply:
+        apply_lr(options.config[-1], chosen, options.apply)
+        print(f"{options.config[-1]} with lr {chosen:.3g} ({options.suggestion}) written to {options.apply}")
+    print(f"Loss-vs-LR plot: {options.out}")
+    return chosen
+
+
+RECIPE_COMMANDS: dict[str, Callable[[list[str]], Any]] = {
+    "plot-schedule": plot_schedule,
+    "soup": soup,
+    "lr-find": lr_find,
+}
 
 
 def lightning_cli(args: list[str] | None, **kwargs: Any) -> TlkitCLI:
@@ -433,12 +678,14 @@ def lightning_cli(args: list[str] | None, **kwargs: Any) -> TlkitCLI:
 def run(command: str, args: list[str]) -> None:
     """Runs ``tlkit <command> <args>`` for a recipe command (fit, validate, test, predict, plot-schedule); the
     one-function commands are run by :func:`tlkit.cli.main`."""
-    if command in RECIPE_COMMANDS:
-        RECIPE_COMMANDS[command](args)
-    elif {"-h", "--help"} & set(args):
+    if {"-h", "--help"} & set(args) and command not in RECIPE_COMMANDS:
         print(recipe_help(command))
-    else:
-        lightning_cli([command, *["--help" if arg == "--help-all" else arg for arg in args]])
+        return
+    with quiet_library_noise():
+        if command in RECIPE_COMMANDS:
+            RECIPE_COMMANDS[command](args)
+        else:
+            lightning_cli([command, *["--help" if arg == "--help-all" else arg for arg in args]])
 
 
 def recipe_help(command: str) -> str:

@@ -13,6 +13,7 @@ from typing import IO, Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
@@ -21,8 +22,10 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from tlkit.backbones import Pretrained, create_backbone
 from tlkit.callbacks import FineTuningPhases, Phase, parse_phases, phase_specs
+from tlkit.error_analysis import ErrorAnalysis
 from tlkit.freezing import apply_freeze, batchnorm_parameter_names, frozen_parameter_names, keep_frozen_bn_eval
 from tlkit.heads import ClassifierHead
+from tlkit.mixup import BatchMixup
 from tlkit.optim import (
     OPTIMIZERS,
     SCHEDULES,
@@ -38,11 +41,13 @@ from tlkit.optim import (
 )
 from tlkit.pairing import PairingCheck
 from tlkit.resume import RngStateCheckpoint
+from tlkit.tta import check_tta, tta_probabilities
 
 # Lightning warns when modules are in eval mode as training starts; tlkit keeps frozen BatchNorm layers in eval mode
 # on purpose (their running statistics are part of the pretrained weights). Ignored while a TransferClassifier fits,
 # not from import on: importing tlkit leaves the process's warning filters alone.
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+EVAL_MODE_WARNING_MODULE = r"lightning\.pytorch\.loops\.fit_loop\Z"  # the module that warns, and no other
 
 # Modules whose classes a checkpoint may name (``_class_path``, ``_instantiator``): resolving any other name would
 # import code chosen by whoever wrote the file.
@@ -91,6 +96,19 @@ class TransferClassifier(L.LightningModule):
             :meth:`configure_callbacks`; the model starts in the first phase.
         freeze_epochs: shorthand for two phases: ``freeze`` (``"backbone"`` if ``"none"``) for this many epochs,
             then everything unfrozen (with ``layer_decay`` if set). 0: off.
+        mixup_alpha: mixup (timm's ``Mixup``, on the preprocessed batch): Beta(alpha, alpha) of the mixing factor;
+            0: off. The loss is a soft-target cross-entropy (with ``label_smoothing``); train metrics compare the
+            predictions with the un-mixed labels.
+        cutmix_alpha: CutMix's Beta(alpha, alpha) of the pasted area; 0: off.
+        mixup_prob: probability that a batch is mixed.
+        mixup_switch_prob: with mixup and CutMix both on, probability of CutMix for a batch.
+        mixup_off_epoch: first epoch trained without mixing; ``None``: mix to the end.
+        ema_decay: keep an exponential moving average of the weights (Lightning's ``EMAWeightAveraging``, updated
+            every step): validation, checkpoints' ``state_dict`` (so test, predict, export and soups) and the model
+            after ``fit`` use the averaged weights; the raw ones are saved beside them for resuming. ``None``: off.
+        tta: test-time augmentation for validation, test and predict: ``"flip"``, ``"five_crop"`` or
+            ``"ten_crop"`` (probabilities averaged over the views, see :mod:`tlkit.tta`), logged as ``val/tta_acc``
+            etc. next to the plain metrics; predict returns the averaged probabilities. ``None``: off.
         feature_cache: deprecated and ignored (with a warning): the checkpoints of tlkit before
             :class:`tlkit.LinearProbe` hold it, and load. A linear probe on features computed once is that class.
 
@@ -130,6 +148,13 @@ class TransferClassifier(L.LightningModule):
         layer_decay: float | None = None,
         phases: list[dict[str, Any]] | None = None,
         freeze_epochs: int = 0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        mixup_off_epoch: int | None = None,
+        ema_decay: float | None = None,
+        tta: str | None = None,
         feature_cache: bool | None = None,
     ):
         super().__init__()
@@ -147,13 +172,31 @@ class TransferClassifier(L.LightningModule):
         self.backbone = create_backbone(backbone, pretrained=pretrained)
         self.head = _build_head(self.backbone.num_features, num_classes, head or {})
         self.enter_phase(self._declared_phases()[0])  # checks every phase now, not epochs into the run
+        self.mixup = self._build_mixup()
+        check_ema_decay(ema_decay)
+        check_tta(tta)
         self.train_metrics = classification_metrics(num_classes, "train/")
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
+        if tta:  # (metrics hold no checkpointed state: a checkpoint loads with TTA on or off)
+            self.tta_metrics = torch.nn.ModuleDict(
+                {stage: classification_metrics(num_classes, f"{stage}/tta_") for stage in ("val", "test")}
+            )
         if channels_last:
             self.to(memory_format=torch.channels_last)
         if compile:
             self.backbone.compile()  # in place: parameter names (and so checkpoints) stay those of the eager model
+
+    def _build_mixup(self) -> BatchMixup | None:
+        hp = self.hparams
+        if not (hp.mixup_alpha or hp.cutmix_alpha):
+            return None
+        if hp.class_weights:  # soft targets have no class weights
+            raise ValueError("mixup/cutmix cannot be combined with class_weights; set mixup_alpha=cutmix_alpha=0.")
+        return BatchMixup(
+            hp.num_classes, mixup_alpha=hp.mixup_alpha, cutmix_alpha=hp.cutmix_alpha, prob=hp.mixup_prob,
+            switch_prob=hp.mixup_switch_prob, label_smoothing=hp.label_smoothing, off_epoch=hp.mixup_off_epoch,
+        )  # fmt: skip
 
     @property
     def data_config(self) -> dict[str, Any]:
@@ -211,10 +254,16 @@ class TransferClassifier(L.LightningModule):
         phases = self._declared_phases()
         if len(phases) > 1 or phases[0].recalibrate_bn:
             callbacks.append(FineTuningPhases(phases))
+        if self.hparams.ema_decay and self.trainer.state.fn == "fit":  # the average exists only while fitting
+            callbacks.append(EMAWeightAveraging(decay=self.hparams.ema_decay))
+        if self.trainer.state.fn == "test":  # the highest-loss images and most confused classes, as CSV files
+            callbacks.append(ErrorAnalysis())
         return callbacks
 
     def on_fit_start(self) -> None:
-        warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING, category=PossibleUserWarning)
+        warnings.filterwarnings(
+            "ignore", message=EVAL_MODE_WARNING, category=PossibleUserWarning, module=EVAL_MODE_WARNING_MODULE
+        )
 
     def teardown(self, stage: str) -> None:
         if stage == "fit":  # the filter on_fit_start added, and no other
@@ -234,7 +283,11 @@ class TransferClassifier(L.LightningModule):
         return self.head(self.backbone(images))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._shared_step(batch, self.train_metrics)
+        images, targets = batch
+        soft_targets = None
+        if self.mixup is not None:  # on the device, after normalisation (the data module's on_after_batch_transfer)
+            images, soft_targets = self.mixup(images, targets, epoch=self.current_epoch)
+        loss, _ = self._shared_step((images, targets), self.train_metrics, soft_targets=soft_targets)
         if self.hparams.l1:  # (a pass over every parameter: not in every step when there is no penalty)
             skip = no_weight_decay_names(self.backbone.model, "backbone.model.")
             penalised = [p for n, p in self.named_parameters() if p.requires_grad and uses_weight_decay(p)
@@ -253,28 +306,48 @@ class TransferClassifier(L.LightningModule):
         """Returns the logits, for callbacks (confusion matrix, misclassified images) to use without recomputing."""
         loss, logits = self._shared_step(batch, self.val_metrics)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch[1]))
+        self._tta_step(batch, "val")
         return {"loss": loss, "logits": logits.detach()}
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         loss, logits = self._shared_step(batch, self.test_metrics)
         self.log("test/loss", loss, batch_size=len(batch[1]))
+        self._tta_step(batch, "test")
         return {"loss": loss, "logits": logits.detach()}
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities ``(N, num_classes)``."""
         images = batch[0] if isinstance(batch, list | tuple) else batch
+        if self.hparams.tta:
+            return tta_probabilities(self, images, self.hparams.tta)
         return self(images).softmax(dim=-1)
 
+    def _tta_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        """With ``tta``, the metrics of the averaged probabilities, logged as ``<stage>/tta_*``."""
+        if not self.hparams.tta:
+            return
+        images, targets = batch
+        metrics = self.tta_metrics[stage]
+        metrics.update(tta_probabilities(self, images, self.hparams.tta), targets)
+        self.log_dict(metrics, on_step=False, on_epoch=True)
+
     def _shared_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, count: bool = True
+        self,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        metrics: MetricCollection,
+        count: bool = True,
+        soft_targets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy and logits of the batch; with ``count``, updates and logs the epoch metrics."""
+        """Cross-entropy and logits of the batch (against ``soft_targets`` if given: mixup's); with ``count``,
+        updates and logs the epoch metrics (always against the hard labels)."""
         images, targets = batch
         logits = self(images)
         training = metrics is self.train_metrics  # class weights shape the training loss, not the reported ones
         weight = self.class_weight.to(logits.device) if training and self.class_weight is not None else None
         # The loss first: it rejects labels outside [0, num_classes), which the metrics do not check in logits' case.
         loss = F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.hparams.label_smoothing)
+        if soft_targets is not None:
+            loss = self.mixup.loss(logits, soft_targets)
         if count:
             metrics.update(logits, targets)
             self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=metrics is self.val_metrics)
@@ -439,6 +512,15 @@ def check_arguments(lr: float, optimizer: str, schedule: str, warmup_epochs: flo
     for key, value in (("warmup_epochs", warmup_epochs), ("weight_decay", weight_decay)):
         if not _number(value) or not value >= 0:
             raise ValueError(f"{key}={value!r}; it must be a number >= 0 (0 turns it off).")
+
+
+def check_ema_decay(decay: float | None) -> None:
+    """Raises a ``ValueError`` for an ``ema_decay`` outside (0, 1) (``None``: no EMA)."""
+    if decay is not None and not (_number(decay) and 0 < decay < 1):
+        raise ValueError(
+            f"ema_decay={decay!r}; it must be in (0, 1): the weight of the old average at each step. The average "
+            "spans about 1 / (1 - decay) steps, so pick it for the run's length (0.99 for a few hundred steps)."
+        )
 
 
 def _number(value: Any) -> bool:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,14 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
+from litdata import StreamingDataLoader
 from timm.data import ResizeKeepRatio
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import InterpolationMode, v2
 
+from tlkit.data import shards
+from tlkit.data.decode import RandomResizedCropDecoder, read_image
 from tlkit.data.preprocess import build_preprocess, needs_fit
 from tlkit.data.sources import (
     BAD_IMAGE_POLICIES,
@@ -57,12 +61,15 @@ class ImageDataModule(L.LightningDataModule):
 
     Args:
         source: ``folder:<dir>``, ``csv:<file>``, ``torchvision:<Name>``, ``textures`` or ``digits`` (see
-            :mod:`tlkit.data.sources`).
+            :mod:`tlkit.data.sources`), or ``litdata:<dir or URI>``: shards written by ``tlkit optimize`` (see
+            :mod:`tlkit.data.shards`), streamed by litdata.
         image_size: training/evaluation size in pixels; default: the backbone's input size.
         batch_size: images per batch (per device).
         num_workers: loader worker processes.
         val_split: fraction of each class held out for validation when the source has no val split.
-        seed: seed of the split and of the shuffling.
+        seed: seed of the shuffling and augmentation (and of the split, for sources without a fixed one). ``None``:
+            shuffling and augmentation follow the run's seed (``seed_everything``, ``PL_GLOBAL_SEED``), so runs with
+            different seeds see different orders, and the split stays that of seed 0, so their val sets are equal.
         preprocess: ``"pretrained"`` (the backbone weights' mean/std), ``"dataset"`` (per-channel mean/std fitted
             on the train split), ``"pca"`` or ``"zca"`` (whitening fitted on the train split) or ``"none"``.
         whiten_scope: ``"channel"`` or ``"image"``, for ``pca``/``zca``.
@@ -93,6 +100,14 @@ class ImageDataModule(L.LightningDataModule):
         data_config: what the backbone's weights expect (``input_size``, ``mean``, ``std``, ``interpolation``,
             ``crop_pct``, ``crop_mode``, optionally ``resize_size``): pass ``model.data_config``. None: ImageNet's
             defaults. The arguments above override its values.
+        train_per_class: keep only the first N training images of each class (a few-label training set, e.g. to
+            compare ImageNet weights with a random init); the validation split stays whole. None: all of them.
+        reduced_jpeg_decode: decode a large JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, through PIL's
+            ``draft``) when the random crop (training) or the resize (evaluation) needs no more pixels than that: a
+            phone photo becomes a 224-px crop several times faster. Never below what the crop needs; False: always
+            decode in full (pixel-exact with timm's and torchvision's PIL pipelines).
+        index_dir: folder of the cached image index of ``folder:``/``csv:`` sources (see
+            :func:`tlkit.data.sources.load_source`); ``""``: no cache.
     """
 
     def __init__(
@@ -102,7 +117,7 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         val_split: float = 0.2,
-        seed: int = 0,
+        seed: int | None = None,
         preprocess: str = "pretrained",
         whiten_scope: str = "channel",
         whiten_eps: float | None = None,
@@ -122,15 +137,25 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = False,
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
         data_config: dict[str, Any] | None = None,
+        train_per_class: int | None = None,
+        reduced_jpeg_decode: bool = True,
+        index_dir: str | None = None,
     ):
         super().__init__()
         check_arguments(image_size=image_size, batch_size=batch_size)
+        if train_per_class is not None and train_per_class < 1:
+            raise ValueError(f"train_per_class={train_per_class!r} keeps no image; use a count >= 1 or None (all).")
         if augment not in AUGMENTATIONS:
             raise ValueError(f"Unknown augment={augment!r}; choose one of {AUGMENTATIONS}.")
         if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"Unknown on_bad_image={on_bad_image!r}; choose one of {BAD_IMAGE_POLICIES}.")
         if sampler not in SAMPLERS:
             raise ValueError(f"Unknown sampler={sampler!r}; choose one of {SAMPLERS}.")
+        if sampler is not None and source.startswith(shards.SCHEME):
+            raise ValueError(
+                f"sampler={sampler!r} cannot draw from shards (source={source!r}): litdata streams each rank's chunks "
+                "in its own order. Use class weights in the loss instead, or a folder: or csv: source."
+            )
         self.save_hyperparameters()
         self.preprocess: torch.nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -140,7 +165,15 @@ class ImageDataModule(L.LightningDataModule):
     @functools.cached_property
     def class_names(self) -> list[str]:
         """Sorted class names; index = label."""
+        if self._shards is not None:
+            return shards.read_meta(self._shards)["class_names"]
         return list_class_names(self.hparams.source, root=self.hparams.data_root, download=self.hparams.download)
+
+    @property
+    def _shards(self) -> str | None:
+        """The folder or URI of a ``litdata:`` source; None for other sources."""
+        source = self.hparams.source
+        return source.removeprefix(shards.SCHEME) if source.startswith(shards.SCHEME) else None
 
     @property
     def num_classes(self) -> int:
@@ -148,18 +181,45 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def data(self) -> SourceData:
+        if self._data is None and self._shards is not None:
+            self._data = shards.shard_source_data(self._shards)
         if self._data is None:
             hp = self.hparams
             self._data = load_source(
                 hp.source,
                 val_split=hp.val_split,
-                seed=hp.seed,
+                seed=0 if hp.seed is None else hp.seed,  # the run's seed must not move images between splits
                 on_bad_image=hp.on_bad_image,
                 root=hp.data_root,
                 download=hp.download,
                 max_image_pixels=hp.max_image_pixels,
+                index_dir=hp.index_dir,
             )
+            if hp.get("train_per_class"):
+                self._data = _first_per_class(self._data, hp.train_per_class)
         return self._data
+
+    def num_images(self, split: str) -> int:
+        """Number of images in ``split``: ``"train"``, ``"val"`` (also what ``test`` evaluates) or ``"predict"``."""
+        return len(self._split(split).samples)
+
+    def image(self, split: str, index: int) -> torch.Tensor:
+        """The ``index``-th image of ``split`` as its source holds it: ``uint8`` ``(3, H, W)``, before any transform
+        (the order of :meth:`num_images` and of the split's loader without shuffling, and of ``FeatureSet`` rows)."""
+        return read_image(self._split(split).samples[index], max_pixels=self.hparams.max_image_pixels)
+
+    def _split(self, split: str) -> Split:
+        splits = {"train": lambda: self.data.train, "val": lambda: self.data.val, "predict": self.predict_split}
+        if split not in splits:
+            raise ValueError(f"Unknown split {split!r}; choose one of {list(splits)}.")
+        return splits[split]()
+
+    @property
+    def shuffle_seed(self) -> int:
+        """``seed`` if given, else the run's (``PL_GLOBAL_SEED``, set by ``seed_everything``), else 0."""
+        if self.hparams.seed is not None:
+            return self.hparams.seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     @property
     def class_counts(self) -> list[int]:
@@ -276,11 +336,13 @@ class ImageDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------- dataloaders
 
-    def train_dataloader(self) -> StatefulDataLoader:
+    def train_dataloader(self) -> StatefulDataLoader | StreamingDataLoader:
         self.fit_preprocess()
+        if self._shards is not None:
+            return self._shard_loader("train", self.transform(train=True), shuffle=True)
         dataset = self._dataset(self.data.train, self.transform(train=True))
         rank, world = _rank_world()
-        seed = self.hparams.seed
+        seed = self.shuffle_seed
         if self.hparams.sampler == "balanced":
             counts = torch.tensor(self.class_counts, dtype=torch.float64)
             weights = (1.0 / counts)[torch.as_tensor(self.data.train.targets)]
@@ -316,8 +378,10 @@ class ImageDataModule(L.LightningDataModule):
             snapshot_every_n_steps=None,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | StreamingDataLoader:
         self.fit_preprocess()
+        if self._shards is not None:
+            return self._shard_loader("val", self.transform(train=False), shuffle=False)
         return self._loader(self._dataset(self.data.val, self.transform(train=False)))
 
     def test_dataloader(self) -> DataLoader:
@@ -329,6 +393,10 @@ class ImageDataModule(L.LightningDataModule):
 
     def predict_split(self) -> Split:
         """The images ``predict`` runs on: ``predict_source`` (labels -1) or the val split."""
+        if self.hparams.predict_source is None and self._shards is not None:
+            raise ValueError(
+                f"predict needs image files; source={self.hparams.source!r} holds shards. Pass predict_source=<folder>."
+            )
         if self.hparams.predict_source is None:
             return self.data.val
         return self._predict_files
@@ -360,13 +428,44 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"predict_source {str(root)!r} holds no readable images ({', '.join(IMAGE_EXTENSIONS)}).")
         return Split(paths, [-1] * len(paths))
 
-    def _dataset(self, split: Split, transform: v2.Transform) -> ImageDataset:
+    def _dataset(self, split: Split, transform: v2.Compose) -> ImageDataset:
         """A split's dataset: files unreadable since the scan are replaced and appended to the skipped-files list."""
         hp = self.hparams
+        transform, decode = self._decoding(transform)
         log = self._skipped_path()
         return ImageDataset(
-            split, transform, max_pixels=hp.max_image_pixels, on_bad_image=hp.on_bad_image, skipped_log=log
+            split,
+            transform,
+            max_pixels=hp.max_image_pixels,
+            on_bad_image=hp.on_bad_image,
+            skipped_log=log,
+            decode=decode,
         )
+
+    def _shard_loader(self, split: str, transform: v2.Compose, shuffle: bool) -> StreamingDataLoader:
+        """A litdata loader over one split of the shards: each DDP rank and worker streams its own chunks, the order
+        is a function of ``(seed, epoch)``, and Lightning saves the loader's position in every checkpoint."""
+        transform, decode = self._decoding(transform)
+        hp = self.hparams
+        dataset = shards.ShardDataset(
+            shards.split_dir(self._shards, split), transform, decode, shuffle=shuffle, seed=hp.seed
+        )
+        return StreamingDataLoader(
+            dataset, batch_size=hp.batch_size, num_workers=hp.num_workers, pin_memory=torch.cuda.is_available()
+        )
+
+    def _decoding(self, transform: v2.Compose) -> tuple[v2.Compose, Callable[[Any], torch.Tensor] | None]:
+        """``transform`` split into what the decoder does (a JPEG decoded at a reduced DCT scale, never below what
+        the transform's first resize needs) and the steps after it; ``(transform, None)`` with
+        ``reduced_jpeg_decode=False``."""
+        hp = self.hparams
+        if not hp.reduced_jpeg_decode:
+            return transform, None
+        first, *rest = transform.transforms
+        if isinstance(first, v2.RandomResizedCrop):  # the crop is drawn from the header, then decoded to fit
+            return v2.Compose(rest), RandomResizedCropDecoder(first, hp.max_image_pixels)
+        min_size = EvalResizeSize(self.data_config())  # the evaluation transform: never below its resize
+        return transform, functools.partial(read_image, max_pixels=hp.max_image_pixels, min_size=min_size)
 
     def _loader(self, dataset: Dataset) -> DataLoader:
         """An evaluation loader (in order).
@@ -382,7 +481,7 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(self.hparams.seed),
+            generator=torch.Generator().manual_seed(self.shuffle_seed),
         )
 
     # ------------------------------------------------------------------------------------------------ preprocess
@@ -392,6 +491,9 @@ class ImageDataModule(L.LightningDataModule):
         restored from a checkpoint. Under DDP each rank streams its own shard and the sums are all-reduced."""
         self.setup()
         if not needs_fit(self.preprocess):
+            return
+        if self._shards is not None:  # litdata gives each rank its own part of the train split
+            self.preprocess.fit(self._shard_loader("train", self.transform(train=False), shuffle=False))
             return
         rank, world = _rank_world()
         dataset = self._dataset(self.data.train, self.transform(train=False))
@@ -418,6 +520,18 @@ class ImageDataModule(L.LightningDataModule):
             self._pending_state = state  # loaded into the module when setup() builds it
         else:
             self.preprocess.load_state_dict(state)
+
+
+def _first_per_class(data: SourceData, per_class: int) -> SourceData:
+    """``data`` with the first ``per_class`` training images of each class (in the split's order) and all of val."""
+    seen = [0] * len(data.class_names)
+    keep = []
+    for i, target in enumerate(data.train.targets):
+        if seen[target] < per_class:
+            seen[target] += 1
+            keep.append(i)
+    train = Split([data.train.samples[i] for i in keep], [data.train.targets[i] for i in keep])
+    return dataclasses.replace(data, train=train)
 
 
 def _with_image_size(config: dict[str, Any], image_size: int) -> dict[str, Any]:
@@ -473,6 +587,28 @@ def eval_transform(config: dict[str, Any]) -> v2.Compose:
     else:
         resize = KeepRatioResize(scale, interpolation, longest=False)
     return v2.Compose([resize, v2.CenterCrop(size)])
+
+
+class EvalResizeSize:
+    """``(height, width) -> (height, width)`` that :func:`eval_transform`'s resize gives an image of that size: the
+    smallest an image may be decoded at without changing what the evaluation crop sees (beyond rounding)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        crop = tuple(config["input_size"][1:])
+        self.crop_mode = config.get("crop_mode") or "center"
+        if "resize_size" in config:  # torchvision: shorter side to resize_size
+            self.crop_mode, side = "center", config["resize_size"]
+            self.target = (side, side) if isinstance(side, int) else tuple(side) * (2 // len(side))
+        else:
+            self.target = tuple(math.floor(s / config["crop_pct"]) for s in crop)
+
+    def __call__(self, height: int, width: int) -> tuple[int, int]:
+        target_h, target_w = self.target
+        if self.crop_mode == "squash":
+            return target_h, target_w
+        pick = min if self.crop_mode == "border" else max  # border: longer side fits; center: shorter side fills
+        ratio = pick(target_h / height, target_w / width)
+        return math.ceil(height * ratio), math.ceil(width * ratio)
 
 
 class KeepRatioResize(torch.nn.Module):

@@ -13,11 +13,13 @@ A sample is either a file path (``str``) or an in-memory ``uint8`` numpy array i
 (``H x W x 3``; ``H x W`` grayscale is also accepted). :func:`read_image` turns either into a
 ``uint8`` ``(3, H, W)`` RGB tensor; normalisation happens later, on the device.
 
-Bad files: every image *file* of a source is decoded once by :func:`load_source` (a parallel scan, before the
-train/val split, so a skipped file cannot empty a class's val set unnoticed). Unreadable files (corrupt, truncated,
-zero-byte, not an image, missing) are dropped and listed in ``SourceData.skipped`` with ``on_bad_image="skip"``, or
-stop the load with an error naming the file with ``on_bad_image="raise"``. Odd modes (grayscale, palette, RGBA,
-CMYK, 16-bit) are converted to 8-bit RGB.
+Bad files: every image *file* of a source is checked once by :func:`load_source`, before the train/val split (so a
+skipped file cannot empty a class's val set unnoticed), from its header and end marker, with the verdicts cached
+on disk (:mod:`tlkit.data.index`). Unreadable files (corrupt header, truncated, zero-byte, not an image, missing,
+over the pixel limit) are dropped and listed in ``SourceData.skipped`` with ``on_bad_image="skip"``, or stop the load
+with an error naming the file with ``on_bad_image="raise"``; a file damaged inside its data, which only a full decode
+finds, is replaced and listed by the loader (:class:`ImageDataset`). Odd modes (grayscale, palette, RGBA, CMYK,
+16-bit) are converted to 8-bit RGB.
 
 New schemes are added by writing one loader and one class-name function and registering them in
 ``_SOURCES``.
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import io
 import math
 import os
 import warnings
@@ -43,18 +44,14 @@ try:
     import fcntl
 except ImportError:  # Windows: no flock; loader workers' rows may then interleave
     fcntl = None
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.functional import pil_to_tensor
 
+from tlkit.data.decode import MAX_IMAGE_PIXELS, ImageTooLargeError, read_image
+from tlkit.data.index import PathList, check_files
 from tlkit.data.splits import Listing, Sample, SourceData, SourceOptions, Split
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 BAD_IMAGE_POLICIES = ("skip", "raise")
-# Default pixel limit of a decoded file: PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS, ~179 MP), not its ~89 MP
-# warning level, so that 108 MP phone photos (12000x9000) load, while a 20000x20000 "bomb" (400 MP) is refused.
-MAX_IMAGE_PIXELS: int = 178_956_970
 
 PATCH = 64
 TEXTURE_TRAIN_PER_CLASS = 48
@@ -78,132 +75,12 @@ TEXTURE_TRAIN_FRACTION = 0.75
 # Fixed so the textures val set is identical across runs, whatever seed the caller passes.
 TEXTURE_SEED = 0
 
-# --------------------------------------------------------------------------- decoding
-
-
-def read_image(sample: Sample | os.PathLike | torch.Tensor, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """Decode or convert one sample to a ``uint8`` ``(3, H, W)`` RGB tensor.
-
-    Files are shown the way people see them: the EXIF orientation (JPEG, PNG ``eXIf``, WebP, TIFF) is applied.
-
-    Args:
-        sample: A file path, a ``uint8`` numpy array (``HxW``, ``HxWx1``, ``HxWx3`` or ``HxWx4``),
-            or a ``uint8`` tensor (``HxW`` or ``CxHxW`` with C in 1, 3, 4). Alpha is dropped.
-        max_pixels: Largest width x height a file may declare before anything is decoded (None: no limit).
-
-    Returns:
-        ``uint8`` tensor of shape ``(3, H, W)``: contiguous for arrays and tensors; for decoded files, a view of
-        channels-last (HWC) memory, which the uint8 resize kernels read fastest.
-
-    Raises:
-        FileNotFoundError: The file (or a symlink's target) does not exist.
-        ImageTooLargeError: The file declares more than ``max_pixels`` pixels.
-        ValueError: The file cannot be decoded (the message names it).
-    """
-    if isinstance(sample, str | os.PathLike):
-        return _decode_file(Path(sample), max_pixels)
-    if isinstance(sample, np.ndarray):
-        if sample.ndim == 3:
-            sample = sample.transpose(2, 0, 1)  # HWC -> CHW
-        # Copy: cached source arrays may be read-only and must never be mutated through the tensor.
-        return _to_rgb_chw(torch.tensor(sample), "numpy array")
-    if isinstance(sample, torch.Tensor):
-        return _to_rgb_chw(sample.clone(), "tensor")
-    if callable(getattr(sample, "load", None)):  # e.g. an item of a torchvision dataset
-        return _to_rgb_chw(sample.load(), "dataset item")
-    raise TypeError(f"Unsupported sample type {type(sample).__name__}; expected a path, numpy array or tensor")
-
-
-class ImageTooLargeError(ValueError):
-    """An image file declares more pixels than the decoding limit allows (a decompression bomb, or a huge photo)."""
-
-
-def _decode_file(path: Path, max_pixels: int | None) -> torch.Tensor:
-    """Decode an image file to uint8 RGB CHW, upright, within the pixel limit; any failure names the file."""
-    if not path.is_file():
-        target = f" (a symlink to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
-        raise FileNotFoundError(f"Image file not found: {path}{target}")
-    try:
-        data = path.read_bytes()  # read once: PIL checks the header, torchvision may decode the same bytes
-        with _open_within_limit(path, data, max_pixels) as img:
-            image = _decode_opened(data, img)
-    except ImageTooLargeError:
-        raise
-    # Any exception: PIL's plugins raise OSError, SyntaxError, struct.error, IndexError, ... on damaged files, and
-    # one bad file must become one named, skippable error, never a crash of the scan or of a loader worker.
-    except Exception as err:
-        raise ValueError(f"Could not decode image {path}: {err}") from err
-    # No .contiguous(): decoders return a (3, H, W) view of HWC memory (channels-last), which torchvision's uint8
-    # resize kernels read ~1.6x faster than planar CHW; copying it to CHW would cost a pass and slow the resize.
-    return image
-
-
-def _open_within_limit(path: Path, data: bytes, max_pixels: int | None) -> Image.Image:
-    """Open the file's bytes with PIL (header only) and refuse it when it declares more than ``max_pixels`` pixels."""
-    _let_pil_open(max_pixels)
-    try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:  # PIL's own, fixed limit: say which setting to change
-        raise ImageTooLargeError(f"Image {path} is too large to decode: {err} {_limit_hint(max_pixels)}") from err
-    width, height = img.size
-    if max_pixels is not None and width * height > max_pixels:
-        img.close()
-        raise ImageTooLargeError(
-            f"Image {path} is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
-            f"(a guard against decompression bombs). {_limit_hint(max_pixels)}"
-        )
-    return img
-
-
-def _limit_hint(max_pixels: int | None) -> str:
-    return (
-        f"If the file is genuine, raise max_image_pixels (now {max_pixels}) on the ImageDataModule or load_source, "
-        "or set it to None for no limit."
-    )
-
-
-def _let_pil_open(max_pixels: int | None) -> None:
-    """PIL refuses files over ``2 * Image.MAX_IMAGE_PIXELS`` when opening them, before our own check runs. Our limit
-    is the one users set, so PIL's is lifted to it when it is higher (only ever raised, never lowered)."""
-    current = Image.MAX_IMAGE_PIXELS
-    if current is not None and (max_pixels is None or max_pixels > 2 * current):
-        Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max_pixels // 2 + 1
-
-
-def _decode_opened(data: bytes, img: Image.Image) -> torch.Tensor:
-    """Decode an opened file. JPEG keeps torchvision's libjpeg-turbo path (faster; a damaged JPEG raises there,
-    and it applies the EXIF orientation itself); everything else goes through PIL, which raises an error where
-    torchvision's libpng aborts the whole process (a PNG chunk with a bad CRC, issue 11)."""
-    if img.format == "JPEG" and img.mode in ("RGB", "L"):  # CMYK/YCCK JPEGs: PIL converts them exactly
-        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # bytearray: frombuffer wants it writable
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    return _pil_to_rgb(ImageOps.exif_transpose(img))
-
-
-def _pil_to_rgb(img: Image.Image) -> torch.Tensor:
-    if img.mode.startswith("I"):  # 16/32-bit integer (16-bit PNG/TIFF): PIL's convert("RGB") clips, so rescale
-        array = np.asarray(img, dtype=np.float64)
-        return read_image(np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8))
-    return pil_to_tensor(img.convert("RGB"))
-
-
-def _to_rgb_chw(image: torch.Tensor, what: str) -> torch.Tensor:
-    """Validate a uint8 HW/CHW tensor and expand it to 3 channels."""
-    if image.dtype != torch.uint8:
-        raise TypeError(f"Expected a uint8 {what}, got {image.dtype}")
-    if image.ndim == 2:
-        image = image.unsqueeze(0)
-    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
-        raise ValueError(f"Expected a {what} image with 1, 3 or 4 channels, got shape {tuple(image.shape)}")
-    if image.shape[0] == 1:
-        image = image.expand(3, -1, -1)
-    return image[:3].contiguous()
-
 
 class ImageDataset(Dataset):
     """Dataset over a :class:`Split` yielding ``(uint8 (3, H, W) image after transform, target)``.
 
-    A file that became unreadable after the source's scan (damaged, removed) does not stop the loader: with
+    A file that fails to decode (damaged inside, where the source's header check cannot see, or changed or removed
+    after the scan) does not stop the loader: with
     ``on_bad_image="skip"`` it is named in a warning, appended to ``skipped_log`` and replaced by the next readable
     sample of the split (with that sample's target), so a rerun sees the same batches. ``"raise"`` re-raises.
 
@@ -214,6 +91,9 @@ class ImageDataset(Dataset):
         on_bad_image: ``"skip"`` or ``"raise"``, as for :func:`load_source`.
         skipped_log: CSV file (``path,reason``) that replaced files are appended to, e.g. the run's
             ``skipped_files.csv``; None: the warning only.
+        decode: ``sample -> uint8 (3, H, W)`` image, before ``transform``; default :func:`read_image` with
+            ``max_pixels`` (a decoder that also crops, e.g. :class:`tlkit.data.decode.RandomResizedCropDecoder`,
+            takes the transform's first step).
     """
 
     def __init__(
@@ -224,8 +104,10 @@ class ImageDataset(Dataset):
         max_pixels: int | None = MAX_IMAGE_PIXELS,
         on_bad_image: str = "skip",
         skipped_log: str | os.PathLike | None = None,
+        decode: Callable[[Sample], torch.Tensor] | None = None,
     ) -> None:
         self.split = split
+        self.decode = decode or functools.partial(read_image, max_pixels=max_pixels)
         self.transform = transform
         self.max_pixels = max_pixels
         self.on_bad_image = on_bad_image
@@ -240,7 +122,7 @@ class ImageDataset(Dataset):
             position = (index + offset) % len(self)  # deterministic substitute: the next readable sample
             sample = self.split.samples[position]
             try:
-                image = read_image(sample, self.max_pixels)
+                image = self.decode(sample)
             except (ValueError, OSError) as err:
                 if self.on_bad_image == "raise" or not isinstance(sample, str):
                     raise
@@ -256,7 +138,8 @@ class ImageDataset(Dataset):
         if path in self._reported:
             return
         self._reported.add(path)
-        reason = f"unreadable when loaded (changed after the scan): {_short_reason(err)}"
+        # The scan reads headers and end markers only: damage inside the data shows first here (or the file changed).
+        reason = f"unreadable when loaded (damaged inside, or changed after the scan): {_short_reason(err)}"
         named = f" by {replacement}" if isinstance(replacement, str) else ""
         warnings.warn(f"Skipped {path} in the loader, replaced{named}: {reason}", stacklevel=2)
         if self.skipped_log is not None:
@@ -334,7 +217,8 @@ def stratified_split(
 
 
 def _split_by_indices(samples: Sequence[Sample], targets: Sequence[int], indices: Sequence[int]) -> Split:
-    return Split(samples=[samples[i] for i in indices], targets=[int(targets[i]) for i in indices])
+    picked = samples.take(indices) if isinstance(samples, PathList) else [samples[i] for i in indices]
+    return Split(samples=picked, targets=[int(targets[i]) for i in indices])
 
 
 # --------------------------------------------------------------------------- folder:<dir>
@@ -372,19 +256,31 @@ def _class_dirs(root: Path) -> list[str]:
 
 
 def _list_files(class_dir: Path) -> tuple[list[str], list[str]]:
-    """Sorted image paths under ``class_dir`` (recursive, like torchvision's ImageFolder), and the other files.
+    """Image paths under ``class_dir`` (recursive, like torchvision's ImageFolder), and the other files, both in the
+    order of their path components (a folder's entries sorted by name, sub-folders walked where they sort).
 
-    Hidden files (``.DS_Store``, ...) are neither; an empty class folder is an error.
+    Hidden files (``.DS_Store``, ...) are neither; an empty class folder is an error. ``os.scandir`` tells files from
+    folders without a ``stat`` per entry, so listing a large folder costs little more than ImageFolder's.
     """
-    images, others = [], []
-    for p in sorted(class_dir.rglob("*")):
-        # A dangling symlink is listed as an image (when its name says so), so the scan names it rather than losing it.
-        if (p.is_file() or p.is_symlink()) and not p.is_dir() and not p.name.startswith("."):
-            (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(str(p))
+    images: list[str] = []
+    others: list[str] = []
+    _walk(str(class_dir), images, others)
     if not images:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise FileNotFoundError(f"Class folder {class_dir} has no images (accepted extensions: {exts})")
     return images, others
+
+
+def _walk(folder: str, images: list[str], others: list[str]) -> None:
+    with os.scandir(folder) as it:
+        entries = sorted((e.name, e) for e in it if not e.name.startswith("."))  # names are unique: no ties
+    for name, entry in entries:
+        if entry.is_dir():  # follows symlinks, as Path.rglob's is_dir did
+            _walk(entry.path, images, others)
+        # A dangling symlink is listed as an image (when its name says so), so the scan names it rather than losing it.
+        elif entry.is_file() or entry.is_symlink():
+            dot = name.rfind(".")
+            (images if name[dot:].lower() in IMAGE_EXTENSIONS and dot > 0 else others).append(entry.path)
 
 
 def _scan_folder(
@@ -393,7 +289,7 @@ def _scan_folder(
     """List every image of every class dir in ``root`` with its label; non-image files go to ``ignored``, images
     lying in ``root`` itself (no class) to ``unusable``."""
     unusable.extend(_loose_images(root))
-    samples: list[Sample] = []
+    samples: list[str] = []
     targets: list[int] = []
     for name in _class_dirs(root):
         if name not in class_to_idx:
@@ -403,7 +299,7 @@ def _scan_folder(
         samples.extend(files)
         targets.extend([class_to_idx[name]] * len(files))
         ignored.extend(others)
-    return Split(samples=samples, targets=targets)
+    return Split(samples=PathList.from_strings(samples), targets=targets)
 
 
 def _loose_images(folder: Path) -> list[tuple[str, str]]:
@@ -500,7 +396,7 @@ def _load_csv(arg: str, options: SourceOptions) -> Listing:
     paths, labels, splits = _read_csv_rows(file)
     class_names = _sorted_labels(labels)
     class_to_idx = {name: i for i, name in enumerate(class_names)}
-    everything = Split(samples=list(paths), targets=[class_to_idx[label] for label in labels])
+    everything = Split(samples=PathList.from_strings(paths), targets=[class_to_idx[label] for label in labels])
     if splits is None:
         return Listing(class_names, everything)
     unknown = sorted({s for s in splits if s not in _CSV_SPLITS})
@@ -672,19 +568,36 @@ def scan_images(
 
 
 def _drop_bad(split: Split, bad: set[str]) -> Split:
+    if not bad:
+        return split
     keep = [i for i, s in enumerate(split.samples) if not (isinstance(s, str) and s in bad)]
     return _split_by_indices(split.samples, split.targets, keep) if len(keep) < len(split) else split
 
 
-def _file_samples(*splits: Split | None) -> list[str]:
-    return [s for split in splits if split is not None for s in split.samples if isinstance(s, str)]
+def _file_samples(*splits: Split | None) -> Sequence[str]:
+    """The file paths of the splits: joined as arrays when they are PathLists (a folder or CSV source)."""
+    present = [split.samples for split in splits if split is not None]
+    if all(isinstance(samples, PathList) for samples in present):
+        return PathList.concat(present)
+    return [s for samples in present for s in samples if isinstance(s, str)]
 
 
 def _check_bad_files(
-    listing: Listing, on_bad_image: str, workers: int | None, max_pixels: int | None
+    listing: Listing, on_bad_image: str, index_key: str, options: _CheckOptions
 ) -> list[tuple[str, str]]:
-    """Scan the listing's files; raise on a bad one (``raise``) or return them to be dropped (``skip``)."""
-    skipped = scan_images(_file_samples(listing.train, listing.val), workers, max_pixels)
+    """Check the listing's files (from their headers, cached: :mod:`tlkit.data.index`); raise on a bad one
+    (``raise``) or return them to be dropped (``skip``)."""
+    paths = _file_samples(listing.train, listing.val)
+    full_check = functools.partial(_check_image, max_pixels=options.max_pixels)
+    report = check_files(
+        paths,
+        key=index_key,
+        full_check=full_check,
+        max_pixels=options.max_pixels,
+        workers=options.workers,
+        index_dir=options.index_dir,
+    )
+    skipped = report.bad
     if skipped and on_bad_image == "raise":
         path, reason = skipped[0]
         more = f" (and {len(skipped) - 1} more unreadable file(s))" if len(skipped) > 1 else ""
@@ -693,6 +606,13 @@ def _check_bad_files(
             "unreadable files out (they are then listed in a warning and in the run directory)"
         )
     return skipped
+
+
+@dataclass(frozen=True)
+class _CheckOptions:
+    workers: int | None
+    max_pixels: int | None
+    index_dir: str | None
 
 
 def _check_classes(train: Split, class_names: Sequence[str], skipped: list[tuple[str, str]]) -> None:
@@ -762,6 +682,7 @@ def load_source(
     download: bool = False,
     scan_workers: int | None = None,
     max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    index_dir: str | None = None,
 ) -> SourceData:
     """Load train/val samples and class names for a source spec, leaving out (or stopping at) unreadable files.
 
@@ -773,9 +694,14 @@ def load_source(
         on_bad_image: ``"skip"`` (leave unreadable files out, listed in ``SourceData.skipped``) or ``"raise"``.
         root: Folder of ``torchvision:`` datasets (default ``~/.cache/tlkit/datasets``).
         download: Let ``torchvision:`` datasets download themselves when missing (needs a network).
-        scan_workers: Threads of the bad-file scan (default: one per core, at most 32).
+        scan_workers: Threads of the bad-file check (default: one per core, at most 32).
         max_image_pixels: Files declaring more pixels (width x height) are unreadable (listed, or an error with
             ``"raise"``); None: no limit. The default, ~179 MP, is PIL's hard limit.
+        index_dir: Folder of the cached image index (default ``$TLKIT_CACHE_DIR/index``, else
+            ``~/.cache/tlkit/index``); ``""``: no cache, every file checked every time.
+
+    Files are checked from their headers (a damaged file that passes is caught when loaded, see
+    :class:`ImageDataset`), and the verdicts are cached by path, size and mtime: see :mod:`tlkit.data.index`.
 
     Returns:
         The train and val splits, the class names and the skipped and ignored files.
@@ -785,7 +711,8 @@ def load_source(
     scheme, arg = _parse_spec(spec)
     options = SourceOptions(val_split=val_split, seed=seed, root=root, download=download)
     listing = scheme.load(arg, options)
-    skipped = _check_bad_files(listing, on_bad_image, scan_workers, max_image_pixels)
+    checks = _CheckOptions(scan_workers, max_image_pixels, index_dir)
+    skipped = _check_bad_files(listing, on_bad_image, _index_key(spec, arg), checks)
     bad = {path for path, _ in skipped}
     train = _drop_bad(listing.train, bad)
     _check_classes(train, listing.class_names, skipped)
@@ -796,6 +723,12 @@ def load_source(
         val = _drop_bad(listing.val, bad)
     skipped = [*listing.unusable, *skipped]
     return SourceData(train, val, listing.class_names, skipped=skipped, ignored=listing.ignored)
+
+
+def _index_key(spec: str, arg: str) -> str:
+    """What names a source's index: its scheme and the real path of its folder or file."""
+    scheme = spec.strip().partition(":")[0]
+    return f"{scheme}:{os.path.realpath(os.path.expanduser(arg))}" if arg else scheme
 
 
 def list_class_names(spec: str, *, root: str | None = None, download: bool = False) -> list[str]:

@@ -6,6 +6,7 @@ Their own module so that both :mod:`tlkit.data.sources` and the torchvision-data
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,11 +19,12 @@ class Split:
     """One split of samples.
 
     Attributes:
-        samples: File paths (``str``) or ``uint8`` HWC numpy images.
+        samples: File paths (``str``; a :class:`tlkit.data.index.PathList` for folder and CSV sources) or ``uint8``
+            HWC numpy images.
         targets: Integer label per sample (index into ``SourceData.class_names``).
     """
 
-    samples: list[Sample]
+    samples: Sequence[Sample]
     targets: list[int]
 
     def __post_init__(self) -> None:

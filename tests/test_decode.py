@@ -1,0 +1,120 @@
+"""Tests for tlkit.data.decode: reduced-DCT JPEG decoding and the random crop drawn before decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from tlkit.data.datamodule import EvalResizeSize, ImageDataModule
+from tlkit.data.decode import RandomResizedCropDecoder, read_image
+
+
+def _photo_jpeg(path: Path, width: int = 800, height: int = 600, orientation: int | None = None) -> Path:
+    """A real photo (scikit-image's astronaut) at ``width`` x ``height``, as a JPEG."""
+    image = Image.fromarray(skimage.data.astronaut()).resize((width, height), Image.BICUBIC)
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, quality=95, exif=exif)
+    return path
+
+
+def _mean_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().mean().item()
+
+
+def test_jpeg_is_decoded_at_the_smallest_dct_scale_that_keeps_min_size(tmp_path: Path) -> None:
+    path = _photo_jpeg(tmp_path / "a.jpg")
+    asked = []
+    reduced = read_image(path, min_size=lambda h, w: asked.append((h, w)) or (100, 100))
+    assert asked == [(600, 800)] and reduced.shape == (3, 150, 200)  # 1/4: 1/8 would be 75 rows, under 100
+    assert read_image(path, min_size=lambda h, w: (151, 10)).shape == (3, 300, 400)  # never below: 1/2
+    assert read_image(path, min_size=lambda h, w: (301, 10)).shape == (3, 600, 800)  # no reduction possible
+    full = read_image(path)
+    assert _mean_diff(reduced, v2.functional.resize(full, [150, 200], antialias=True)) < 2.5
+
+
+def test_reduced_decode_is_upright(tmp_path: Path) -> None:
+    """EXIF orientation 6 (stored sideways): min_size sees the upright size, the result is upright."""
+    path = _photo_jpeg(tmp_path / "r.jpg", width=800, height=600, orientation=6)
+    asked = []
+    image = read_image(path, min_size=lambda h, w: asked.append((h, w)) or (h // 4, w // 4))
+    full = read_image(path)
+    assert asked == [(800, 600)] and full.shape == (3, 800, 600) and image.shape == (3, 200, 150)
+    assert _mean_diff(image, v2.functional.resize(full, [200, 150], antialias=True)) < 2.5
+
+
+def test_png_and_arrays_ignore_min_size(tmp_path: Path) -> None:
+    Image.open(_photo_jpeg(tmp_path / "a.jpg")).save(tmp_path / "a.png")
+    assert read_image(tmp_path / "a.png", min_size=lambda h, w: (10, 10)).shape == (3, 600, 800)
+
+
+def test_crop_drawn_before_decoding_matches_the_crop_after_a_full_decode(tmp_path: Path) -> None:
+    path = _photo_jpeg(tmp_path / "a.jpg")
+    crop = v2.RandomResizedCrop([48, 48], antialias=True)
+    decoder = RandomResizedCropDecoder(crop)
+    full = read_image(path)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        fused = decoder(str(path))
+        torch.manual_seed(seed)
+        reference = crop(full)
+        other = crop(full)  # the next draw: another crop
+        # The same box, resized from fewer pixels (libjpeg's DCT scaling, box corners rounded to the reduced grid):
+        # a few grey levels apart on this detailed photo, where another crop is ~70 apart.
+        assert fused.shape == (3, 48, 48) and _mean_diff(fused, reference) < 0.2 * _mean_diff(other, reference)
+
+
+def test_crop_decoder_decodes_only_what_the_crop_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tlkit.data import decode
+
+    sizes = []
+    real = decode._draft
+    monkeypatch.setattr(decode, "_draft", lambda img, min_size: (real(img, min_size), sizes.append(img.size))[0])
+    path = _photo_jpeg(tmp_path / "a.jpg")
+    RandomResizedCropDecoder(v2.RandomResizedCrop([32, 32], scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3)))(str(path))
+    assert sizes == [(100, 75)]  # the whole 800x600 photo as a 32-px image: 1/8 is still over 32 px
+
+
+def test_crop_decoder_on_arrays_draws_like_random_resized_crop() -> None:
+    image = torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)
+    crop = v2.RandomResizedCrop([16, 16], antialias=True)
+    torch.manual_seed(0)
+    fused = RandomResizedCropDecoder(crop)(image)
+    torch.manual_seed(0)
+    assert torch.equal(fused, crop(image))
+
+
+@pytest.mark.parametrize(
+    ("config", "size", "expected"),
+    [
+        (dict(input_size=(3, 224, 224), crop_pct=0.875), (3000, 4000), (256, 342)),  # shorter side to 256
+        (dict(input_size=(3, 224, 224), crop_pct=0.875, crop_mode="squash"), (3000, 4000), (256, 256)),
+        (dict(input_size=(3, 224, 224), crop_pct=0.875, crop_mode="border"), (3000, 4000), (192, 256)),
+        (dict(input_size=(3, 224, 224), crop_pct=0.875, resize_size=[232]), (4000, 3000), (310, 232)),
+    ],
+)
+def test_eval_resize_size_is_what_the_eval_transform_resizes_to(config: dict, size: tuple, expected: tuple) -> None:
+    assert EvalResizeSize(config)(*size) == expected
+
+
+def test_loaders_with_reduced_decoding_match_full_decoding(tmp_path: Path) -> None:
+    for c in ("a", "b"):
+        for i in range(2):
+            _photo_jpeg(tmp_path / c / f"{i}.jpg", width=640 + 32 * i, height=480)
+    kwargs = dict(source=f"folder:{tmp_path}", image_size=32, batch_size=4, val_split=0.5, augment="none")
+    fast, exact = ImageDataModule(**kwargs), ImageDataModule(**kwargs, reduced_jpeg_decode=False)
+    fast_val, exact_val = (next(iter(dm.val_dataloader()))[0] for dm in (fast, exact))
+    assert fast_val.shape == exact_val.shape == (2, 3, 32, 32) and _mean_diff(fast_val, exact_val) < 3.0
+    assert not torch.equal(fast_val, exact_val)  # decoded at 1/8 scale (36 px -> 60x80), not in full
+    train = ImageDataModule(**{**kwargs, "augment": "basic"})
+    images, _ = next(iter(train.train_dataloader()))
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
+    assert np.unique(images.numpy()).size > 50  # real image content, not a constant

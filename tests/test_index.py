@@ -1,0 +1,153 @@
+"""Tests for tlkit.data.index: the cached, header-checked image index."""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tlkit.data import index
+from tlkit.data.index import PathList, check_files, header_problem
+from tlkit.data.sources import ImageDataset, load_source
+
+
+def _jpeg(path: Path, size: int = 48, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, quality=90)
+    return path
+
+
+def _folder(root: Path, per_class: int = 4) -> Path:
+    for c in ("a", "b"):
+        for i in range(per_class):
+            _jpeg(root / c / f"{i}.jpg", seed=10 * ord(c) + i)
+    return root
+
+
+def _never(path: str) -> str | None:
+    raise AssertionError(f"full decode of {path}: the header should have sufficed")
+
+
+def _check(paths, tmp_path: Path, full_check=_never) -> index.IndexReport:
+    return check_files(
+        [str(p) for p in paths], key="k", full_check=full_check, max_pixels=10**8, index_dir=tmp_path / "idx"
+    )
+
+
+def test_path_list_is_a_compact_sequence_of_the_same_paths() -> None:
+    paths = ["/data/a/1.jpg", "/data/é/2.png", os.fsdecode(b"/data/\xff.jpg")]  # a non-UTF-8 name round-trips
+    listed = PathList.from_strings(paths)
+    assert list(listed) == paths and listed[1] == paths[1] and listed[-1] == paths[-1] and len(listed) == 3
+    assert listed.take([2, 0]) == [paths[2], paths[0]] and listed[1:] == paths[1:]
+    assert listed + ["x"] == [*paths, "x"] and listed.blob.dtype == np.uint8
+    assert PathList.concat([listed, listed.take([0])]) == [*paths, paths[0]] and list(listed.take([])) == []
+    assert list(PathList.from_strings([])) == [] and len(PathList.from_strings([])) == 0
+    with pytest.raises(IndexError, match="out of range"):
+        listed[3]
+
+
+def test_intact_jpeg_and_png_are_judged_from_their_headers(tmp_path: Path) -> None:
+    jpg = _jpeg(tmp_path / "a.jpg")
+    png = tmp_path / "b.png"
+    Image.open(jpg).save(png)
+    assert header_problem(str(jpg), None, _never) is None and header_problem(str(png), None, _never) is None
+
+
+@pytest.mark.parametrize("cut", [10, 200])
+def test_truncated_files_are_caught_at_the_scan(tmp_path: Path, cut: int) -> None:
+    jpg, png = _jpeg(tmp_path / "a.jpg"), tmp_path / "b.png"
+    Image.open(jpg).save(png)
+    for path in (jpg, png):
+        path.write_bytes(path.read_bytes()[:-cut])
+    bad = dict(_check([jpg, png], tmp_path, full_check=lambda p: "decoded in full: broken").bad)
+    assert bad == {str(jpg): "decoded in full: broken", str(png): "decoded in full: broken"}
+
+
+def test_data_after_the_end_marker_is_decoded_in_full_and_kept(tmp_path: Path) -> None:
+    jpg = _jpeg(tmp_path / "camera.jpg")
+    jpg.write_bytes(jpg.read_bytes() + b"vendor trailer")  # some cameras append data after the end-of-image marker
+    decoded = []
+    report = _check([jpg], tmp_path, full_check=lambda p: decoded.append(p))  # a full decode finds nothing wrong
+    assert report.bad == [] and decoded == [str(jpg)]
+
+
+def test_second_run_checks_nothing_and_a_changed_or_new_file_is_rechecked(tmp_path: Path) -> None:
+    paths = [_jpeg(tmp_path / f"{i}.jpg", seed=i) for i in range(5)]
+    first = _check(paths, tmp_path)
+    assert first.checked == 5 and first.bad == [] and first.cache_file.is_file()
+    assert _check(paths, tmp_path).checked == 0
+    paths[2].write_bytes(paths[2].read_bytes()[:-100])  # changed (size and mtime): damaged
+    new = _jpeg(tmp_path / "new.jpg", seed=9)
+    again = _check([*paths, new], tmp_path, full_check=lambda p: "truncated")
+    assert again.checked == 2 and again.bad == [(str(paths[2]), "truncated")]
+    assert _check([*paths, new], tmp_path, full_check=_never).bad == [(str(paths[2]), "truncated")]  # cached
+
+
+def test_a_damaged_cache_file_is_rebuilt_with_a_warning(tmp_path: Path) -> None:
+    paths = [_jpeg(tmp_path / "0.jpg")]
+    report = _check(paths, tmp_path)
+    report.cache_file.write_bytes(b"not an index")
+    with pytest.warns(UserWarning, match="unreadable .*rebuilding"):
+        assert _check(paths, tmp_path).checked == 1
+
+
+def _load_in_child(root: str, queue) -> None:
+    import time
+
+    from tlkit.data import sources
+
+    real_check = index.header_problem
+    index.header_problem = lambda *args: (time.sleep(0.05), real_check(*args))[1]  # so that the two overlap
+    checked = []
+    real = sources.check_files
+
+    def spy(*args, **kwargs):
+        report = real(*args, **kwargs)
+        checked.append(report.checked)
+        return report
+
+    sources.check_files = spy
+    sources.load_source(f"folder:{root}", val_split=0.25)
+    queue.put(checked[0])
+
+
+def test_processes_sharing_the_cache_build_the_index_once(tmp_path: Path) -> None:
+    """Two processes (as two DDP ranks of one node) start together: one checks every file, the other waits for it
+    and checks none."""
+    root = _folder(tmp_path / "data", per_class=6)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    children = [context.Process(target=_load_in_child, args=(str(root), queue)) for _ in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+    assert all(child.exitcode == 0 for child in children)
+    assert sorted(queue.get(timeout=5) for _ in children) == [0, 12]
+
+
+def test_file_damaged_inside_passes_the_scan_and_is_listed_by_the_loader(tmp_path: Path) -> None:
+    """A JPEG with a bogus marker inside its entropy-coded data, header and end marker intact: the scan keeps it, the
+    loader replaces it and lists it in skipped_files.csv (never a crash, never a silent drop)."""
+    root = _folder(tmp_path / "data")
+    victim = root / "a" / "1.jpg"
+    data = bytearray(victim.read_bytes())
+    start = data.index(b"\xff\xda")  # start of scan: the entropy-coded data follows
+    data[start + 30 : start + 32] = b"\xff\xc4"  # a Huffman-table marker where none may be
+    victim.write_bytes(bytes(data))
+    source = load_source(f"folder:{root}", val_split=0.25)
+    assert source.skipped == []
+    split = source.train if str(victim) in list(source.train.samples) else source.val
+    log = tmp_path / "skipped_files.csv"
+    position = list(split.samples).index(str(victim))
+    with pytest.warns(UserWarning, match="Skipped .*1.jpg in the loader"):
+        image, target = ImageDataset(split, skipped_log=log)[position]
+    assert image.shape == (3, 48, 48) and target == split.targets[(position + 1) % len(split)]
+    rows = list(csv.DictReader(open(log)))
+    assert rows[0]["path"] == str(victim) and "unreadable when loaded" in rows[0]["reason"]

@@ -1,0 +1,128 @@
+"""Tests for tlkit.data.shards: `tlkit optimize` and the litdata: source."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _ddp_shards import data, fingerprints
+from conftest import tiny_trainer
+from litdata import StreamingDataset
+from PIL import Image
+
+from tlkit import ImageDataModule, TransferClassifier
+from tlkit.data import shards
+from tlkit.data.sources import load_source
+
+SCRIPT = Path(__file__).with_name("_ddp_shards.py")
+
+
+def _folder(root: Path, per_class: int = 6) -> Path:
+    """Two classes of small JPEGs whose colour says the class, one big JPEG and one PNG."""
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, (40, 48, 3), dtype=np.uint8)
+            pixels[..., label] += 180
+            Image.fromarray(pixels).save(root / name / f"{i}.jpg", quality=95)
+    big = np.zeros((300, 200, 3), dtype=np.uint8)
+    big[..., 0] = 230
+    Image.fromarray(big).save(root / "cat" / "big.jpg")
+    Image.fromarray(big).save(root / "cat" / "flat.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = _folder(tmp_path_factory.mktemp("photos"))
+    out = tmp_path_factory.mktemp("shards")
+    with pytest.MonkeyPatch.context() as env:  # module-scoped: before conftest's per-test cache dir
+        env.setenv("TLKIT_CACHE_DIR", str(tmp_path_factory.mktemp("tlkit_cache")))
+        shards.optimize(f"folder:{root}", str(out), max_side=64, val_split=0.25)
+    return root, out
+
+
+def _items(split_dir: Path) -> list[dict]:
+    dataset = StreamingDataset(str(split_dir))
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def test_optimize_writes_every_image_with_its_label_resized_to_max_side(shards_dir: tuple[Path, Path]) -> None:
+    root, out = shards_dir
+    source = load_source(f"folder:{root}", val_split=0.25)
+    meta = shards.read_meta(str(out))
+    assert meta["class_names"] == ["cat", "dog"] and meta["labels"]["val"] == source.val.targets
+    for name, split in (("train", source.train), ("val", source.val)):
+        items = _items(out / name)
+        assert [int(item["label"]) for item in items] == split.targets
+        for item, path in zip(items, split.samples, strict=True):
+            encoded = bytes(item["image"])
+            with Image.open(io.BytesIO(encoded)) as img:
+                assert img.format == "JPEG" and max(img.size) <= 64
+            if path.endswith(".jpg") and "big" not in path:
+                assert encoded == Path(path).read_bytes()  # small JPEGs: copied byte for byte
+
+
+def test_litdata_source_loads_uint8_batches_with_the_source_labels(shards_dir: tuple[Path, Path]) -> None:
+    root, out = shards_dir
+    dm = ImageDataModule(source=f"litdata:{out}", image_size=32, batch_size=4, val_split=0.25, preprocess="dataset")
+    folder = ImageDataModule(source=f"folder:{root}", image_size=32, batch_size=4, val_split=0.25)
+    assert dm.class_names == folder.class_names and dm.class_counts == folder.class_counts
+    labels = []
+    for images, targets in dm.train_dataloader():
+        assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
+        labels.extend(targets.tolist())
+    assert sorted(labels) == sorted(folder.data.train.targets)
+    images, targets = next(iter(dm.val_dataloader()))
+    colour = images.float().mean(dim=(2, 3)).argmax(dim=1)
+    assert torch.equal(colour, targets)  # each image still shows its class's colour
+    assert dm.preprocess.mean.shape == (3,) and dm.preprocess.mean[0] > dm.preprocess.mean[2]  # fitted on the shards
+
+
+def test_fit_from_shards_saves_the_loader_position_and_resumes_it(
+    shards_dir: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, out = shards_dir
+    kwargs = dict(source=f"litdata:{out}", image_size=32, batch_size=2)
+    model = TransferClassifier(backbone="test_efficientnet", pretrained=False, num_classes=2, lr=0.01)
+    trainer = tiny_trainer(tmp_path, limit_train_batches=2, enable_checkpointing=True)
+    trainer.fit(model, ImageDataModule(**kwargs))
+    checkpoint = torch.load(next((tmp_path / "checkpoints").glob("*.ckpt")), weights_only=True)
+    state = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert state["num_samples_yielded"] == 4 and state["dataset"]["seed"] == 0
+    loader = ImageDataModule(**kwargs).train_dataloader()
+    loader.load_state_dict(state)  # what Lightning does on resume: the rest of the epoch, not its start again
+    uninterrupted = [t.tolist() for _, t in ImageDataModule(**kwargs).train_dataloader()]
+    assert [t.tolist() for _, t in loader] == uninterrupted[2:]
+
+
+def test_errors_name_the_fix(tmp_path: Path, shards_dir: tuple[Path, Path]) -> None:
+    with pytest.raises(FileNotFoundError, match="tlkit optimize --source"):
+        _ = ImageDataModule(source=f"litdata:{tmp_path}").class_names
+    with pytest.raises(ValueError, match="class weights"):
+        ImageDataModule(source=f"litdata:{shards_dir[1]}", sampler="balanced")
+    with pytest.raises(ValueError, match="predict_source"):
+        ImageDataModule(source=f"litdata:{shards_dir[1]}").predict_split()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_ddp_ranks_stream_disjoint_parts_of_the_shards(shards_dir: tuple[Path, Path], tmp_path: Path) -> None:
+    """2 processes over gloo: each rank reads its own part of the train split (the two "red" images are the same,
+    ``big.jpg`` and ``flat.png``)."""
+    _, out = shards_dir
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, str(SCRIPT), str(out), str(tmp_path)], check=True, timeout=600, env=env)
+    seen = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    dm = data(str(out))
+    everything = [v for images, _ in dm.train_dataloader() for v in fingerprints(dm.normalize(images))]
+    # litdata drops what would leave the ranks unequal (its drop_last under DDP), at most a batch per rank
+    assert len(seen[0]) == len(seen[1]) >= len(everything) // 2 - 2
+    assert not Counter(seen[0] + seen[1]) - Counter(everything)  # disjoint parts (no image twice) of the shards

@@ -1,0 +1,193 @@
+"""Shards: a source written as chunked files with Lightning's ``litdata``, and read back by streaming them.
+
+``tlkit optimize --source folder:<dir> --out <dir>`` writes ``<out>/train`` and ``<out>/val``, each a litdata
+dataset whose items are ``{"image": encoded JPEG bytes, "label": int}``, plus ``<out>/tlkit_shards.json`` (class
+names, labels of each split in item order, skipped files). ``ImageDataModule(source="litdata:<out>")`` then trains
+from them: litdata gives each DDP rank and each loader worker its own chunks, streams them from a remote URI
+(``s3://...``, ``gs://...``) when ``<out>`` is one, shuffles per epoch, and its loader's position is saved in
+checkpoints for an exact resume. Decoding and transforms are the same as for a folder.
+
+Images larger than ``max_side`` are made smaller (decoded at a reduced DCT scale, resized, encoded as JPEG); JPEGs
+within it are copied byte for byte; other images are encoded as JPEG.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from litdata import StreamingDataset
+from PIL import Image
+from torchvision.transforms import v2
+
+from tlkit.data.decode import MAX_IMAGE_PIXELS, read_image
+from tlkit.data.splits import SourceData, Split
+
+META_FILE = "tlkit_shards.json"
+SPLITS = ("train", "val")
+SCHEME = "litdata:"
+
+
+def optimize(
+    source: str,
+    out: str,
+    max_side: int | None = 512,
+    quality: int = 90,
+    val_split: float = 0.2,
+    seed: int = 0,
+    chunk_bytes: str = "64MB",
+    num_workers: int = 1,
+    on_bad_image: str = "skip",
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+) -> None:
+    """Write an image source as litdata shards, to train from with ``--data.init_args.source litdata:<out>``.
+
+    Shards stream to many machines (each DDP rank reads its own chunks, from a local folder or a bucket), and read
+    fast from network file systems where a folder of small files is slow.
+
+    Args:
+        source: Any tlkit source: ``folder:<dir>``, ``csv:<file>``, ``textures``, ...
+        out: Output folder (or a remote URI litdata can write to); gets ``train/``, ``val/`` and ``tlkit_shards.json``.
+        max_side: Images with a longer side are resized to it (JPEG, ``quality``); None keeps every size.
+        quality: JPEG quality of re-encoded images.
+        val_split: Fraction of each class held out for validation when the source has no val split.
+        seed: Seed of that split.
+        chunk_bytes: Size of each chunk file.
+        num_workers: Processes that encode images.
+        on_bad_image: ``skip`` (unreadable files are left out and listed in ``tlkit_shards.json``) or ``raise``.
+        max_image_pixels: Files declaring more pixels are unreadable; None: no limit.
+    """
+    import litdata
+
+    from tlkit.data.sources import load_source
+
+    data = load_source(
+        source, val_split=val_split, seed=seed, on_bad_image=on_bad_image, max_image_pixels=max_image_pixels
+    )
+    for name, split in zip(SPLITS, (data.train, data.val), strict=True):
+        litdata.optimize(
+            fn=_Encoder(split, max_side, quality, max_image_pixels),
+            inputs=list(range(len(split))),  # positions, not paths: litdata would treat paths as files to fetch
+            output_dir=_join(out, name),
+            chunk_bytes=chunk_bytes,
+            num_workers=num_workers,
+            mode="overwrite",
+            keep_data_ordered=True,  # item i is input i: the labels in tlkit_shards.json line up with the items
+            reorder_files=False,
+            verbose=False,
+        )
+    meta = {
+        "source": source,
+        "class_names": data.class_names,
+        "labels": {"train": list(data.train.targets), "val": list(data.val.targets)},
+        "skipped": data.skipped,
+        "max_side": max_side,
+    }
+    _write_text(_join(out, META_FILE), json.dumps(meta))
+
+
+class _Encoder:
+    """``position -> {"image": JPEG bytes, "label": label}`` of one split; picklable for litdata's worker processes."""
+
+    def __init__(self, split: Split, max_side: int | None, quality: int, max_pixels: int | None) -> None:
+        self.split, self.max_side, self.quality, self.max_pixels = split, max_side, quality, max_pixels
+
+    def __call__(self, position: int) -> dict[str, Any]:
+        sample, label = self.split.samples[position], self.split.targets[position]
+        if isinstance(sample, str) and self._keep_as_is(sample):
+            return {"image": Path(sample).read_bytes(), "label": int(label)}
+        image = read_image(sample, self.max_pixels, min_size=self._min_size)
+        if self.max_side is not None and max(image.shape[-2:]) > self.max_side:
+            image = v2.functional.resize(image, None, max_size=self.max_side, antialias=True)
+        buffer = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=self.quality)
+        return {"image": buffer.getvalue(), "label": int(label)}
+
+    def _keep_as_is(self, path: str) -> bool:
+        with Image.open(path) as img:
+            small = self.max_side is None or max(img.size) <= self.max_side
+            return img.format == "JPEG" and img.mode in ("RGB", "L") and small
+
+    def _min_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.max_side is None:
+            return height, width
+        scale = min(1.0, self.max_side / max(height, width))
+        return round(height * scale), round(width * scale)
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}" if "://" in base else str(Path(base).expanduser() / name)
+
+
+def _write_text(uri: str, text: str) -> None:
+    if "://" in uri:
+        import fsspec
+
+        with fsspec.open(uri, "w") as f:
+            f.write(text)
+        return
+    tmp = f"{uri}.{os.getpid()}.tmp"
+    Path(tmp).write_text(text)
+    os.replace(tmp, uri)
+
+
+def read_meta(uri: str) -> dict[str, Any]:
+    """The ``tlkit_shards.json`` of a shards folder (local, or remote through fsspec)."""
+    path = _join(uri, META_FILE)
+    try:
+        if "://" in uri:
+            import fsspec
+
+            with fsspec.open(path, "r") as f:
+                return json.load(f)
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{path} not found: 'litdata:{uri}' must name a folder written by `tlkit optimize --source ... --out {uri}`"
+        ) from err
+
+
+def shard_source_data(uri: str) -> SourceData:
+    """The splits of a shards folder as tlkit sees them: labels and class names from its metadata; the samples are
+    the items' positions (the images stay in the shards until a loader streams them)."""
+    meta = read_meta(uri)
+    splits = [Split(samples=range(len(meta["labels"][name])), targets=meta["labels"][name]) for name in SPLITS]
+    skipped = [tuple(row) for row in meta.get("skipped", [])]
+    return SourceData(*splits, class_names=meta["class_names"], skipped=skipped)
+
+
+class ShardDataset(StreamingDataset):
+    """A litdata ``StreamingDataset`` of tlkit shards that yields ``(uint8 image after transform, label)``.
+
+    Args:
+        input_dir: One split of a shards folder (``<out>/train``), local or remote.
+        transform: uint8 -> uint8 transform after decoding.
+        decode: ``encoded bytes -> uint8 (3, H, W)``; default :func:`tlkit.data.decode.read_image`.
+        **kwargs: ``StreamingDataset``'s (``shuffle``, ``seed``, ``drop_last``, ...).
+    """
+
+    def __init__(
+        self,
+        input_dir: str,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        decode: Callable[[bytes], torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(input_dir, **kwargs)
+        self.image_transform, self.decode = transform, decode or read_image
+
+    def __getitem__(self, index: Any) -> tuple[torch.Tensor, int]:
+        item = super().__getitem__(index)
+        image = self.decode(bytes(item["image"]))
+        if self.image_transform is not None:
+            image = self.image_transform(image)
+        return image, int(item["label"])
+
+
+def split_dir(uri: str, split: str) -> str:
+    return _join(uri, split)
