@@ -56,8 +56,8 @@ NO_WORKERS = {"--data.init_args.num_workers": "0"}
 # lightning.Trainer in the runner runs at most MAX_EPOCHS epochs of FAST_TRAINER's batches. (At most: the resume
 # example's second epoch stays.)
 MAX_EPOCHS = 2
-FAST_TRAINER = dict(limit_train_batches=2, limit_val_batches=2, limit_test_batches=2, limit_predict_batches=2,
-                    num_sanity_val_steps=0)  # fmt: skip
+# (Not limit_predict_batches: a LinearProbe extracts the features of all its images through a predict loop.)
+FAST_TRAINER = dict(limit_train_batches=2, limit_val_batches=2, limit_test_batches=2, num_sanity_val_steps=0)
 
 # Files the examples name as the user's own images: `my_photos/<class>/*.png` (two classes of six 40-px images).
 USER_FOLDER = "my_photos"
