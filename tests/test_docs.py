@@ -10,7 +10,9 @@ order), with its working directory a fresh temporary folder that holds a link to
 The README's main job (``tlkit fit --config recipes/quickstart.yaml``) runs first, and the later examples use its run
 (``runs/quickstart/version_0/checkpoints/last.ckpt``). A block that cannot run here (it installs packages, needs
 several nodes, a GPU, a network, or takes minutes) has ``<!-- not-run: <why> -->`` on the line before its fence; such
-blocks are reported as skipped with their name and reason, so the list shows in every test run (``pytest -rs``).
+blocks are reported as skipped with their name and reason, so the list shows in every test run (``pytest -rs``). A
+block that shows correct use but fails on a reported bug has ``<!-- known-bug: <what> -->``: it runs, is expected to
+fail (xfail), and its test turns red once it passes, so the marker goes with the fix.
 Training commands run shortened (FAST_OPTIONS, FAST_TRAINER below). ```yaml blocks are recipe excerpts: their
 ``init_args`` keys are checked against the classes they name.
 """
