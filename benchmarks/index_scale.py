@@ -127,7 +127,7 @@ def shards_report(root: Path, work: Path, images: int) -> None:
     torch.set_num_threads(1)
     out = work / "shards"
     start = time.perf_counter()
-    optimize(f"folder:{root}", str(out), val_split=0.1, num_workers=2)
+    optimize(source=f"folder:{root}", out=str(out), val_split=0.1, num_workers=2)
     print(f"--- shards: tlkit optimize {time.perf_counter() - start:.1f} s")
     kwargs = dict(image_size=224, batch_size=64, num_workers=2, val_split=0.1, interpolation="bilinear")
     modules = {

@@ -46,7 +46,7 @@ def shards_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("shards")
     with pytest.MonkeyPatch.context() as env:  # module-scoped: before conftest's per-test cache dir
         env.setenv("TLKIT_CACHE_DIR", str(tmp_path_factory.mktemp("tlkit_cache")))
-        shards.optimize(f"folder:{root}", str(out), max_side=64, val_split=0.25)
+        shards.optimize(source=f"folder:{root}", out=str(out), max_side=64, val_split=0.25)
     return root, out
 
 

@@ -133,7 +133,7 @@ def test_the_extras_hold_the_optional_modules_and_dev_holds_everything():
     for module, (extra, _) in cli.OPTIONAL_MODULES.items():
         assert _distributions({module})[module] & extras[extra], module
     assert "tlkit[onnx,notebooks]" in PYPROJECT["optional-dependencies"]["dev"]
-    assert {"pytest", "ruff", "mkdocs-material", "mkdocstrings", "litdata", "torchcodec"} <= extras["dev"]
+    assert {"pytest", "ruff", "mkdocs-material", "mkdocstrings"} <= extras["dev"]
 
 
 # ------------------------------------------------------------------------------------------- import and --help

@@ -254,9 +254,13 @@ class TransferClassifier(L.LightningModule):
         phases = self._declared_phases()
         if len(phases) > 1 or phases[0].recalibrate_bn:
             callbacks.append(FineTuningPhases(phases))
-        if self.hparams.ema_decay and self.trainer.state.fn == "fit":  # the average exists only while fitting
+        try:
+            fn = self.trainer.state.fn
+        except RuntimeError:  # no Trainer yet: the schedule of a planned run (tlkit plot-schedule)
+            fn = None
+        if self.hparams.ema_decay and fn == "fit":  # the average exists only while fitting
             callbacks.append(EMAWeightAveraging(decay=self.hparams.ema_decay))
-        if self.trainer.state.fn == "test":  # the highest-loss images and most confused classes, as CSV files
+        if fn == "test":  # the highest-loss images and most confused classes, as CSV files
             callbacks.append(ErrorAnalysis())
         return callbacks
 

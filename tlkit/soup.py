@@ -170,6 +170,7 @@ def datamodule_of(checkpoint: dict[str, Any], model: TransferClassifier) -> Imag
             "The checkpoint holds no data module arguments (it was not written by `tlkit fit`); pass the data to "
             "validate on: make_soup(..., datamodule=ImageDataModule(...))."
         )
+    hp = {key: value for key, value in hp.items() if not key.startswith("_")}  # LightningCLI's _class_path
     hp["data_config"] = model.data_config
     return ImageDataModule(**hp)
 

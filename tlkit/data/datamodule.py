@@ -448,7 +448,7 @@ class ImageDataModule(L.LightningDataModule):
         transform, decode = self._decoding(transform)
         hp = self.hparams
         dataset = shards.ShardDataset(
-            shards.split_dir(self._shards, split), transform, decode, shuffle=shuffle, seed=hp.seed
+            shards.split_dir(self._shards, split), transform, decode, shuffle=shuffle, seed=self.shuffle_seed
         )
         return StreamingDataLoader(
             dataset, batch_size=hp.batch_size, num_workers=hp.num_workers, pin_memory=torch.cuda.is_available()

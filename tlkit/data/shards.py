@@ -34,6 +34,7 @@ SCHEME = "litdata:"
 
 
 def optimize(
+    *,  # options, as the help and docs write them: --source folder:<dir> --out <dir>
     source: str,
     out: str,
     max_side: int | None = 512,
