@@ -5,7 +5,8 @@ DDP over gloo (Lightning's DDP launcher starts rank 1 by re-running the script):
 
     python tests/_resume_run.py OUT TAG [--devices 2] [--resume CKPT] [--kill-at-step N]
 
-It writes ``OUT/TAG_rank{r}.pt``: the final weights, the global step and the number of batches this run trained on.
+It writes ``OUT/TAG_rank{r}.pt``: the final weights, the global step, the number of batches this run trained on and
+this rank's share of the last epoch's order.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def run(
         "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "global_step": trainer.global_step,
         "trained": counter.trained,
+        "last_epoch_order": list(trainer.train_dataloader.sampler),  # this rank's share of the last epoch
     }
     torch.save(result, out / f"{tag}_rank{trainer.global_rank}.pt")
     return result

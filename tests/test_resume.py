@@ -100,6 +100,9 @@ def test_ddp_run_resumed_mid_epoch_is_bit_identical_on_every_rank(tmp_path: Path
         diff = max_abs_difference(full["weights"], resumed["weights"])
         assert diff == 0, f"rank {rank}: resumed weights differ by up to {diff}"
         assert resumed["global_step"] == full["global_step"] and resumed["trained"] == full["global_step"] - 6
+    # The ranks are seeded differently (_resume_run.make), yet share one order: their shares of it are disjoint.
+    shares = [torch.load(tmp_path / f"full_rank{rank}.pt", weights_only=True)["last_epoch_order"] for rank in (0, 1)]
+    assert shares[0] and not set(shares[0]) & set(shares[1])
 
 
 @pytest.mark.parametrize("sampler", [None, "balanced"])

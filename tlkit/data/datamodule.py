@@ -161,6 +161,7 @@ class ImageDataModule(L.LightningDataModule):
         self._pending_state: dict[str, Any] | None = None
         self._data: SourceData | None = None
         self._reported = False
+        self._run_seed: int | None = None  # the run's seed, rank 0's under DDP (see shuffle_seed)
 
     @functools.cached_property
     def class_names(self) -> list[str]:
@@ -216,9 +217,15 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def shuffle_seed(self) -> int:
-        """``seed`` if given, else the run's (``PL_GLOBAL_SEED``, set by ``seed_everything``), else 0."""
+        """``seed`` if given, else the run's (``PL_GLOBAL_SEED``, set by ``seed_everything``), else 0.
+
+        Under DDP the run's seed is rank 0's (read in :meth:`setup`): ranks seeded differently (each its own
+        augmentation stream) must still share one order, or their shares of it overlap and some images are never
+        drawn."""
         if self.hparams.seed is not None:
             return self.hparams.seed
+        if self._run_seed is not None:
+            return self._run_seed
         return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     @property
@@ -249,6 +256,7 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self._ensure_preprocess()
         self._report_skipped()
+        self._run_seed = _rank_zero_value(int(os.environ.get("PL_GLOBAL_SEED", 0)))
 
     def _ensure_preprocess(self) -> torch.nn.Module:
         """The preprocessing module, built on first use: cheap enough for ``normalize`` to call on every batch."""
@@ -649,6 +657,15 @@ class CenterCropOrPad(torch.nn.Module):
 
 def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _rank_zero_value(value: int) -> int:
+    """Rank 0's ``value`` on every rank (``value`` itself outside DDP). Called from ``setup``, which every rank runs."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return int(shared[0])
 
 
 class EpochSampler(DistributedSampler):
