@@ -337,6 +337,8 @@ PARTITION = [  # (name, input size in px, create_backbone kwargs): each stands f
     ("poolformer_s12", 32, {}),  # MetaFormer: no group_matcher
     ("pit_ti_224", 64, {"img_size": 64}),  # no group_matcher
     ("densenet121", 32, {}),  # groups whose common module path collides (features)
+    # a shared module registered before the blocks that timm's matcher leaves out (it would join the last stage)
+    ("vit_srelpos_small_patch16_224", 32, {"img_size": 32, "depth": 3, "embed_dim": 32, "num_heads": 2}),
     ("torchvision/resnet18", 32, {}),
     ("torchvision/squeezenet1_0", 64, {}),  # classifier is a 1x1 Conv2d
     ("torchvision/googlenet", 64, {}),  # aux logits

@@ -13,6 +13,7 @@ import importlib
 import inspect
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -201,10 +202,46 @@ def _timm_groups(model: nn.Module) -> list[list[str]]:
     matcher = getattr(model, "group_matcher", None)
     if matcher is not None:
         try:
-            return list(group_parameters(model, matcher(coarse=True)).values())
+            spec = matcher(coarse=True)
+            return _place_unmatched(model, spec, list(group_parameters(model, spec).values()))
         except (AssertionError, NotImplementedError) as err:  # timm asserts where coarse grouping is missing
             log.info("%s: group_matcher(coarse=True) failed (%s); stages from feature_info.", type(model).__name__, err)
     return _feature_info_groups(model)
+
+
+def _place_unmatched(model: nn.Module, spec: Any, groups: list[list[str]]) -> list[list[str]]:
+    """timm puts the parameters its matcher does not name into the last group, meaning a neck or head after the
+    stages. A parameter registered before the last stage is neither: ``vit_srelpos``'s ``shared_rel_pos`` runs before
+    ``blocks.0`` and would make ``stages:1`` train it with the last block. Such a parameter joins the group of the
+    parameter registered just before it (the stem if none is)."""
+    if not isinstance(spec, dict) or len(groups) < 2:
+        return groups
+    patterns = [re.compile(p if isinstance(p, str) else p[0]) for v in spec.values() if v for p in _as_list(v)]
+    names = [n for n, _ in model.named_parameters()]
+    group_of = {n: i for i, group in enumerate(groups) for n in group}
+    last = len(groups) - 1
+    trunk_end = max((i for i, n in enumerate(names) if group_of[n] < last), default=-1)
+    moved: dict[str, int] = {}
+    previous = 0
+    for i, name in enumerate(names):
+        if any(p.match(name) for p in patterns):
+            previous = group_of[name]
+        elif i < trunk_end:
+            moved[name] = previous
+    if not moved:
+        return groups
+    log.info("%s: parameters outside timm's stage matcher placed by module order: %s", type(model).__name__, moved)
+    placed = [[n for n in group if n not in moved] for group in groups]
+    for name in names:  # keep each group in registration order
+        if name in moved:
+            placed[moved[name]].append(name)
+    order = {n: i for i, n in enumerate(names)}
+    return [sorted(group, key=order.get) for group in placed if group]
+
+
+def _as_list(spec: Any) -> list:
+    """A matcher entry: one regex, or a list of ``(regex, suffix)`` pairs."""
+    return list(spec) if isinstance(spec, list | tuple) else [spec]
 
 
 def _feature_info_groups(model: nn.Module) -> list[list[str]]:
