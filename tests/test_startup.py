@@ -46,6 +46,11 @@ IMPORTED_WHEN_PRESENT = {
     "colorama": "torch._inductor.runtime.runtime_utils: coloured output, try/except ModuleNotFoundError",
     "attrs": "jsonargparse._optionals: attrs classes as arguments, find_spec('attrs')",
     "attr": "the attrs distribution's older module name, imported by attrs",
+    # `import torchmetrics` imports transformers (functional.text.bert) whenever it is installed, as it is with peft
+    # (the [adapters] extra); a core install has neither, and torchmetrics checks before it imports.
+    "transformers": "torchmetrics.functional.text.bert: `from transformers import ...` when transformers is installed",
+    "tokenizers": "imported by transformers",
+    "regex": "imported by transformers",
 }
 
 
