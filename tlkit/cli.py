@@ -10,6 +10,7 @@ tlkit plot-schedule --config recipes/quickstart.yaml -o lr.png [--trainer.max_ep
 tlkit lr-find --config recipes/quickstart.yaml [-o lr_find.png] [--apply tuned.yaml]
 tlkit soup --ckpt_path a.ckpt b.ckpt ... [--greedy] [-o soup.ckpt] [--config recipe.yaml]
 tlkit optimize --source folder:imgs/ --out shards/ [--max_side 512]
+tlkit fewshot --backbone resnet50 --data.source folder:imgs/ --shots 1,5,10
 
 A known user error (a bad value, a missing file, a bad spec, a missing optional dependency) prints one paragraph and
 exits with status 2; ``--debug`` (or ``TLKIT_DEBUG=1``) shows the full traceback instead.
@@ -41,6 +42,7 @@ COMMANDS = {
     "lr-find": "Learning-rate range test of a recipe: suggestions, loss-vs-LR plot, --apply tuned.yaml",
     "soup": "Average checkpoints of one model (uniform or --greedy) into a new checkpoint",
     "optimize": "Write a source as litdata shards for multi-node streaming (--source folder:<dir> --out <dir>)",
+    "fewshot": "Few-shot accuracy (nearest class mean, k-NN) of a backbone's features: --shots 1,5,10",
 }
 
 # Commands that are one function each, parsed by jsonargparse from its signature and docstring ("module:function");
@@ -50,6 +52,7 @@ FUNCTION_COMMANDS = {
     "extract": "tlkit.commands:extract",
     "export": "tlkit.commands:export",
     "optimize": "tlkit.data.shards:optimize",
+    "fewshot": "tlkit.commands:fewshot",
 }
 
 # Modules of the optional extras (pyproject.toml [project.optional-dependencies]), and what needs them.

@@ -511,14 +511,64 @@ def extract(
 
     if (backbone is None) == (ckpt_path is None):
         raise ValueError("Pass exactly one of --backbone NAME or --ckpt_path FILE.")
-    feats = extract_features(
-        ckpt_path or backbone, data, layers=layers, pool=pool, batch_size=batch_size, device=device,
-        precision=precision, out=out, pretrained=pretrained, split=split, devices=devices, strategy=strategy,
-        shard_size=shard_size, progress=True,
-    )  # fmt: skip
+    with quiet_library_noise():
+        feats = extract_features(
+            ckpt_path or backbone, data, layers=layers, pool=pool, batch_size=batch_size, device=device,
+            precision=precision, out=out, pretrained=pretrained, split=split, devices=devices, strategy=strategy,
+            shard_size=shard_size, progress=True,
+        )  # fmt: skip
     if feats is not None:
         shapes = {name: tuple(t.shape) for name, t in feats.layers.items()}
         rank_zero_info(f"Features {shapes} of {len(feats)} images written to {out}")
+
+
+def fewshot(
+    backbone: str | None = None,
+    ckpt_path: str | None = None,
+    pretrained: bool | str = True,
+    data: ImageDataModule = lazy_instance(ImageDataModule),
+    shots: str = "1,5,10",
+    classifier: str = "ncm,knn",
+    seeds: int = 5,
+    k: int = 5,
+    pool: str = "model",
+    device: str = "auto",
+) -> str:
+    """Few-shot accuracy of a backbone's features: nearest class mean and k-NN (cosine) fitted on a few train images
+    per class, scored on the val split; prints a table (mean ± std over seeds).
+
+    Args:
+        backbone: timm name or torchvision/<name> (or use ckpt_path).
+        ckpt_path: a TransferClassifier checkpoint whose backbone to use.
+        pretrained: weights of --backbone: true (hub), false, 'packaged' or a weights file.
+        data: the images, as for fit (--data.source, --data.image_size ...); its train split gives the shots, its val
+            split the score.
+        shots: images per class, comma-separated (1,5,10).
+        classifier: ncm, knn, or both comma-separated.
+        seeds: draws of the shots per number of shots.
+        k: neighbours of the k-NN classifier.
+        pool: how the features are pooled (as for extract).
+        device: auto, cpu, cuda, cuda:1, mps.
+    """
+    from tlkit.features import extract_features
+    from tlkit.fewshot import few_shot_accuracy, format_table
+
+    if (backbone is None) == (ckpt_path is None):
+        raise ValueError("Pass exactly one of --backbone NAME or --ckpt_path FILE.")
+    counts = [part.strip() for part in str(shots).strip("[]").split(",") if part.strip()]
+    if not counts or not all(part.isdigit() and int(part) > 0 for part in counts):
+        raise ValueError(
+            f"--shots takes positive numbers of images per class, comma-separated (1,5,10); got {shots!r}."
+        )
+    with quiet_library_noise():
+        feats = extract_features(ckpt_path or backbone, data, pool=pool, device=device, pretrained=pretrained)
+    results = few_shot_accuracy(
+        feats.split("train"), feats.split("val"), shots=[int(part) for part in counts],
+        classifiers=[name.strip() for name in classifier.split(",")], seeds=seeds, k=k, class_names=data.class_names,
+    )  # fmt: skip
+    table = format_table(results)
+    print(table)
+    return table
 
 
 def export(
