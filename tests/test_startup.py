@@ -137,7 +137,7 @@ def test_the_extras_hold_the_optional_modules_and_dev_holds_everything():
     extras = {extra: {_name(r) for r in reqs} for extra, reqs in PYPROJECT["optional-dependencies"].items()}
     for module, (extra, _) in cli.OPTIONAL_MODULES.items():
         assert _distributions({module})[module] & extras[extra], module
-    assert "tlkit[onnx,notebooks]" in PYPROJECT["optional-dependencies"]["dev"]
+    assert "tlkit[onnx,notebooks,adapters]" in PYPROJECT["optional-dependencies"]["dev"]
     assert {"pytest", "ruff", "mkdocs-material", "mkdocstrings"} <= extras["dev"]
 
 

@@ -62,6 +62,7 @@ OPTIONAL_MODULES = {
     "nbclient": ("notebooks", "Running the notebooks"),
     "nbformat": ("notebooks", "Running the notebooks"),
     "ipykernel": ("notebooks", "Running the notebooks"),
+    "peft": ("adapters", "LoRA adapters"),
 }
 
 DEBUG_HINT = "(Add --debug or set TLKIT_DEBUG=1 for the full traceback.)"

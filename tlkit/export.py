@@ -32,6 +32,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from tlkit.data.preprocess import build_preprocess
 from tlkit.io import atomic_path
+from tlkit.adapters import merge_adapter
 from tlkit.module import TransferClassifier, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -335,7 +336,8 @@ def export(
         if fuse_bn:
             print("safetensors keeps the trainable layout (BatchNorm unfolded); fold at load time if needed.")
         return save_safetensors(model, preprocess, meta, out)
-    net = InferenceModel(preprocess, model.backbone, model.head, input, return_features).eval()
+    backbone = merge_adapter(model.backbone)  # LoRA folded into the weights it adapts: a plain graph
+    net = InferenceModel(preprocess, backbone, model.head, input, return_features).eval()
     example = example_input(meta["input_size"], input)
     if fuse_bn:
         net = fuse(net, example)

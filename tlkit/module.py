@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from tlkit.backbones import Pretrained, create_backbone
 from tlkit.callbacks import FineTuningPhases, Phase, parse_phases, phase_specs
 from tlkit.error_analysis import ErrorAnalysis
+from tlkit.adapters import AdapterFile, adapter_frozen, add_adapter, check_adapter
 from tlkit.freezing import apply_freeze, batchnorm_parameter_names, frozen_parameter_names, keep_frozen_bn_eval
 from tlkit.heads import ClassifierHead
 from tlkit.mixup import BatchMixup
@@ -109,6 +110,10 @@ class TransferClassifier(L.LightningModule):
         tta: test-time augmentation for validation, test and predict: ``"flip"``, ``"five_crop"`` or
             ``"ten_crop"`` (probabilities averaged over the views, see :mod:`tlkit.tta`), logged as ``val/tta_acc``
             etc. next to the plain metrics; predict returns the averaged probabilities. ``None``: off.
+        adapter: parameter-efficient fine-tuning (:mod:`tlkit.adapters`): ``{"kind": "lora", "r": 8, "alpha": 16,
+            "targets": "auto"}``, ``{"kind": "bitfit"}`` (biases) or ``{"kind": "norm"}`` (normalisation layers); only
+            that part of the backbone (and the head) trains, in every phase. Fit writes the adapter and head to
+            ``adapter.safetensors`` next to the checkpoints. ``None``: off.
         feature_cache: deprecated and ignored (with a warning): the checkpoints of tlkit before
             :class:`tlkit.LinearProbe` hold it, and load. A linear probe on features computed once is that class.
 
@@ -155,6 +160,7 @@ class TransferClassifier(L.LightningModule):
         mixup_off_epoch: int | None = None,
         ema_decay: float | None = None,
         tta: str | None = None,
+        adapter: dict[str, Any] | None = None,
         feature_cache: bool | None = None,
     ):
         super().__init__()
@@ -170,6 +176,9 @@ class TransferClassifier(L.LightningModule):
             "class_weight", class_weight_of(class_weights, class_counts, num_classes), persistent=False
         )
         self.backbone = create_backbone(backbone, pretrained=pretrained)
+        self.adapter = check_adapter(adapter)
+        if self.adapter:
+            add_adapter(self.backbone, self.adapter)
         self.head = _build_head(self.backbone.num_features, num_classes, head or {})
         self.enter_phase(self._declared_phases()[0])  # checks every phase now, not epochs into the run
         self.mixup = self._build_mixup()
@@ -215,6 +224,7 @@ class TransferClassifier(L.LightningModule):
         frozen = frozen_parameter_names(self.backbone, spec)
         if train_bn:
             frozen -= batchnorm_parameter_names(self.backbone)
+        frozen |= adapter_frozen(self.backbone, self.adapter)  # an adapter trains its part only, in every phase
         apply_freeze(self, {f"backbone.{name}" for name in frozen})
         self.train(self.training)  # re-applies the BatchNorm policy to the new frozen set
 
@@ -262,6 +272,8 @@ class TransferClassifier(L.LightningModule):
             callbacks.append(EMAWeightAveraging(decay=self.hparams.ema_decay))
         if fn == "test":  # the highest-loss images and most confused classes, as CSV files
             callbacks.append(ErrorAnalysis())
+        if self.adapter and fn == "fit":
+            callbacks.append(AdapterFile())
         return callbacks
 
     def on_fit_start(self) -> None:
