@@ -60,6 +60,11 @@ def saved_mb(model: TransferClassifier, folder: Path) -> float:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
 
 
+def row(name: str, model: torch.nn.Module, saved: float, step_times: list[float], acc: float | None) -> dict:
+    return {"name": name, "trainable": trainable(model), "total": total(model), "saved_mb": saved,
+            "step_ms": 1000 * statistics.median(step_times), "val_acc": acc}  # fmt: skip
+
+
 def fine_tune(name: str, overrides: dict[str, Any], epochs: int, seed: int, folder: Path) -> dict[str, Any]:
     L.seed_everything(seed, verbose=False)
     args = {**RECIPE["model"]["init_args"], **overrides}
@@ -70,8 +75,7 @@ def fine_tune(name: str, overrides: dict[str, Any], epochs: int, seed: int, fold
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[timer], deterministic=True)  # fmt: skip
     trainer.fit(model, ImageDataModule(**data_args, data_config=model.data_config))
-    return {"name": name, "trainable": trainable(model), "total": total(model), "saved_mb": saved_mb(model, folder),
-            "step_ms": 1000 * statistics.median(timer.times), "val_acc": trainer.callback_metrics["val/acc"].item()}  # fmt: skip
+    return row(name, model, saved_mb(model, folder), timer.times, trainer.callback_metrics["val/acc"].item())
 
 
 def linear_probe(epochs: int, seed: int) -> dict[str, Any]:
@@ -85,8 +89,7 @@ def linear_probe(epochs: int, seed: int) -> dict[str, Any]:
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])  # fmt: skip
     trainer.fit(model, model.feature_data(ImageDataModule(**data_args, data_config=model.data_config)))
     head = sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.is_floating_point()) / 1e6
-    return {"name": "linear probe (converged, L-BFGS)", "trainable": trainable(model), "total": total(model), "saved_mb": head,
-            "step_ms": 1000 * statistics.median(timer.times), "val_acc": trainer.callback_metrics["val/acc"].item()}  # fmt: skip
+    return row("linear probe (converged, L-BFGS)", model, head, timer.times, trainer.callback_metrics["val/acc"].item())
 
 
 def vit_rows(folder: Path, steps: int = 5) -> list[dict[str, Any]]:
@@ -104,9 +107,7 @@ def vit_rows(folder: Path, steps: int = 5) -> list[dict[str, Any]]:
             optimizer.step()
             optimizer.zero_grad()
             times.append(time.perf_counter() - start)
-        rows.append({"name": f"vit_small_patch16_224: {name}", "trainable": trainable(model), "total": total(model),
-                     "saved_mb": saved_mb(model, folder), "step_ms": 1000 * statistics.median(times[1:]),
-                     "val_acc": None})  # fmt: skip
+        rows.append(row(f"vit_small_patch16_224: {name}", model, saved_mb(model, folder), times[1:], None))
     return rows
 
 
@@ -123,10 +124,10 @@ def main() -> None:
             rows += vit_rows(Path(tmp))
     print("| configuration | trainable parameters | saved besides the pretrained weights (MB) | step (ms) | val acc |")
     print("|---|---|---|---|---|")
-    for row in rows:
-        acc = "" if row["val_acc"] is None else f"{row['val_acc']:.3f}"
-        print(f"| {row['name']} | {row['trainable']:,} ({100 * row['trainable'] / row['total']:.2f} % of the model) | "
-              f"{row['saved_mb']:.2f} | {row['step_ms']:.0f} | {acc} |")  # fmt: skip
+    for r in rows:
+        acc = "" if r["val_acc"] is None else f"{r['val_acc']:.3f}"
+        share = f"{r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f} %)"
+        print(f"| {r['name']} | {share} | {r['saved_mb']:.2f} | {r['step_ms']:.0f} | {acc} |")
 
 
 if __name__ == "__main__":

@@ -72,8 +72,8 @@ def add_adapter(backbone: Backbone, spec: dict[str, Any]) -> None:
         inject_adapter_in_model(config, backbone.model)
     except ValueError as err:  # peft: "Target modules {...} not found in the base model"
         raise ValueError(
-            f"LoRA targets {targets} match no layer of {backbone.name}: {str(err).rstrip('.')}. Use targets: auto, or names of its "
-            "linear or convolution layers (print(model.backbone) lists them)."
+            f"LoRA targets {targets} match no layer of {backbone.name}: {str(err).rstrip('.')}. Use targets: auto, or "
+            "names of its linear or convolution layers (print(model.backbone) lists them)."
         ) from None
     _restage(backbone, before)
 

@@ -30,9 +30,9 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from tlkit.adapters import merge_adapter
 from tlkit.data.preprocess import build_preprocess
 from tlkit.io import atomic_path
-from tlkit.adapters import merge_adapter
 from tlkit.module import TransferClassifier, read_checkpoint
 
 log = logging.getLogger(__name__)

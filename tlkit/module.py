@@ -20,10 +20,10 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from tlkit.adapters import AdapterFile, adapter_frozen, add_adapter, check_adapter
 from tlkit.backbones import Pretrained, create_backbone
 from tlkit.callbacks import FineTuningPhases, Phase, parse_phases, phase_specs
 from tlkit.error_analysis import ErrorAnalysis
-from tlkit.adapters import AdapterFile, adapter_frozen, add_adapter, check_adapter
 from tlkit.freezing import apply_freeze, batchnorm_parameter_names, frozen_parameter_names, keep_frozen_bn_eval
 from tlkit.heads import ClassifierHead
 from tlkit.mixup import BatchMixup
