@@ -107,3 +107,31 @@ def test_lora_fit_changes_only_the_adapter_writes_a_small_file_and_exports_merge
         expected = reloaded(preprocess(uint8.float() / 255)).numpy()
     (got,) = session.run(None, {session.get_inputs()[0].name: uint8.numpy()})
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_reaches_torchvision_attention_whose_projections_bypass_their_forward():
+    """nn.MultiheadAttention uses its fused in_proj and its out_proj weights directly: LoRA on out_proj as a Linear
+    would never run. `auto` adapts the attention layer (peft's LoRA for it covers both) and merges it back."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from torchvision.models import VisionTransformer
+
+    from tlkit.adapters import merge_adapter
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+    targets = lora_targets(vit)
+    assert [t for t in targets if t.endswith("self_attention")] and not [t for t in targets if "out_proj" in t]
+    assert not [t for t in targets if "conv_proj" in t]  # the patch embedding stays as it was
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=targets), vit)
+    for name, p in vit.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # (B starts at zero: the update would be 0 and prove nothing)
+    images = torch.rand(2, 3, 32, 32)
+    vit(images).sum().backward()
+    lora = {n: p for n, p in vit.named_parameters() if ".lora_" in n}
+    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
+    with torch.no_grad():
+        before = vit(images)
+        merge_adapter(vit)
+        torch.testing.assert_close(vit(images), before, rtol=1e-4, atol=1e-5)
+    assert not any(".lora_" in n for n, _ in vit.named_parameters())

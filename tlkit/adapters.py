@@ -79,11 +79,21 @@ def add_adapter(backbone: Backbone, spec: dict[str, Any]) -> None:
 
 
 def lora_targets(model: nn.Module) -> list[str]:
-    """The layers ``targets: auto`` adapts: every linear layer (attention and MLP of a transformer); in a model
-    without any, every convolution without groups (peft adapts no depthwise convolution)."""
-    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
-    found = linear or convs
+    """The layers ``targets: auto`` adapts: the attention layers (torchvision's ``nn.MultiheadAttention``, whose
+    fused input projection and output projection bypass their own ``forward``) and linear layers, and the
+    ungrouped convolutions when those hold more weights than the linear layers (a CNN; peft adapts no depthwise
+    convolution). A ViT gets attention and MLP, never its patch embedding; a CNN its convolutions."""
+    modules = dict(model.named_modules())
+    attention = [name for name, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
+    inside = tuple(f"{name}." for name in attention)
+    linear = [name for name, m in modules.items() if isinstance(m, nn.Linear) and not name.startswith(inside)]
+    convs = [name for name, m in modules.items() if isinstance(m, nn.Conv2d) and m.groups == 1]
+
+    def weights(names: list[str]) -> int:
+        return sum(modules[name].weight.numel() for name in names)
+
+    cnn = not attention and weights(convs) > weights(linear)
+    found = attention + linear + (convs if cnn else [])
     if not found:
         raise ValueError(f"{type(model).__name__} has no linear or ungrouped convolution layer for LoRA to adapt.")
     return found
@@ -91,10 +101,15 @@ def lora_targets(model: nn.Module) -> list[str]:
 
 def _restage(backbone: Backbone, before: dict[str, str]) -> None:
     """After peft renamed wrapped layers' parameters (``qkv.weight`` -> ``qkv.base_layer.weight``) and added its
-    own, give each parameter the stage of the layer it belongs to, so freeze specs and layer decay still hold."""
+    own (``qkv.lora_A.default.weight``), give each parameter the stage of the layer it belongs to, so freeze specs
+    and layer decay still hold."""
+    stage_of_module = {name.rpartition(".")[0]: stage for name, stage in before.items()}
     stages: dict[str, list[str]] = {stage: [] for stage in backbone.stages}
     for name, _ in backbone.named_parameters():
-        stages[before[_PEFT_PART.sub("", name)]].append(name.removeprefix("model."))
+        module = _PEFT_PART.sub("", name).rpartition(".")[0]
+        while module not in stage_of_module:  # LoRA of an attention layer: the layer's own parameters name it
+            module = module.rpartition(".")[0]
+        stages[stage_of_module[module]].append(name.removeprefix("model."))
     backbone._stage_params = stages
 
 
@@ -135,8 +150,10 @@ def merge_adapter(module: nn.Module) -> nn.Module:
         from peft.tuners.lora import LoraLayer
     except ImportError:
         return module  # no peft: no LoRA layer can be in the model
-    for name, layer in list(module.named_modules()):
-        if isinstance(layer, LoraLayer):
+    while layers := [(name, m) for name, m in module.named_modules() if isinstance(m, LoraLayer)]:
+        # outermost first: LoRA of an attention layer merges the LoRA of its output projection too
+        outer = [(name, m) for name, m in layers if not any(name.startswith(f"{other}.") for other, _ in layers)]
+        for name, layer in outer:
             layer.merge()
             parent_name, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent_name) if parent_name else module, child, layer.get_base_layer())
