@@ -28,7 +28,7 @@ from tlkit.adapters import save_adapter
 RECIPE = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml").read_text())
 CONFIGS: dict[str, dict[str, Any]] = {
     "full fine-tuning": {"freeze": "none"},
-    "LoRA (r 8, alpha 16)": {"freeze": "none", "adapter": {"kind": "lora", "r": 8, "alpha": 16}, "lr": 0.05},
+    "LoRA (r 8, alpha 16)": {"freeze": "none", "adapter": {"kind": "lora", "r": 8, "alpha": 16}, "lr": 0.01},
     "BitFit": {"freeze": "none", "adapter": {"kind": "bitfit"}, "lr": 0.05},
     "norm layers": {"freeze": "none", "adapter": {"kind": "norm"}, "lr": 0.05},
 }
@@ -88,7 +88,7 @@ def linear_probe(epochs: int, seed: int) -> dict[str, Any]:
     trainer = L.Trainer(max_epochs=probe_recipe["trainer"]["max_epochs"], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])  # fmt: skip
     trainer.fit(model, model.feature_data(ImageDataModule(**data_args, data_config=model.data_config)))
-    head = sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.is_floating_point()) / 1e6
+    head = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 1e6  # the head
     return row("linear probe (converged, L-BFGS)", model, head, timer.times, trainer.callback_metrics["val/acc"].item())
 
 
