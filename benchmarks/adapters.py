@@ -26,8 +26,8 @@ from tlkit import ImageDataModule, LinearProbe, TransferClassifier
 from tlkit.adapters import save_adapter
 
 RECIPE = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml").read_text())
-# LRs: the quickstart's 0.02 for all layers; LoRA at 0.05 diverged (val 0.10), at 0.01 and 0.002 both gave 0.900 (seed 0);
-# BitFit and norm train 1-2 % of the weights and take a larger one.
+# LRs: the quickstart's 0.02 for all layers; LoRA at 0.05 diverged (val 0.10), at 0.01 and 0.002 both gave 0.900
+# (seed 0); BitFit and norm train 1-2 % of the weights and take a larger one.
 CONFIGS: dict[str, dict[str, Any]] = {
     "full fine-tuning": {"freeze": "none"},
     "LoRA (r 8, alpha 16)": {"freeze": "none", "adapter": {"kind": "lora", "r": 8, "alpha": 16}, "lr": 0.01},
