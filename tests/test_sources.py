@@ -243,7 +243,7 @@ def test_error_bad_spec(spec: str) -> None:
 
 
 def test_error_unknown_spec_lists_forms() -> None:
-    with pytest.raises(ValueError, match="folder:<dir>, csv:<file>, torchvision:<Name>, textures, digits"):
+    with pytest.raises(ValueError, match="folder:<dir>, csv:<file>, torchvision:<Name>, textures, texture-pairs, digits"):
         list_class_names("nope")
 
 

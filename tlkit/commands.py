@@ -41,10 +41,12 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from tlkit.backbones import backbone_data_config
 from tlkit.data.datamodule import ImageDataModule
 from tlkit.data.datamodule import check_arguments as check_data_arguments
+from tlkit.data.sources import LABEL_SEPARATOR
 from tlkit.io import AtomicCheckpointIO, atomic_open, claim_version
 from tlkit.loggers import scrub_logged_hyperparameters
 from tlkit.module import CKPT_PATH_KEYWORDS, read_checkpoint
 from tlkit.module import check_arguments as check_model_arguments
+from tlkit.multilabel import predicted_names
 from tlkit.plots import lr_schedule_figure, save_figure
 from tlkit.probe import LinearProbe
 from tlkit.runs import run_directory, run_directory_on_every_rank
@@ -110,7 +112,9 @@ def quiet_library_noise() -> Iterator[None]:
 
 
 class PredictionCSVWriter(BasePredictionWriter):
-    """Writes ``path, predicted class name, probability`` per image to a CSV file (atomically) after predict.
+    """Writes ``path, predicted class name, probability`` per image to a CSV file (atomically) after predict; for a
+    multi-label model ``path, labels`` (the names at or above their thresholds, ``;``-separated, as a multi-label
+    CSV source reads them) and one probability column per class.
 
     Names are the model's ``class_names`` (the checkpoint's); a warning says when the images to predict come in
     class folders named otherwise.
@@ -133,13 +137,18 @@ class PredictionCSVWriter(BasePredictionWriter):
         indices = [i for batch in _flatten(batch_indices) for i in batch]
         split = trainer.datamodule.predict_split()
         names = pl_module.class_names
-        confidence, predicted = probs.max(dim=-1)
+        paths = [_sample_name(split.samples[i], i) for i in indices]
         out = Path(self.out or Path(run_directory_on_every_rank(trainer)) / "predictions.csv")
-        rows = [
-            (_sample_name(split.samples[i], i), names[p], f"{c:.6f}")
-            for i, p, c in zip(indices, predicted.tolist(), confidence.tolist(), strict=True)
-        ]
-        _write_csv_atomic(out, ["path", "prediction", "probability"], rows)
+        if pl_module.hparams.get("multilabel"):  # every class at or above its tuned threshold, and every probability
+            labels = predicted_names(probs, pl_module.thresholds.cpu(), names)
+            rows = [(path, LABEL_SEPARATOR.join(found), *(f"{p:.6f}" for p in row))
+                    for path, found, row in zip(paths, labels, probs.tolist(), strict=True)]  # fmt: skip
+            _write_csv_atomic(out, ["path", "labels", *names], rows)
+        else:
+            confidence, predicted = probs.max(dim=-1)
+            rows = [(path, names[p], f"{c:.6f}")
+                    for path, p, c in zip(paths, predicted.tolist(), confidence.tolist(), strict=True)]  # fmt: skip
+            _write_csv_atomic(out, ["path", "prediction", "probability"], rows)
         _say(f"Predictions for {len(rows)} images written to {out}")
 
 
@@ -171,7 +180,7 @@ class TlkitCLI(LightningCLI):
     """LightningCLI with the model's backbone configuring the data and the data's classes configuring the model,
     so a recipe states each once: the data module's ``data_config`` is computed from ``model.backbone`` and
     ``model.pretrained`` when the recipe is parsed (:func:`~tlkit.backbones.backbone_data_config`), and the model
-    gets ``num_classes``, ``class_names`` and ``class_counts`` from the data module when it is built.
+    gets ``num_classes``, ``class_names``, ``class_counts`` and ``multilabel`` from the data module when it is built.
 
     Every run also gets the tracking callbacks (configurable as ``--figures.max_images 8``; see
     :mod:`tlkit.tracking`): throughput and phase (``speed``), confusion matrix and misclassified images
@@ -191,7 +200,7 @@ class TlkitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         model_weights = ("model.init_args.backbone", "model.init_args.pretrained")
         parser.link_arguments(model_weights, "data.init_args.data_config", compute_fn=_data_config, apply_on="parse")
-        for name in ("num_classes", "class_names", "class_counts"):
+        for name in ("num_classes", "class_names", "class_counts", "multilabel"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
         parser.add_lightning_class_args(TrainingSpeed, "speed")
         parser.add_lightning_class_args(ClassificationFigures, "figures")

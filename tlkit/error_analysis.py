@@ -48,9 +48,35 @@ def most_confused(predicted: Tensor, targets: Tensor, classes: list[str], min_co
     return [{"true": classes[t], "predicted": classes[p], "count": count} for count, t, p in pairs]
 
 
+def top_losses_multilabel(
+    logits: Tensor, targets: Tensor, thresholds: Tensor, names: list[str], classes: list[str], k: int
+) -> list[dict[str, Any]]:
+    """Multi-label: the ``k`` samples with the highest binary cross-entropy (summed over classes), highest first:
+    image, true and predicted classes (``;``-separated; predicted at ``thresholds``) and the loss."""
+    losses = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none").sum(dim=1)
+    predicted = logits.float().sigmoid() >= thresholds
+    joined = lambda flags: ";".join(classes[c] for c in flags.nonzero().flatten().tolist())  # noqa: E731
+    return [
+        {"image": names[i], "true": joined(targets[i].bool()), "predicted": joined(predicted[i]),
+         "loss": round(losses[i].item(), 4)}
+        for i in losses.argsort(descending=True)[:k].tolist()
+    ]  # fmt: skip
+
+
+def class_errors(predicted: Tensor, targets: Tensor, classes: list[str]) -> list[dict[str, Any]]:
+    """Multi-label: per class, the images it was missed in and the images it was wrongly predicted in, classes
+    with the most errors first (what ``most_confused`` is to a single-label model)."""
+    truth = targets.bool()
+    missed, extra = (truth & ~predicted).sum(dim=0), (~truth & predicted).sum(dim=0)
+    rows = [{"class": name, "missed": int(missed[c]), "false_positives": int(extra[c]),
+             "images": int(truth[:, c].sum())} for c, name in enumerate(classes)]  # fmt: skip
+    return sorted(rows, key=lambda row: -(row["missed"] + row["false_positives"]))
+
+
 class ErrorAnalysis(L.Callback):
     """Collects the test logits and writes :data:`TOP_LOSSES_FILE` (the ``top_k`` highest-loss images) and
-    :data:`MOST_CONFUSED_FILE` into the run directory at the end of ``test``.
+    :data:`MOST_CONFUSED_FILE` into the run directory at the end of ``test`` (multi-label: the classes with the
+    most misses and false positives, :func:`class_errors`).
 
     ``TransferClassifier`` adds it to every ``test`` run (its ``configure_callbacks``).
     """
@@ -78,8 +104,15 @@ class ErrorAnalysis(L.Callback):
         names = sample_names(trainer.test_dataloaders, len(targets))
         classes = list(pl_module.class_names)
         folder = run_directory(trainer)
-        write_csv(os.path.join(folder, TOP_LOSSES_FILE), top_losses(logits, targets, names, classes, self.top_k))
-        write_csv(os.path.join(folder, MOST_CONFUSED_FILE), most_confused(logits.argmax(1), targets, classes))
+        if targets.ndim == 2:  # multi-label
+            thresholds = pl_module.thresholds.cpu()
+            losses = top_losses_multilabel(logits, targets, thresholds, names, classes, self.top_k)
+            confused = class_errors(logits.float().sigmoid() >= thresholds, targets, classes)
+        else:
+            losses = top_losses(logits, targets, names, classes, self.top_k)
+            confused = most_confused(logits.argmax(1), targets, classes)
+        write_csv(os.path.join(folder, TOP_LOSSES_FILE), losses)
+        write_csv(os.path.join(folder, MOST_CONFUSED_FILE), confused)
 
 
 def sample_names(loader: Any, count: int) -> list[str]:

@@ -393,6 +393,9 @@ def export_metadata(model: TransferClassifier, spec: dict[str, Any], input: str,
     return {
         "preprocess": spec,
         "class_names": model.class_names,
+        # Multi-label: a class is predicted where sigmoid(logit) >= its threshold (tuned on validation); else argmax.
+        "multilabel": bool(hp.get("multilabel")),
+        "thresholds": model.thresholds.tolist() if hp.get("multilabel") else None,
         "input": input,
         "input_size": [3, size, size],
         "outputs": ["logits", "features"] if return_features else ["logits"],

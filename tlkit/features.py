@@ -52,6 +52,15 @@ DEFAULT_KEY = "features"
 # --------------------------------------------------------------------------------------------------- FeatureSet
 
 
+def check_single_label(labels: Tensor, what: str) -> None:
+    """Raises a ``ValueError`` for multi-label targets (``(N, C)``), which ``what`` cannot learn from."""
+    if labels.ndim == 2:
+        raise ValueError(
+            f"{what} learns one class per image, but these are features of a multi-label source (labels of shape "
+            f"{tuple(labels.shape)}). Fine-tune a TransferClassifier with freeze='backbone' for a multi-label probe."
+        )
+
+
 @dataclass
 class FeatureSet:
     """Features of a set of images, with their labels, ids and metadata.

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from tlkit.features import FeatureSet
+from tlkit.features import FeatureSet, check_single_label
 
 CLASSIFIERS = ("ncm", "knn")
 
@@ -171,6 +171,7 @@ def few_shot_accuracy(
     """
     for name in classifiers:
         make_classifier(name, k)  # an unknown name fails before any work
+    check_single_label(train.labels, "Few-shot classification")
     labelled = test.labels >= 0
     if not labelled.any():
         raise ValueError("The test features have no labelled rows to score against.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import warnings
@@ -18,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MultilabelF1Score
 
 from tlkit.adapters import AdapterFile, adapter_frozen, add_adapter, check_adapter
 from tlkit.backbones import Pretrained, create_backbone
@@ -27,6 +28,7 @@ from tlkit.error_analysis import ErrorAnalysis
 from tlkit.freezing import apply_freeze, batchnorm_parameter_names, frozen_parameter_names, keep_frozen_bn_eval
 from tlkit.heads import ClassifierHead
 from tlkit.mixup import BatchMixup
+from tlkit.multilabel import DEFAULT_THRESHOLD, ThresholdTuner, check_pos_weight, multilabel_loss, multilabel_metrics
 from tlkit.optim import (
     OPTIMIZERS,
     SCHEDULES,
@@ -54,6 +56,8 @@ EVAL_MODE_WARNING_MODULE = r"lightning\.pytorch\.loops\.fit_loop\Z"  # the modul
 # import code chosen by whoever wrote the file.
 TRUSTED_CLASS_PREFIXES = ("tlkit.", "lightning.")
 _CLASS_KEYS = ("_class_path", "class_path", "_instantiator")
+# Where a multi-label model's tuned thresholds live in its checkpoints.
+THRESHOLDS_KEY = "tlkit_thresholds"
 # Lightning's own ``ckpt_path`` keywords, which name no file.
 CKPT_PATH_KEYWORDS = ("last", "best", "hpc", "registry")
 
@@ -66,6 +70,13 @@ class TransferClassifier(L.LightningModule):
         pretrained: ``True`` (hub weights), ``False``, ``"packaged"`` (offline ImageNet weights) or a weights file.
         num_classes: number of classes; the CLI takes it from the data module.
         class_names: names of the classes, saved with the model so predictions carry names.
+        multilabel: images may show several classes (:mod:`tlkit.multilabel`): one sigmoid per class, binary
+            cross-entropy, metrics ``acc`` (exact match), ``f1_micro``, ``f1_macro`` (at 0.5) and ``map``, and
+            per-class thresholds tuned on every validation (maximum F1; ``val/f1_macro_tuned``), kept in the
+            checkpoint, used by predict and export, and by test (``test/f1_macro_tuned``). The CLI takes it from the
+            data module (a multi-label source), as ``num_classes``.
+        pos_weight: multi-label only: weight of each class's positive examples in the loss (one number, or one per
+            class; e.g. negatives / positives of a rare class). ``None``: 1.
         freeze: ``"none"``, ``"backbone"``, ``"stages:K"`` or ``"regex:<pattern>"`` (see :mod:`tlkit.freezing`).
         freeze_bn: keep BatchNorm layers whose parameters are frozen in eval mode (running statistics unchanged).
         head: options of :class:`~tlkit.heads.ClassifierHead`: ``hidden``, ``dropout``, ``activation``, ``init``.
@@ -132,6 +143,8 @@ class TransferClassifier(L.LightningModule):
         pretrained: Pretrained = False,
         num_classes: int = 2,
         class_names: list[str] | None = None,
+        multilabel: bool = False,
+        pos_weight: float | list[float] | None = None,
         freeze: str = "none",
         freeze_bn: bool = True,
         head: dict[str, Any] | None = None,
@@ -172,9 +185,21 @@ class TransferClassifier(L.LightningModule):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}.")
         # Not persistent: a checkpoint's class weights are its hyperparameters' class counts.
+        if multilabel and class_weights is not None:
+            raise ValueError(
+                f"class_weights={class_weights!r} weighs the one class of each image, but this model is multi-label; "
+                "weigh each class's positives with pos_weight instead (e.g. its negatives / positives)."
+            )
         self.register_buffer(
             "class_weight", class_weight_of(class_weights, class_counts, num_classes), persistent=False
         )
+        self.register_buffer("pos_weight", check_pos_weight(pos_weight, num_classes, multilabel), persistent=False)
+        if multilabel:
+            # Tuned on every validation, saved in checkpoints by on_save_checkpoint. Not a buffer: weight averaging
+            # (EMA) averages and swaps buffers, and would carry back stale thresholds after validation tuned them.
+            self.thresholds = torch.full((num_classes,), DEFAULT_THRESHOLD)
+            self.threshold_tuner = ThresholdTuner()
+            self.test_tuned_f1 = MultilabelF1Score(num_classes, average="macro")  # at the validation's thresholds
         self.backbone = create_backbone(backbone, pretrained=pretrained)
         self.adapter = check_adapter(adapter)
         if self.adapter:
@@ -184,13 +209,12 @@ class TransferClassifier(L.LightningModule):
         self.mixup = self._build_mixup()
         check_ema_decay(ema_decay)
         check_tta(tta)
-        self.train_metrics = classification_metrics(num_classes, "train/")
-        self.val_metrics = classification_metrics(num_classes, "val/")
-        self.test_metrics = classification_metrics(num_classes, "test/")
+        metrics = functools.partial(multilabel_metrics if multilabel else classification_metrics, num_classes)
+        self.train_metrics = metrics("train/", **({"average_precision": False} if multilabel else {}))
+        self.val_metrics = metrics("val/")
+        self.test_metrics = metrics("test/")
         if tta:  # (metrics hold no checkpointed state: a checkpoint loads with TTA on or off)
-            self.tta_metrics = torch.nn.ModuleDict(
-                {stage: classification_metrics(num_classes, f"{stage}/tta_") for stage in ("val", "test")}
-            )
+            self.tta_metrics = torch.nn.ModuleDict({stage: metrics(f"{stage}/tta_") for stage in ("val", "test")})
         if channels_last:
             self.to(memory_format=torch.channels_last)
         if compile:
@@ -205,6 +229,7 @@ class TransferClassifier(L.LightningModule):
         return BatchMixup(
             hp.num_classes, mixup_alpha=hp.mixup_alpha, cutmix_alpha=hp.cutmix_alpha, prob=hp.mixup_prob,
             switch_prob=hp.mixup_switch_prob, label_smoothing=hp.label_smoothing, off_epoch=hp.mixup_off_epoch,
+            multilabel=hp.multilabel,
         )  # fmt: skip
 
     @property
@@ -323,20 +348,46 @@ class TransferClassifier(L.LightningModule):
         loss, logits = self._shared_step(batch, self.val_metrics)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch[1]))
         self._tta_step(batch, "val")
+        if self.hparams.multilabel:
+            self.threshold_tuner.update(logits.sigmoid(), batch[1])
         return {"loss": loss, "logits": logits.detach()}
+
+    def on_validation_epoch_start(self) -> None:
+        if self.hparams.multilabel:
+            self.threshold_tuner.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        """Multi-label: each class's threshold becomes the one with the best F1 on this validation (not after the
+        sanity check, whose few batches would tune it on a sample); ``val/f1_macro_tuned`` is the macro F1 at
+        those thresholds (tuned and measured on the same images: an optimistic number)."""
+        if not self.hparams.multilabel or self.trainer.sanity_checking:
+            return
+        thresholds, f1 = self.threshold_tuner.compute()  # every process's scores: the same thresholds everywhere
+        self.thresholds = thresholds.cpu()
+        self.log("val/f1_macro_tuned", f1.nanmean(), sync_dist=False)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         loss, logits = self._shared_step(batch, self.test_metrics)
         self.log("test/loss", loss, batch_size=len(batch[1]))
         self._tta_step(batch, "test")
+        if self.hparams.multilabel:
+            predicted = logits.sigmoid() >= self.thresholds.to(logits.device)
+            self.test_tuned_f1.update(predicted.long(), batch[1].long())
+            self.log("test/f1_macro_tuned", self.test_tuned_f1, on_step=False, on_epoch=True)
         return {"loss": loss, "logits": logits.detach()}
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        """Class probabilities ``(N, num_classes)``."""
+        """Class probabilities ``(N, num_classes)`` (softmax; multi-label: each class's sigmoid)."""
         images = batch[0] if isinstance(batch, list | tuple) else batch
+        return self.probabilities(images)
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of preprocessed images, averaged over the ``tta`` views if set: a softmax, or
+        (multi-label) one sigmoid per class."""
         if self.hparams.tta:
-            return tta_probabilities(self, images, self.hparams.tta)
-        return self(images).softmax(dim=-1)
+            return tta_probabilities(self, images, self.hparams.tta, multilabel=self.hparams.multilabel)
+        logits = self(images)
+        return logits.sigmoid() if self.hparams.multilabel else logits.softmax(dim=-1)
 
     def _tta_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         """With ``tta``, the metrics of the averaged probabilities, logged as ``<stage>/tta_*``."""
@@ -344,7 +395,7 @@ class TransferClassifier(L.LightningModule):
             return
         images, targets = batch
         metrics = self.tta_metrics[stage]
-        metrics.update(tta_probabilities(self, images, self.hparams.tta), targets)
+        metrics.update(self.probabilities(images), _metric_targets(targets))
         self.log_dict(metrics, on_step=False, on_epoch=True)
 
     def _shared_step(
@@ -354,18 +405,22 @@ class TransferClassifier(L.LightningModule):
         count: bool = True,
         soft_targets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy and logits of the batch (against ``soft_targets`` if given: mixup's); with ``count``,
-        updates and logs the epoch metrics (always against the hard labels)."""
+        """Cross-entropy (multi-label: binary cross-entropy) and logits of the batch (against ``soft_targets`` if
+        given: mixup's); with ``count``, updates and logs the epoch metrics (always against the hard labels)."""
         images, targets = batch
         logits = self(images)
         training = metrics is self.train_metrics  # class weights shape the training loss, not the reported ones
-        weight = self.class_weight.to(logits.device) if training and self.class_weight is not None else None
-        # The loss first: it rejects labels outside [0, num_classes), which the metrics do not check in logits' case.
-        loss = F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.hparams.label_smoothing)
         if soft_targets is not None:
             loss = self.mixup.loss(logits, soft_targets)
+        elif self.hparams.multilabel:
+            pos_weight = self.pos_weight if training else None
+            loss = multilabel_loss(logits, targets, pos_weight, label_smoothing=self.hparams.label_smoothing)
+        else:
+            weight = self.class_weight if training else None
+            # Before the metrics: it rejects labels outside [0, num_classes), which they do not check for logits.
+            loss = F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.hparams.label_smoothing)
         if count:
-            metrics.update(logits, targets)
+            metrics.update(logits, _metric_targets(targets))
             self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=metrics is self.val_metrics)
         return loss, logits
 
@@ -440,6 +495,8 @@ class TransferClassifier(L.LightningModule):
         if hparams.get("pretrained") not in (False, "packaged"):
             checkpoint["hyper_parameters"] = {**hparams, "pretrained": False}
         checkpoint["tlkit_data_config"] = dict(self.backbone.data_config)
+        if self.hparams.multilabel:
+            checkpoint[THRESHOLDS_KEY] = self.thresholds.tolist()
 
     @classmethod
     def load_from_checkpoint(
@@ -473,6 +530,8 @@ class TransferClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "tlkit_data_config" in checkpoint:
             self.backbone.data_config = dict(checkpoint["tlkit_data_config"])
+        if self.hparams.multilabel and THRESHOLDS_KEY in checkpoint:
+            self.thresholds = torch.tensor(checkpoint[THRESHOLDS_KEY], dtype=torch.float32)
         self._take_checkpoint_classes(checkpoint.get("hyper_parameters") or {})
 
     def _take_checkpoint_classes(self, saved: Mapping[str, Any]) -> None:
@@ -494,6 +553,11 @@ class TransferClassifier(L.LightningModule):
             "follow its own order)."
         )
         self.hparams.class_names = list(names)
+
+
+def _metric_targets(targets: Tensor) -> Tensor:
+    """Labels as torchmetrics takes them: multi-hot float targets as integers."""
+    return targets.long() if targets.is_floating_point() else targets
 
 
 def _warn_feature_cache_ignored(feature_cache: bool) -> None:

@@ -44,8 +44,20 @@ def check_pairing(model: nn.Module, datamodule: Any) -> None:
     """
     if not isinstance(datamodule, ImageDataModule):
         return
+    _check_label_kind(model, datamodule)
     _check_normalisation(model, datamodule)
     _warn_frozen_pretrained(model, datamodule)
+
+
+def _check_label_kind(model: nn.Module, dm: ImageDataModule) -> None:
+    """A multi-label source needs a multi-label model, and the other way round (the CLI links them; Python may not)."""
+    wanted, built = dm.multilabel, bool(model.hparams.get("multilabel"))
+    if wanted != built:
+        kind = "multi-label (several labels per image)" if wanted else "single-label (one class per image)"
+        raise ValueError(
+            f"The data source {dm.hparams.source!r} is {kind}, but the model was built with multilabel={built}. "
+            f"Build it with TransferClassifier(..., multilabel={wanted}) (the CLI passes the data module's)."
+        )
 
 
 def _check_normalisation(model: nn.Module, dm: ImageDataModule) -> None:

@@ -76,6 +76,47 @@ def confusion_matrix_figure(matrix: Tensor | np.ndarray, class_names: Sequence[s
     return fig
 
 
+def pr_curves_figure(
+    precision: Sequence[Tensor], recall: Sequence[Tensor], class_names: Sequence[str], title: str = ""
+) -> Figure:
+    """Draws one precision-recall curve per class (a multi-label model's confusion matrix), each labelled with its
+    average precision, in a grid of small panels.
+
+    Args:
+        precision: per class, the precisions of torchmetrics' ``MultilabelPrecisionRecallCurve``.
+        recall: per class, the matching recalls.
+        class_names: the class names.
+        title: figure title, e.g. ``"val, epoch 3"``.
+    """
+    n = len(class_names)
+    if len(precision) != n or len(recall) != n:
+        raise ValueError(f"need one precision and recall curve per class: {len(precision)}, {len(recall)} for {n}.")
+    cols = min(5, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(2.2 * cols, 2.2 * rows + 0.5), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+    aps = []
+    for k, ax in enumerate(axes.flat):
+        if k >= n:
+            ax.set_axis_off()
+            continue
+        p, r = precision[k].float().cpu().numpy(), recall[k].float().cpu().numpy()
+        ap = float(-np.sum(np.diff(r) * p[:-1]))  # step-wise area, torchmetrics' average precision
+        aps.append(ap)
+        ax.step(r, p, where="post", color="tab:blue")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{class_names[k]}  AP {ap:.2f}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("recall", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("precision", fontsize=8)
+    mean_ap = float(np.nanmean(aps)) if aps else float("nan")
+    fig.suptitle(f"{title}  (mAP {mean_ap:.3f})" if title else f"mAP {mean_ap:.3f}", fontsize=10)
+    return fig
+
+
 def image_grid_figure(images: Tensor, titles: Sequence[str], columns: int = 8, title: str = "") -> Figure:
     """Draws images in a grid with a small title under each (e.g. ``"true: cat / pred: dog"``).
 
@@ -153,6 +194,7 @@ def lr_schedule_figure(
 
 __all__ = [
     "confusion_matrix_figure",
+    "pr_curves_figure",
     "display_images",
     "figure_to_array",
     "image_grid_figure",

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tlkit.backbones import Pretrained, create_backbone
 from tlkit.data.datamodule import ImageDataModule
-from tlkit.features import FeatureSet, extract_features
+from tlkit.features import FeatureSet, check_single_label, extract_features
 from tlkit.heads import ClassifierHead
 from tlkit.module import class_weight_of, classification_metrics
 from tlkit.optim import check_lbfgs_trainer, create_lbfgs, l2_penalty
@@ -50,6 +50,7 @@ class FeatureDataModule(L.LightningDataModule):
         super().__init__()
         self.features = features if isinstance(features, FeatureSet) else FeatureSet.load(features)
         self.batch_size = batch_size
+        check_single_label(self.features.labels, "LinearProbe")
         self.train_set, self.val_set = (self.features.split(name) for name in ("train", "val"))
 
     @property
@@ -59,6 +60,10 @@ class FeatureDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.class_names) if self.class_names else int(self.features.labels.max()) + 1
+
+    @property
+    def multilabel(self) -> bool:
+        return False  # multi-label features are refused when loaded
 
     @property
     def class_counts(self) -> list[int]:
@@ -92,6 +97,8 @@ class LinearProbe(L.LightningModule):
         class_names: names of the classes.
         class_weights: ``None`` or ``"balanced"`` (per-class weights of the training loss from ``class_counts``).
         class_counts: training rows per class, for ``class_weights="balanced"``; the CLI passes the data's.
+        multilabel: must be False (the CLI passes the data's): a probe learns one class per image; for a
+            multi-label one fine-tune a :class:`~tlkit.TransferClassifier` with ``freeze="backbone"``.
         weight_decay: L2 penalty ``weight_decay * |W|^2 / 2`` on the weights (not the bias) added to the mean
             cross-entropy; ``1/N`` for N training rows is LogisticRegression(C=1).
         lr: L-BFGS's first step length; its line search sets the rest.
@@ -108,6 +115,7 @@ class LinearProbe(L.LightningModule):
         class_names: list[str] | None = None,
         class_weights: str | None = None,
         class_counts: list[int] | None = None,
+        multilabel: bool = False,
         weight_decay: float = 0.0,
         lr: float = 1.0,
         max_iter: int = 20,
@@ -116,6 +124,11 @@ class LinearProbe(L.LightningModule):
         super().__init__()
         if (backbone is None) == (num_features is None):
             raise ValueError("LinearProbe takes a backbone name or num_features (for features only), not both.")
+        if multilabel:
+            raise ValueError(
+                "LinearProbe learns one class per image, but the data is multi-label; fine-tune a "
+                "TransferClassifier with freeze='backbone' (recipes/multilabel.yaml) for a multi-label linear head."
+            )
         if not weight_decay >= 0 or not lr > 0:
             raise ValueError(f"LinearProbe needs weight_decay >= 0 and lr > 0, got {weight_decay} and {lr}.")
         self.save_hyperparameters()

@@ -31,11 +31,18 @@ from lightning.pytorch.utilities.model_summary import get_formatted_model_size, 
 from matplotlib.figure import Figure
 from rich import get_console
 from rich.table import Table
-from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassConfusionMatrix, MultilabelPrecisionRecallCurve
 
 from tlkit.io import atomic_open
 from tlkit.loggers import WandbLogger
-from tlkit.plots import confusion_matrix_figure, display_images, figure_to_array, image_grid_figure, save_figure
+from tlkit.plots import (
+    confusion_matrix_figure,
+    display_images,
+    figure_to_array,
+    image_grid_figure,
+    pr_curves_figure,
+    save_figure,
+)
 from tlkit.runs import read_wandb_config, read_wandb_history, run_directory, run_directory_on_every_rank
 from tlkit.secrets import scrub_secrets
 
@@ -249,7 +256,11 @@ class ClassificationFigures(Callback):
     (:func:`~tlkit.runs.run_directory`). W&B gets ``wandb.Image``s, TensorBoard images; other loggers (CSV) get
     PNG files in the run directory (``val_confusion_matrix.png``, ...), overwritten each epoch.
 
-    The matrix is a torchmetrics metric, so under DDP it counts every process's images.
+    A multi-label model gets per-class precision-recall curves instead of the matrix (``val/pr_curves``,
+    ``test_pr_curves.png``), and its misclassified images are those whose predicted set of classes (at the tuned
+    thresholds) differs from the true one.
+
+    The matrix and curves are torchmetrics metrics, so under DDP they count every process's images.
 
     Args:
         max_images: misclassified images in the grid (0 disables the grid).
@@ -257,13 +268,15 @@ class ClassificationFigures(Callback):
 
     def __init__(self, max_images: int = 16) -> None:
         self.max_images = max_images
-        self._matrix: MulticlassConfusionMatrix | None = None
-        self._wrong: list[tuple[torch.Tensor, int, int]] = []
+        self._matrix: MulticlassConfusionMatrix | MultilabelPrecisionRecallCurve | None = None
+        self._wrong: list[tuple[torch.Tensor, str]] = []  # (image, "true: ... / pred: ...")
         self._features_only = False
 
     def _reset(self, pl_module: L.LightningModule) -> None:
         num_classes = len(_class_names(pl_module))
-        self._matrix = MulticlassConfusionMatrix(num_classes).to(pl_module.device)
+        self._multilabel = bool(pl_module.hparams.get("multilabel"))
+        kind = MultilabelPrecisionRecallCurve if self._multilabel else MulticlassConfusionMatrix
+        self._matrix = kind(num_classes).to(pl_module.device)
         self._wrong, self._features_only = [], False
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -290,44 +303,66 @@ class ClassificationFigures(Callback):
         if logits is None:  # a module whose eval step returns nothing: one more forward pass
             with torch.no_grad():
                 logits = pl_module(images)
-        predicted = logits.argmax(dim=-1)
-        self._matrix.update(predicted, targets)
+        names = _class_names(pl_module)
+        if self._multilabel:
+            scores = logits.sigmoid()
+            self._matrix.update(scores, targets.long())
+            predicted = scores >= pl_module.thresholds.to(scores.device)
+            mistaken = (predicted != targets.bool()).any(dim=1)
+            title = lambda i: f"true: {_joined(targets[i].bool(), names)}\npred: {_joined(predicted[i], names)}"  # noqa: E731
+        else:
+            predicted = logits.argmax(dim=-1)
+            self._matrix.update(predicted, targets)
+            mistaken = predicted != targets
+            title = lambda i: f"true: {names[targets[i]]}\npred: {names[predicted[i]]}"  # noqa: E731
         room = self.max_images - len(self._wrong)
         self._features_only |= images.ndim != 4  # a LinearProbe validates on features, not images
         if keep_images and room > 0 and images.ndim == 4:
-            wrong = (predicted != targets).nonzero().flatten()[:room].tolist()
-            self._wrong += [(images[i].detach().cpu(), int(targets[i]), int(predicted[i])) for i in wrong]
+            wrong = mistaken.nonzero().flatten()[:room].tolist()
+            self._wrong += [(images[i].detach().cpu(), title(i)) for i in wrong]
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        matrix = self._matrix.compute()  # on every rank: it synchronises the counts
+        computed = self._matrix.compute()  # on every rank: it synchronises the counts
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         names = _class_names(pl_module)
-        title = f"val, epoch {trainer.current_epoch}"
-        log_figure(trainer, "val/confusion_matrix", confusion_matrix_figure(matrix, names, title))
+        key, figure = self._figure(computed, names, f"val, epoch {trainer.current_epoch}")
+        log_figure(trainer, f"val/{key}", figure)
         if self.max_images:
-            log_figure(trainer, "val/misclassified", self._misclassified_figure(trainer, names))
+            log_figure(trainer, "val/misclassified", self._misclassified_figure(trainer))
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        matrix = self._matrix.compute()
+        computed = self._matrix.compute()
         run_dir = run_directory_on_every_rank(trainer)
         if not trainer.is_global_zero:
             return
-        figure = confusion_matrix_figure(matrix, _class_names(pl_module), "test")
-        path = save_figure(figure, Path(run_dir) / "test_confusion_matrix.png")
-        rank_zero_info(f"Test confusion matrix: {path}")
+        key, figure = self._figure(computed, _class_names(pl_module), "test")
+        path = save_figure(figure, Path(run_dir) / f"test_{key}.png")
+        rank_zero_info(f"Test {key.replace('_', ' ')}: {path}")
         for logger in trainer.loggers:
             if isinstance(logger, LightningWandbLogger | TensorBoardLogger):
-                _log_to(logger, "test/confusion_matrix", figure, trainer.global_step)
+                _log_to(logger, f"test/{key}", figure, trainer.global_step)
 
-    def _misclassified_figure(self, trainer: L.Trainer, names: list[str]) -> Figure:
+    def _figure(self, computed: Any, names: list[str], title: str) -> tuple[str, Figure]:
+        """The epoch's confusion matrix, or (multi-label) its per-class precision-recall curves, and its key."""
+        if self._multilabel:
+            precision, recall, _ = computed
+            return "pr_curves", pr_curves_figure(precision, recall, names, title)
+        return "confusion_matrix", confusion_matrix_figure(computed, names, title)
+
+    def _misclassified_figure(self, trainer: L.Trainer) -> Figure:
         if not self._wrong:
             note = "features (LinearProbe): no images to show" if self._features_only else "no misclassified images"
             return image_grid_figure(torch.zeros(1, 3, 8, 8), [note], title="val misclassified")
-        images = torch.stack([image for image, _, _ in self._wrong])
+        images = torch.stack([image for image, _ in self._wrong])
         preprocess = getattr(trainer.datamodule, "preprocess", None) if trainer.datamodule is not None else None
-        titles = [f"true: {names[t]}\npred: {names[p]}" for _, t, p in self._wrong]
+        titles = [title for _, title in self._wrong]
         return image_grid_figure(display_images(images, preprocess), titles, title="val misclassified")
+
+
+def _joined(flags: torch.Tensor, names: list[str]) -> str:
+    """``"a;b"``: the names of the flagged classes (``-`` for none)."""
+    return ";".join(names[c] for c in flags.nonzero().flatten().tolist()) or "-"
 
 
 def _class_names(pl_module: L.LightningModule) -> list[str]:

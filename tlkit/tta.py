@@ -33,11 +33,13 @@ def tta_views(images: Tensor, mode: str) -> list[Tensor]:
     return [F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False) for crop in crops]
 
 
-def tta_probabilities(model: Callable[[Tensor], Tensor], images: Tensor, mode: str) -> Tensor:
-    """Softmax probabilities ``(N, num_classes)`` of ``model`` averaged over :func:`tta_views` (one forward pass)."""
+def tta_probabilities(model: Callable[[Tensor], Tensor], images: Tensor, mode: str, multilabel: bool = False) -> Tensor:
+    """Softmax probabilities ``(N, num_classes)`` of ``model`` (``multilabel``: each class's sigmoid) averaged over
+    :func:`tta_views` (one forward pass)."""
     views = tta_views(images, mode)
     logits = model(torch.cat(views))
-    return logits.softmax(dim=-1).view(len(views), len(images), -1).mean(dim=0)
+    probabilities = logits.sigmoid() if multilabel else logits.softmax(dim=-1)
+    return probabilities.view(len(views), len(images), -1).mean(dim=0)
 
 
 def check_tta(mode: str | None) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
@@ -52,7 +53,8 @@ TENSOR_INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Image classification data whose loaders yield ``(uint8 images (N, 3, H, W), int64 labels)``.
+    """Image classification data whose loaders yield ``(uint8 images (N, 3, H, W), int64 labels)``, or, for a
+    multi-label source (:attr:`multilabel`), ``float`` multi-hot targets ``(N, num_classes)``.
 
     Normalisation runs on the device after the batch transfer (``on_after_batch_transfer``), with statistics that
     are part of the module's ``state_dict`` and so of every checkpoint. Sizes, mean/std and interpolation come from
@@ -181,6 +183,12 @@ class ImageDataModule(L.LightningDataModule):
         return len(self.class_names)
 
     @property
+    def multilabel(self) -> bool:
+        """Whether images carry several labels (a multi-label CSV, ``texture-pairs``): batches then hold ``float``
+        multi-hot targets ``(N, num_classes)``. The CLI passes it to the model, as ``num_classes``."""
+        return self._shards is None and self.data.multilabel
+
+    @property
     def data(self) -> SourceData:
         if self._data is None and self._shards is not None:
             self._data = shards.shard_source_data(self._shards)
@@ -230,9 +238,12 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def class_counts(self) -> list[int]:
-        """Number of training images per class (index = label), after unreadable files were left out."""
-        counts = torch.bincount(torch.as_tensor(self.data.train.targets), minlength=len(self.data.class_names))
-        return counts.tolist()
+        """Number of training images per class (index = label; multi-label: images showing the class), after
+        unreadable files were left out."""
+        targets = self.data.train.targets
+        if self.data.multilabel:
+            return np.stack(targets).sum(axis=0, dtype=np.int64).tolist()
+        return torch.bincount(torch.as_tensor(targets), minlength=len(self.data.class_names)).tolist()
 
     # --------------------------------------------------------------------------------------------- configuration
 
@@ -352,6 +363,11 @@ class ImageDataModule(L.LightningDataModule):
         rank, world = _rank_world()
         seed = self.shuffle_seed
         if self.hparams.sampler == "balanced":
+            if self.data.multilabel:
+                raise ValueError(
+                    f"sampler='balanced' draws by each image's one class, but {self.hparams.source} is multi-label. "
+                    "Leave sampler unset and weigh rare classes in the loss: TransferClassifier(pos_weight=...)."
+                )
             counts = torch.tensor(self.class_counts, dtype=torch.float64)
             weights = (1.0 / counts)[torch.as_tensor(self.data.train.targets)]
             sampler: EpochSampler = BalancedSampler(dataset, weights, num_replicas=world, rank=rank, seed=seed)
@@ -532,11 +548,12 @@ class ImageDataModule(L.LightningDataModule):
 
 def _first_per_class(data: SourceData, per_class: int) -> SourceData:
     """``data`` with the first ``per_class`` training images of each class (in the split's order) and all of val."""
-    seen = [0] * len(data.class_names)
+    seen = np.zeros(len(data.class_names), dtype=np.int64)
     keep = []
     for i, target in enumerate(data.train.targets):
-        if seen[target] < per_class:
-            seen[target] += 1
+        classes = np.flatnonzero(target) if data.multilabel else [target]  # multi-label: while any class needs it
+        if (seen[classes] < per_class).any():
+            seen[classes] += 1
             keep.append(i)
     train = Split([data.train.samples[i] for i in keep], [data.train.targets[i] for i in keep])
     return dataclasses.replace(data, train=train)

@@ -70,6 +70,11 @@ def optimize(
     data = load_source(
         source, val_split=val_split, seed=seed, on_bad_image=on_bad_image, max_image_pixels=max_image_pixels
     )
+    if data.multilabel:  # a shard item holds one integer label
+        raise ValueError(
+            f"{source} is multi-label (several labels per image); shards hold one label per image. Train from the "
+            "source itself (ImageDataModule(source=...)), which streams it from disk."
+        )
     for name, split in zip(SPLITS, (data.train, data.val), strict=True):
         litdata.optimize(
             fn=_Encoder(split, max_side, quality, max_image_pixels),

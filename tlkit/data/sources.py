@@ -4,9 +4,12 @@ Supported specs:
 
 - ``folder:<dir>``: an ImageFolder tree (``<dir>/<class>/<img>``), optionally pre-split into
   ``<dir>/train`` and ``<dir>/val``.
-- ``csv:<file>``: a CSV file with a path column and a label column (optionally a ``split`` column).
+- ``csv:<file>``: a CSV file with a path column and a label column (optionally a ``split`` column); a ``labels``
+  column of ``;``-separated names, or one 0/1 column per class, makes it multi-label.
 - ``torchvision:<Name>``: a torchvision classification dataset (CIFAR10, FashionMNIST, Flowers102, ...).
 - ``textures``: built-in, offline 64x64 patches of 10 scikit-image photos (one class per photo).
+- ``texture-pairs``: built-in, offline, multi-label: 64x64 patches whose left and right parts come from two of those
+  photos (a quarter from one), labelled with both.
 - ``digits``: scikit-learn's 8x8 handwritten digits.
 
 A sample is either a file path (``str``) or an in-memory ``uint8`` numpy array in **HWC** layout
@@ -48,7 +51,7 @@ from torch.utils.data import Dataset
 
 from tlkit.data.decode import MAX_IMAGE_PIXELS, ImageTooLargeError, read_image
 from tlkit.data.index import PathList, check_files
-from tlkit.data.splits import Listing, Sample, SourceData, SourceOptions, Split
+from tlkit.data.splits import Listing, Sample, SourceData, SourceOptions, Split, multi_hot
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 BAD_IMAGE_POLICIES = ("skip", "raise")
@@ -117,7 +120,7 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         for offset in range(len(self)):
             position = (index + offset) % len(self)  # deterministic substitute: the next readable sample
             sample = self.split.samples[position]
@@ -130,7 +133,7 @@ class ImageDataset(Dataset):
                 continue
             if self.transform is not None:
                 image = self.transform(image)
-            return image, int(self.split.targets[position])
+            return image, as_target(self.split.targets[position])
         raise ValueError(f"None of the {len(self)} images of this split can be read any more; see the warnings above")
 
     def _report_unreadable(self, path: str, err: Exception, replacement: Sample) -> None:
@@ -147,6 +150,11 @@ class ImageDataset(Dataset):
                 append_skipped(self.skipped_log, [(path, reason)])
             except OSError as log_err:  # the list is a report; failing to write it must not stop training
                 warnings.warn(f"Could not add {path} to {self.skipped_log}: {log_err}", stacklevel=2)
+
+
+def as_target(target: int | np.ndarray) -> int | torch.Tensor:
+    """A sample's target as the loss takes it: an ``int`` label, or a multi-hot row as ``float32`` (BCE's)."""
+    return torch.from_numpy(target.astype(np.float32)) if np.ndim(target) == 1 else int(target)
 
 
 def append_skipped(csv_path: str | os.PathLike, rows: Sequence[tuple[str, str]]) -> None:
@@ -216,9 +224,36 @@ def stratified_split(
     return sorted(train_idx), sorted(val_idx)
 
 
-def _split_by_indices(samples: Sequence[Sample], targets: Sequence[int], indices: Sequence[int]) -> Split:
+def multilabel_split(
+    targets: Sequence[np.ndarray], class_names: Sequence[str], *, val_split: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Split multi-label samples into train/val, fixed by ``seed``: a seeded shuffle of all samples (a per-class
+    split cannot hold for images in several classes), ``round(n * val_split)`` of them to val.
+
+    Raises:
+        ValueError: ``val_split`` out of range, or a class without a train image or without a val image (its
+            average precision would be undefined).
+    """
+    if not 0.0 < val_split < 1.0:
+        raise ValueError(f"val_split must be in (0, 1), got {val_split}")
+    n_val = math.floor(len(targets) * val_split + 0.5)
+    order = np.random.default_rng([seed, len(targets)]).permutation(len(targets))
+    val_idx, train_idx = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
+    rows = np.stack(targets)
+    for split_name, idx in (("train", train_idx), ("val", val_idx)):
+        counts = rows[idx].sum(axis=0) if idx else np.zeros(len(class_names))
+        if missing := [class_names[c] for c in np.flatnonzero(counts == 0)]:
+            raise ValueError(
+                f"val_split={val_split} (seed {seed}) leaves class(es) {missing} with no {split_name} image; add "
+                "images of them, change val_split or seed, or give the CSV a split column"
+            )
+    return train_idx, val_idx
+
+
+def _split_by_indices(samples: Sequence[Sample], targets: Sequence, indices: Sequence[int]) -> Split:
     picked = samples.take(indices) if isinstance(samples, PathList) else [samples[i] for i in indices]
-    return Split(samples=picked, targets=[int(targets[i]) for i in indices])
+    rows = len(targets) and np.ndim(targets[0]) == 1  # multi-hot rows stay rows
+    return Split(samples=picked, targets=[targets[i] if rows else int(targets[i]) for i in indices])
 
 
 # --------------------------------------------------------------------------- folder:<dir>
@@ -344,39 +379,107 @@ def _load_folder(arg: str, options: SourceOptions) -> Listing:
 
 CSV_PATH_COLUMNS = ("path", "image", "file", "filename", "filepath")
 CSV_LABEL_COLUMNS = ("label", "class", "target", "category")
+CSV_LABELS_COLUMN = "labels"  # multi-label: the names of each image, separated by LABEL_SEPARATOR
+LABEL_SEPARATOR = ";"
 _CSV_SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": None}
+_CSV_FLAGS = {"0": 0, "1": 1}
+_CSV_LAYOUTS = (
+    f"one label column (any of {list(CSV_LABEL_COLUMNS)}), a {CSV_LABELS_COLUMN!r} column of names separated by "
+    f"{LABEL_SEPARATOR!r}, or one column of 0/1 per class"
+)
 
 
-def _pick_column(header: Sequence[str], candidates: Sequence[str], what: str, file: Path) -> str:
+@dataclass(frozen=True)
+class _CsvRows:
+    """A CSV source's rows: ``labels`` holds one name per row, or (``multilabel``) the list of names of each row."""
+
+    paths: list[str]
+    labels: list[str] | list[list[str]]
+    splits: list[str] | None
+    class_names: list[str]
+    multilabel: bool
+
+    def targets(self) -> list[int] | list[np.ndarray]:
+        index = {name: i for i, name in enumerate(self.class_names)}
+        if self.multilabel:
+            return multi_hot([[index[name] for name in names] for names in self.labels], len(self.class_names))
+        return [index[label] for label in self.labels]
+
+
+def _pick_column(header: Sequence[str], candidates: Sequence[str]) -> str | None:
     by_lower = {h.strip().lower(): h for h in header}
-    for name in candidates:
-        if name in by_lower:
-            return by_lower[name]
-    raise ValueError(f"{file} has no {what} column; its columns are {list(header)}, expected one of {list(candidates)}")
+    return next((by_lower[name] for name in candidates if name in by_lower), None)
 
 
-def _read_csv_rows(file: Path) -> tuple[list[str], list[str], list[str] | None]:
-    """Return the resolved paths, labels and (if present) split values of a CSV file's rows."""
+def _read_csv_rows(file: Path) -> _CsvRows:
+    """Read a CSV source: a path column, then the labels in one of three layouts.
+
+    - a ``label`` (or ``class``, ``target``, ``category``) column: one class per image;
+    - a ``labels`` column of names separated by ``;`` (``cat;dog``; empty: none of the classes): multi-label;
+    - one column of 0/1 per class, named after it: multi-label, classes in column order.
+
+    An optional ``split`` column assigns rows to train, val (or valid/validation) or test (left out of fit).
+    """
     if not file.is_file():
         raise FileNotFoundError(f"CSV file not found: {file}; expected 'csv:<file>' with path and label columns")
     with open(file, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
         reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        path_col = _pick_column(header, CSV_PATH_COLUMNS, "path", file)
-        label_col = _pick_column(header, CSV_LABEL_COLUMNS, "label", file)
-        split_col = next((h for h in header if h.strip().lower() == "split"), None)
-        paths, labels, splits = [], [], []
-        for line, row in enumerate(reader, start=2):
-            path, label = (row.get(path_col) or "").strip(), (row.get(label_col) or "").strip()
-            if not path or not label:
-                raise ValueError(f"{file}, line {line}: empty {path_col!r} or {label_col!r} cell")
-            # Relative paths are relative to the CSV's folder, so the CSV and its images move together.
-            paths.append(str((file.parent / path) if not Path(path).is_absolute() else Path(path)))
-            labels.append(label)
-            splits.append((row.get(split_col) or "").strip().lower() if split_col else "")
-    if not paths:
+        header = [h for h in reader.fieldnames or [] if h is not None]
+        rows = list(enumerate(reader, start=2))
+    path_col = _pick_column(header, CSV_PATH_COLUMNS)
+    if path_col is None:
+        expected = list(CSV_PATH_COLUMNS)
+        raise ValueError(f"{file} has no path column; its columns are {header}, expected one of {expected}")
+    split_col = next((h for h in header if h.strip().lower() == "split"), None)
+    if not rows:
         raise ValueError(f"{file} has a header but no rows")
-    return paths, labels, splits if split_col else None
+    paths, splits = [], []
+    for line, row in rows:
+        path = (row.get(path_col) or "").strip()
+        if not path:
+            raise ValueError(f"{file}, line {line}: empty {path_col!r} cell")
+        # Relative paths are relative to the CSV's folder, so the CSV and its images move together.
+        paths.append(str((file.parent / path) if not Path(path).is_absolute() else Path(path)))
+        splits.append((row.get(split_col) or "").strip().lower() if split_col else "")
+    splits_or_none = splits if split_col else None
+    label_col = _pick_column(header, CSV_LABEL_COLUMNS)
+    names_col = _pick_column(header, (CSV_LABELS_COLUMN,))
+    if label_col is not None:
+        labels = []
+        for line, row in rows:
+            label = (row.get(label_col) or "").strip()
+            if not label:
+                raise ValueError(f"{file}, line {line}: empty {label_col!r} cell")
+            labels.append(label)
+        return _CsvRows(paths, labels, splits_or_none, _sorted_labels(labels), multilabel=False)
+    if names_col is not None:
+        sets = [_split_names(row.get(names_col) or "") for _, row in rows]
+        names = _sorted_labels([name for names in sets for name in names])
+        return _CsvRows(paths, sets, splits_or_none, names, multilabel=True)
+    flag_cols = [h for h in header if h not in (path_col, split_col)]
+    if len(flag_cols) < 2:
+        raise ValueError(f"{file} has no label column; its columns are {header}, expected {_CSV_LAYOUTS}")
+    return _CsvRows(paths, _read_flags(file, rows, flag_cols), splits_or_none, flag_cols, multilabel=True)
+
+
+def _split_names(cell: str) -> list[str]:
+    """``"cat; dog"`` -> ``["cat", "dog"]``; repeated and empty names dropped."""
+    return list(dict.fromkeys(part.strip() for part in cell.split(LABEL_SEPARATOR) if part.strip()))
+
+
+def _read_flags(file: Path, rows: list[tuple[int, dict[str, str]]], columns: list[str]) -> list[list[str]]:
+    """The class names flagged 1 in each row of a one-0/1-column-per-class CSV."""
+    sets = []
+    for line, row in rows:
+        values = {column: (row.get(column) or "").strip() for column in columns}
+        bad = next(((c, v) for c, v in values.items() if v not in _CSV_FLAGS), None)
+        if bad is not None:
+            raise ValueError(
+                f"{file}, line {line}: column {bad[0]!r} holds {bad[1]!r}; with no label column every column but "
+                f"the path and split is a class flagged 0 or 1. Expected {_CSV_LAYOUTS}"
+            )
+        sets.append([column for column, value in values.items() if _CSV_FLAGS[value]])
+    return sets
 
 
 def _sorted_labels(labels: Sequence[str]) -> list[str]:
@@ -388,24 +491,23 @@ def _sorted_labels(labels: Sequence[str]) -> list[str]:
 
 
 def _csv_class_names(arg: str, options: SourceOptions) -> list[str]:
-    return _sorted_labels(_read_csv_rows(Path(arg).expanduser())[1])
+    return _read_csv_rows(Path(arg).expanduser()).class_names
 
 
 def _load_csv(arg: str, options: SourceOptions) -> Listing:
     file = Path(arg).expanduser()
-    paths, labels, splits = _read_csv_rows(file)
-    class_names = _sorted_labels(labels)
-    class_to_idx = {name: i for i, name in enumerate(class_names)}
-    everything = Split(samples=PathList.from_strings(paths), targets=[class_to_idx[label] for label in labels])
+    rows = _read_csv_rows(file)
+    paths, splits = rows.paths, rows.splits
+    everything = Split(samples=PathList.from_strings(paths), targets=rows.targets())
     if splits is None:
-        return Listing(class_names, everything)
+        return Listing(rows.class_names, everything)
     unknown = sorted({s for s in splits if s not in _CSV_SPLITS})
     if unknown:
         raise ValueError(f"{file}: unknown split values {unknown}; use train, val (or valid/validation) or test")
     groups = {name: [i for i, s in enumerate(splits) if _CSV_SPLITS[s] == name] for name in ("train", "val")}
     ignored = [paths[i] for i, s in enumerate(splits) if _CSV_SPLITS[s] is None]  # test rows: not used by fit
     train, val = (_split_by_indices(everything.samples, everything.targets, groups[k]) for k in ("train", "val"))
-    return Listing(class_names, train, val, ignored)
+    return Listing(rows.class_names, train, val, ignored)
 
 
 # --------------------------------------------------------------------------- textures
@@ -503,6 +605,49 @@ def _load_textures(arg: str, options: SourceOptions) -> Listing:
     train_x, train_y, val_x, val_y = _build_textures()
     train = Split(samples=list(train_x), targets=train_y.tolist())
     return Listing(list(TEXTURE_PHOTOS), train, Split(samples=list(val_x), targets=val_y.tolist()))
+
+
+# --------------------------------------------------------------------------- texture-pairs (multi-label)
+
+# Of the texture-pairs patches, this fraction shows one photo only (so a class alone is learnt too).
+PAIR_SINGLE_FRACTION = 0.25
+
+
+def _pair_split(coords: list[np.ndarray], count: int, seed: int) -> tuple[np.ndarray, list[list[int]]]:
+    """``count`` 64-px patches, each the left part of a patch of photo A and the right part of one of photo B
+    (cut at a random column in the middle half), labelled ``{A, B}``; ``coords[k]``: the corners to cut photo k at."""
+    rng = np.random.default_rng(seed)
+    patches, label_sets = [], []
+    for _ in range(count):
+        a = int(rng.integers(len(TEXTURE_PHOTOS)))
+        other = (a + rng.integers(1, len(TEXTURE_PHOTOS))) % len(TEXTURE_PHOTOS)  # any photo but a
+        b = a if rng.random() < PAIR_SINGLE_FRACTION else int(other)
+        halves = []
+        for k in (a, b):
+            y, x = coords[k][rng.integers(len(coords[k]))]
+            halves.append(load_texture_photo(TEXTURE_PHOTOS[k])[y : y + PATCH, x : x + PATCH])
+        cut = int(rng.integers(PATCH // 4, 3 * PATCH // 4 + 1))
+        patches.append(np.concatenate([halves[0][:, :cut], halves[1][:, cut:]], axis=1))
+        label_sets.append(sorted({a, b}))
+    return np.stack(patches), label_sets
+
+
+@functools.lru_cache(maxsize=1)
+def _build_texture_pairs() -> tuple[Split, Split]:
+    """Train patches from the photos' train bands, val patches from their val bands (as ``textures``: nothing
+    leaks), as many as ``textures`` has."""
+    bands = [photo_patch_coords(name) for name in TEXTURE_PHOTOS]
+    splits = []
+    for which, per_class in ((0, TEXTURE_TRAIN_PER_CLASS), (1, TEXTURE_VAL_PER_CLASS)):
+        images, label_sets = _pair_split([band[which] for band in bands], per_class * 10, seed=TEXTURE_SEED + which)
+        images.flags.writeable = False
+        splits.append(Split(samples=list(images), targets=multi_hot(label_sets, len(TEXTURE_PHOTOS))))
+    return splits[0], splits[1]
+
+
+def _load_texture_pairs(arg: str, options: SourceOptions) -> Listing:
+    train, val = _build_texture_pairs()
+    return Listing(list(TEXTURE_PHOTOS), train, val)
 
 
 # --------------------------------------------------------------------------- digits
@@ -617,7 +762,10 @@ class _CheckOptions:
 
 def _check_classes(train: Split, class_names: Sequence[str], skipped: list[tuple[str, str]]) -> None:
     """Every class needs a train sample; say when skipping emptied it."""
-    present = set(train.targets)
+    if train.multilabel:
+        present = set(np.flatnonzero(np.stack(train.targets).any(axis=0)).tolist())
+    else:
+        present = set(train.targets)
     for label, name in enumerate(class_names):
         if label not in present:
             note = f" ({len(skipped)} unreadable file(s) were skipped)" if skipped else ""
@@ -654,6 +802,7 @@ _SOURCES: dict[str, _Scheme] = {
     "csv": _Scheme("csv:<file>", _load_csv, _csv_class_names, takes_arg=True),
     "torchvision": _Scheme("torchvision:<Name>", _load_torchvision, _torchvision_class_names, takes_arg=True),
     "textures": _Scheme("textures", _load_textures, _textures_class_names, takes_arg=False),
+    "texture-pairs": _Scheme("texture-pairs", _load_texture_pairs, _textures_class_names, takes_arg=False),
     "digits": _Scheme("digits", _load_digits, _digits_class_names, takes_arg=False),
 }
 
@@ -717,7 +866,8 @@ def load_source(
     train = _drop_bad(listing.train, bad)
     _check_classes(train, listing.class_names, skipped)
     if listing.val is None:
-        train_idx, val_idx = stratified_split(train.targets, listing.class_names, val_split=val_split, seed=seed)
+        split = multilabel_split if train.multilabel else stratified_split
+        train_idx, val_idx = split(train.targets, listing.class_names, val_split=val_split, seed=seed)
         train, val = (_split_by_indices(train.samples, train.targets, idx) for idx in (train_idx, val_idx))
     else:
         val = _drop_bad(listing.val, bad)

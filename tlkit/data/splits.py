@@ -21,11 +21,12 @@ class Split:
     Attributes:
         samples: File paths (``str``; a :class:`tlkit.data.index.PathList` for folder and CSV sources) or ``uint8``
             HWC numpy images.
-        targets: Integer label per sample (index into ``SourceData.class_names``).
+        targets: Integer label per sample (index into ``SourceData.class_names``), or, for a multi-label source, a
+            ``uint8`` multi-hot row of ``len(class_names)`` per sample (1 where the image shows that class).
     """
 
     samples: Sequence[Sample]
-    targets: list[int]
+    targets: list[int] | list[np.ndarray]
 
     def __post_init__(self) -> None:
         if len(self.samples) != len(self.targets):
@@ -33,6 +34,19 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the targets are multi-hot rows (several labels per image) rather than one label each."""
+        return bool(len(self.targets)) and np.ndim(self.targets[0]) == 1
+
+
+def multi_hot(label_sets: Sequence[Sequence[int]], num_classes: int) -> list[np.ndarray]:
+    """One ``uint8`` row of ``num_classes`` per sample, 1 at each of its labels."""
+    rows = np.zeros((len(label_sets), num_classes), dtype=np.uint8)
+    for row, labels in zip(rows, label_sets, strict=True):
+        row[list(labels)] = 1
+    return list(rows)
 
 
 @dataclass
@@ -49,6 +63,10 @@ class SourceData:
     class_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.train.multilabel
 
 
 @dataclass
