@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_trainer
 from torchvision.io import write_png
 
-from conftest import tiny_trainer
 from tlkit import ImageDataModule, TransferClassifier
 from tlkit.cli import main
 from tlkit.data.sources import TEXTURE_PHOTOS, load_source
-from tlkit.fewshot import few_shot_accuracy
 from tlkit.features import FeatureSet
+from tlkit.fewshot import few_shot_accuracy
 from tlkit.mixup import BatchMixup
 from tlkit.module import THRESHOLDS_KEY
 from tlkit.multilabel import best_thresholds, check_pos_weight, multilabel_loss, predicted_names
@@ -64,7 +64,8 @@ def test_a_labels_column_makes_a_csv_multi_label(tmp_path):
     data = load_source(f"csv:{path}", val_split=0.25, seed=1)
     assert data.multilabel and data.class_names == sorted(CLASSES)
     assert len(data.train) + len(data.val) == 40 and len(data.val) == 10
-    by_path = {Path(p).name: t for split in (data.train, data.val) for p, t in zip(split.samples, split.targets)}
+    splits = (data.train, data.val)
+    by_path = {Path(p).name: t for split in splits for p, t in zip(split.samples, split.targets, strict=True)}
     for i, names in enumerate(sets):  # an empty cell is an image of none of the classes
         assert [data.class_names[c] for c in np.flatnonzero(by_path[f"{i:03d}.png"])] == sorted(names)
     again = load_source(f"csv:{path}", val_split=0.25, seed=1)
@@ -130,14 +131,14 @@ def test_best_thresholds_match_a_brute_force_search(seed):
     labels = (torch.rand(40, 4, generator=generator) < 0.4).float()
     labels[:, 3] = 0  # a class without positives keeps 0.5
     thresholds, f1 = best_thresholds(scores, labels)
-    for c in range(3):
-        def f1_at(t: float) -> float:
-            predicted = scores[:, c] >= t
-            tp = (predicted & labels[:, c].bool()).sum().item()
-            return 2 * tp / (predicted.sum().item() + labels[:, c].sum().item())
+    def f1_at(c: int, t: float) -> float:
+        predicted = scores[:, c] >= t
+        tp = (predicted & labels[:, c].bool()).sum().item()
+        return 2 * tp / (predicted.sum().item() + labels[:, c].sum().item())
 
-        best = max(f1_at(float(t)) for t in scores[:, c].unique())
-        assert f1[c].item() == pytest.approx(best) and f1_at(float(thresholds[c])) == pytest.approx(best)
+    for c in range(3):
+        best = max(f1_at(c, float(t)) for t in scores[:, c].unique())
+        assert f1[c].item() == pytest.approx(best) and f1_at(c, float(thresholds[c])) == pytest.approx(best)
     assert thresholds[3] == 0.5 and torch.isnan(f1[3])
 
 

@@ -243,7 +243,8 @@ def test_error_bad_spec(spec: str) -> None:
 
 
 def test_error_unknown_spec_lists_forms() -> None:
-    with pytest.raises(ValueError, match="folder:<dir>, csv:<file>, torchvision:<Name>, textures, texture-pairs, digits"):
+    forms = "folder:<dir>, csv:<file>, torchvision:<Name>, textures, texture-pairs, digits"
+    with pytest.raises(ValueError, match=forms):
         list_class_names("nope")
 
 
