@@ -1,6 +1,7 @@
 """A phased fine-tuning run, on 1 process or 2 (DDP over gloo), that saves the parameters after every epoch.
 
-Run as a script (``python tests/_ddp_phases.py OUT 2``): Lightning's DDP launcher starts rank 1 by re-running it.
+Run as a script (``python tests/_ddp_phases.py OUT 2 [lora]``): Lightning's DDP launcher starts rank 1 by re-running
+it. With ``lora`` the backbone trains through a LoRA adapter (its pretrained weights stay fixed).
 """
 
 from __future__ import annotations
@@ -52,12 +53,16 @@ class SaveParameters(L.Callback):
         self.epochs.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
 
 
-def run(devices: int, out: Path) -> list[dict[str, torch.Tensor]]:
+ADAPTERS = {"lora": {"kind": "lora", "r": 4, "alpha": 8}}
+
+
+def run(devices: int, out: Path, adapter: str | None = None) -> list[dict[str, torch.Tensor]]:
     L.seed_everything(0)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 3, (16,), generator=g))
     loader = DataLoader(data, batch_size=GLOBAL_BATCH // devices, sampler=Interleaved(len(data)))
-    model = TransferClassifier(MODEL, num_classes=3, phases=PHASES, head={"dropout": 0.0}, schedule="cosine")
+    model = TransferClassifier(MODEL, num_classes=3, phases=PHASES, head={"dropout": 0.0}, schedule="cosine",
+                               adapter=ADAPTERS.get(adapter))  # fmt: skip
     saver = SaveParameters()
     strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"
     trainer = L.Trainer(
@@ -80,4 +85,4 @@ def run(devices: int, out: Path) -> list[dict[str, torch.Tensor]]:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # in the test process, the one_thread fixture does this (and undoes it)
-    run(int(sys.argv[2]), Path(sys.argv[1]))
+    run(int(sys.argv[2]), Path(sys.argv[1]), *sys.argv[3:])

@@ -49,11 +49,12 @@ class KillAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def make(sampler: str | None = None) -> tuple[TransferClassifier, ImageDataModule]:
+def make(sampler: str | None = None, adapter: dict | None = None) -> tuple[TransferClassifier, ImageDataModule]:
     # Each rank its own random stream (as Lightning's default seeding gives), so restoring the wrong rank's shows.
     L.seed_everything(int(os.environ.get("LOCAL_RANK", 0)))
     model = TransferClassifier(
-        "test_efficientnet", num_classes=10, phases=PHASES, head={"dropout": 0.3}, momentum=0.9, schedule="cosine"
+        "test_efficientnet", num_classes=10, phases=PHASES, head={"dropout": 0.3}, momentum=0.9, schedule="cosine",
+        adapter=adapter,
     )
     dm = ImageDataModule("textures", image_size=32, batch_size=8, num_workers=2, augment="basic", sampler=sampler)
     return model, dm
@@ -66,9 +67,10 @@ def run(
     resume: Path | None = None,
     kill_at_step: int | None = None,
     sampler: str | None = None,
+    adapter: dict | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) the run; returns (and saves) ``{"weights", "global_step", "trained"}``."""
-    model, dm = make(sampler)
+    model, dm = make(sampler, adapter)
     counter = CountBatches()
     callbacks: list[L.Callback] = [counter]
     if resume is None:

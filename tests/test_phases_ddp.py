@@ -23,17 +23,24 @@ SCRIPT = Path(__file__).with_name("_ddp_phases.py")
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_ddp_ranks_stay_identical_and_match_one_process_through_unfreezing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_ddp_ranks_stay_identical_and_match_one_process_through_unfreezing(tmp_path: Path, adapter: str | None) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[1]), os.environ.get("PYTHONPATH", "")])}
-    subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "2"], check=True, timeout=600, env=env)
+    command = [sys.executable, str(SCRIPT), str(tmp_path), "2", *([adapter] if adapter else [])]
+    subprocess.run(command, check=True, timeout=600, env=env)
     ranks = [torch.load(tmp_path / f"devices2_rank{r}.pt", weights_only=True) for r in (0, 1)]
-    single = run(1, tmp_path)
+    single = run(1, tmp_path, adapter)
     assert len(single) == len(ranks[0]) == len(ranks[1]) == 3
     for epoch, (rank0, rank1, one) in enumerate(zip(*ranks, single, strict=True)):
         for name, value in rank0.items():
             assert torch.equal(value, rank1[name]), f"epoch {epoch}: ranks differ in {name}"
             torch.testing.assert_close(value, one[name], rtol=1e-4, atol=1e-6, msg=f"epoch {epoch}: {name}")
-    stem = "backbone.model.conv_stem.weight"
+    if adapter:  # the pretrained weights never train; the adapter of the stem trains once phase 3 unfreezes it
+        base = [name for name in single[0] if ".base_layer." in name]
+        assert base and all(torch.equal(single[0][name], single[2][name]) for name in base)
+        stem = "backbone.model.conv_stem.lora_B.default.weight"
+    else:
+        stem = "backbone.model.conv_stem.weight"
     history = [single[0][stem], *[epoch[stem] for epoch in single]]
     assert torch.equal(history[0], history[2]) and not torch.equal(history[2], history[3])  # unfrozen in phase 3
 

@@ -60,6 +60,16 @@ def test_resumed_run_is_bit_identical(full_run, tmp_path: Path, checkpoint: str,
     assert_same_run(full, resumed, steps)
 
 
+def test_a_lora_run_resumed_mid_epoch_after_the_phase_change_is_bit_identical(tmp_path: Path) -> None:
+    lora = {"kind": "lora", "r": 4, "alpha": 8}
+    for name in ("full", "resumed"):
+        (tmp_path / name).mkdir()
+    full = run(tmp_path / "full", "full", adapter=lora)
+    assert any("lora_B" in name for name in full["weights"])
+    resumed = run(tmp_path / "resumed", "resumed", resume=tmp_path / "full" / "epoch=1-step=6.ckpt", adapter=lora)
+    assert_same_run(full, resumed, 6)
+
+
 def test_resuming_on_another_number_of_processes_warns_that_it_cannot_be_exact(full_run, tmp_path: Path) -> None:
     _, out = full_run
     checkpoint = torch.load(out / "end-epoch=1.ckpt", weights_only=True)
