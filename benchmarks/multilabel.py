@@ -26,8 +26,8 @@ def run(pretrained: str | bool, seed: int, epochs: int) -> dict[str, float]:
     L.seed_everything(seed, verbose=False)
     data_args = RECIPE["data"]["init_args"]
     names = ImageDataModule(**data_args)
-    model = TransferClassifier(**{**RECIPE["model"]["init_args"], "pretrained": pretrained},
-                               num_classes=names.num_classes, class_names=names.class_names, multilabel=True)  # fmt: skip
+    args = {**RECIPE["model"]["init_args"], "pretrained": pretrained}
+    model = TransferClassifier(**args, num_classes=names.num_classes, class_names=names.class_names, multilabel=True)
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, deterministic=True)  # fmt: skip
     trainer.fit(model, ImageDataModule(**data_args, data_config=model.data_config))
