@@ -278,3 +278,25 @@ def test_cli_fit_test_predict_export_on_a_multi_label_csv(tmp_path):
     meta = json.loads(props["tlkit.export"])
     assert meta["multilabel"] is True and meta["thresholds"] == pytest.approx(saved[THRESHOLDS_KEY])
 
+
+
+def test_a_soup_of_multi_label_checkpoints_is_chosen_by_map_and_keeps_its_own_thresholds(tmp_path):
+    from tlkit.soup import make_soup
+
+    dm = ImageDataModule("texture-pairs", image_size=32, batch_size=16)
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = multilabel_model()
+        trainer = tiny_trainer(tmp_path, limit_val_batches=4)
+        trainer.fit(model, dm)
+        paths.append(tmp_path / f"seed{seed}.ckpt")
+        trainer.save_checkpoint(paths[-1])
+    soup = make_soup(paths, tmp_path / "soup.ckpt", greedy=True, datamodule=dm,
+                     trainer_kwargs={"limit_val_batches": 4})  # fmt: skip
+    assert soup.metric == "val/map" and 0 < soup.val_acc <= 1
+    saved = torch.load(tmp_path / "soup.ckpt", weights_only=True)
+    reloaded = TransferClassifier.load_from_checkpoint(tmp_path / "soup.ckpt")
+    assert saved[THRESHOLDS_KEY] == reloaded.thresholds.tolist()
+    ingredients = [torch.load(path, weights_only=True)[THRESHOLDS_KEY] for path in paths]
+    assert len(soup.ingredients) == 1 or saved[THRESHOLDS_KEY] not in ingredients  # tuned on the soup

@@ -674,9 +674,9 @@ def soup(args: list[str]) -> str:
         datamodule = lightning_cli([*recipe, *overrides, *quiet], run=False).datamodule
     result = make_soup(options.ckpt_path, options.out, greedy=options.greedy, datamodule=datamodule)
     for path, acc in result.scores.items():
-        print(f"val acc {acc:.4f}  {path}{'  (in the soup)' if path in result.ingredients else ''}")
+        print(f"{result.metric} {acc:.4f}  {path}{'  (in the soup)' if path in result.ingredients else ''}")
     kind = "Greedy" if options.greedy else "Uniform"
-    print(f"{kind} soup of {len(result.ingredients)} checkpoints: val acc {result.val_acc:.4f}, in {options.out}")
+    print(f"{kind} soup of {len(result.ingredients)} checkpoints: {result.metric} {result.val_acc:.4f}, in {options.out}")
     return options.out
 
 

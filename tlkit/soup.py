@@ -31,12 +31,14 @@ TRAINING_STATE_KEYS = ("optimizer_states", "lr_schedulers", "loops", "callbacks"
 
 @dataclass
 class Soup:
-    """What :func:`make_soup` found: each checkpoint's val accuracy, the ones in the soup, the soup's accuracy."""
+    """What :func:`make_soup` found: each checkpoint's val accuracy, the ones in the soup, the soup's accuracy
+    (for a multi-label model ``metric`` is ``val/map`` and the scores are mAPs)."""
 
     scores: dict[str, float]
     ingredients: list[str]
     val_acc: float
     tried: list[tuple[str, float, bool]] = field(default_factory=list)  # greedy: (checkpoint, soup acc, kept)
+    metric: str = "val/acc"
 
 
 def make_soup(
@@ -72,10 +74,11 @@ def make_soup(
     datamodule = datamodule or datamodule_of(states[paths[0]], model)
     trainer = L.Trainer(**_quiet_trainer_kwargs(trainer_kwargs))
     weights = {path: checkpoint["state_dict"] for path, checkpoint in states.items()}
+    metric = "val/map" if model.hparams.multilabel else "val/acc"  # exact match is too coarse to choose by
 
     def score(ingredients: list[str]) -> float:
         load_average(model, [weights[path] for path in ingredients], datamodule, bn_batches)
-        return float(trainer.validate(model, datamodule=datamodule, verbose=False)[0]["val/acc"])
+        return float(trainer.validate(model, datamodule=datamodule, verbose=False)[0][metric])
 
     scores = {path: score([path]) for path in paths}
     if greedy:
@@ -86,10 +89,13 @@ def make_soup(
             tried.append((path, acc, acc >= best))
             if acc >= best:
                 ingredients, best = [*ingredients, path], acc
-        soup = Soup(scores, ingredients, best, tried)
+        soup = Soup(scores, ingredients, best, tried, metric)
     else:
-        soup = Soup(scores, paths, score(paths))
-    load_average(model, [weights[path] for path in soup.ingredients], datamodule, bn_batches)
+        soup = Soup(scores, paths, score(paths), metric=metric)
+    if model.hparams.multilabel:
+        score(soup.ingredients)  # validated once more: a multi-label model's thresholds are tuned on the soup itself
+    else:
+        load_average(model, [weights[path] for path in soup.ingredients], datamodule, bn_batches)
     save_soup(states[soup.ingredients[0]], model, soup, out)
     return soup
 
@@ -180,6 +186,7 @@ def save_soup(template: dict[str, Any], model: TransferClassifier, soup: Soup, o
     ingredient's optimiser and loop state, and with ``tlkit_soup``: the ingredients and accuracies."""
     checkpoint = {key: value for key, value in template.items() if key not in TRAINING_STATE_KEYS}
     checkpoint["state_dict"] = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
+    model.on_save_checkpoint(checkpoint)  # what the model adds to its checkpoints (a multi-label model's thresholds)
     checkpoint["tlkit_soup"] = {"ingredients": soup.ingredients, "scores": soup.scores, "val_acc": soup.val_acc}
     with atomic_open(out, "wb") as file:
         torch.save(checkpoint, file)
