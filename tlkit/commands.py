@@ -676,7 +676,8 @@ def soup(args: list[str]) -> str:
     for path, acc in result.scores.items():
         print(f"{result.metric} {acc:.4f}  {path}{'  (in the soup)' if path in result.ingredients else ''}")
     kind = "Greedy" if options.greedy else "Uniform"
-    print(f"{kind} soup of {len(result.ingredients)} checkpoints: {result.metric} {result.val_acc:.4f}, in {options.out}")
+    count = len(result.ingredients)
+    print(f"{kind} soup of {count} checkpoints: {result.metric} {result.val_acc:.4f}, in {options.out}")
     return options.out
 
 
