@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import tiny_trainer
 from torchvision.io import write_png
 
@@ -300,3 +301,45 @@ def test_a_soup_of_multi_label_checkpoints_is_chosen_by_map_and_keeps_its_own_th
     assert saved[THRESHOLDS_KEY] == reloaded.thresholds.tolist()
     ingredients = [torch.load(path, weights_only=True)[THRESHOLDS_KEY] for path in paths]
     assert len(soup.ingredients) == 1 or saved[THRESHOLDS_KEY] not in ingredients  # tuned on the soup
+
+
+def test_ddp_fit_tunes_thresholds_on_every_ranks_images_and_logs_map_and_pr_curves_to_wandb(tmp_path):
+    """2 processes (gloo), the W&B logger offline: the thresholds in the checkpoint are those of the whole val set
+    (both ranks' halves), as one process finds them from the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    from tlkit.runs import read_wandb_history
+
+    root = Path(__file__).resolve().parents[1]
+    logger = {"class_path": "tlkit.tracking.WandbLogger", "init_args": {"save_dir": str(tmp_path), "project": "t"}}
+    recipe = {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 2, "strategy": "ddp", "limit_train_batches": 2,
+                    "num_sanity_val_steps": 0, "enable_progress_bar": False, "default_root_dir": str(tmp_path),
+                    "logger": logger, "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                                     "init_args": {"filename": "last"}}]},
+        "model": {"class_path": "tlkit.TransferClassifier", "init_args": {"backbone": "test_efficientnet", "lr": 0.1}},
+        "data": {"class_path": "tlkit.ImageDataModule",
+                 "init_args": {"source": "texture-pairs", "image_size": 32, "batch_size": 8, "augment": "none"}},
+    }  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "HOME": str(tmp_path)}
+    env["WANDB_MODE"] = "offline"
+    cmd = [sys.executable, "-m", "tlkit.cli", "fit", "--config", str(tmp_path / "recipe.yaml")]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    history = read_wandb_history(run)
+    logged = {key for row in history for key in row}
+    assert {"val/map", "val/f1_micro", "val/f1_macro", "val/f1_macro_tuned", "val/pr_curves"} <= logged, logged
+    assert "val/confusion_matrix" not in logged
+
+    (ckpt,) = tmp_path.rglob("last.ckpt")
+    saved = torch.load(ckpt, weights_only=True)[THRESHOLDS_KEY]
+    model = TransferClassifier.load_from_checkpoint(ckpt)
+    dm = ImageDataModule("texture-pairs", image_size=32, batch_size=8, augment="none", data_config=model.data_config)
+    tiny_trainer(tmp_path, limit_val_batches=1.0).validate(model, dm, verbose=False)  # all 160 images, one process
+    assert model.thresholds.tolist() == pytest.approx(saved, abs=1e-5)
