@@ -58,9 +58,12 @@ def _items(split_dir: Path) -> list[dict]:
 def test_optimize_writes_every_image_with_its_label_resized_to_max_side(shards_dir: tuple[Path, Path]) -> None:
     root, out = shards_dir
     source = load_source(f"folder:{root}", val_split=0.25)
+    train = shards.reordered(source.train, shards.train_order(len(source.train), seed=0))  # classes mixed
+    assert sorted(train.targets) == sorted(source.train.targets) and train.targets != source.train.targets
     meta = shards.read_meta(str(out))
     assert meta["class_names"] == ["cat", "dog"] and meta["labels"]["val"] == source.val.targets
-    for name, split in (("train", source.train), ("val", source.val)):
+    assert meta["labels"]["train"] == train.targets
+    for name, split in (("train", train), ("val", source.val)):
         items = _items(out / name)
         assert [int(item["label"]) for item in items] == split.targets
         for item, path in zip(items, split.samples, strict=True):
