@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from tlkit.backbones import backbone_data_config
 from tlkit.data.datamodule import ImageDataModule
 from tlkit.data.datamodule import check_arguments as check_data_arguments
-from tlkit.data.sources import LABEL_SEPARATOR
+from tlkit.data.splits import LABEL_SEPARATOR
 from tlkit.io import AtomicCheckpointIO, atomic_open, claim_version
 from tlkit.loggers import scrub_logged_hyperparameters
 from tlkit.module import CKPT_PATH_KEYWORDS, read_checkpoint

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from tlkit.io import atomic_open
+from tlkit.multilabel import joined_names
 from tlkit.tracking import run_directory
 
 TOP_LOSSES_FILE = "test_top_losses.csv"
@@ -55,10 +56,9 @@ def top_losses_multilabel(
     image, true and predicted classes (``;``-separated; predicted at ``thresholds``) and the loss."""
     losses = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none").sum(dim=1)
     predicted = logits.float().sigmoid() >= thresholds
-    joined = lambda flags: ";".join(classes[c] for c in flags.nonzero().flatten().tolist())  # noqa: E731
     return [
-        {"image": names[i], "true": joined(targets[i].bool()), "predicted": joined(predicted[i]),
-         "loss": round(losses[i].item(), 4)}
+        {"image": names[i], "true": joined_names(targets[i].bool(), classes),
+         "predicted": joined_names(predicted[i], classes), "loss": round(losses[i].item(), 4)}
         for i in losses.argsort(descending=True)[:k].tolist()
     ]  # fmt: skip
 

@@ -184,12 +184,12 @@ class TransferClassifier(L.LightningModule):
         self.save_hyperparameters(ignore="feature_cache")  # new checkpoints no longer carry it
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}.")
-        # Not persistent: a checkpoint's class weights are its hyperparameters' class counts.
         if multilabel and class_weights is not None:
             raise ValueError(
                 f"class_weights={class_weights!r} weighs the one class of each image, but this model is multi-label; "
                 "weigh each class's positives with pos_weight instead (e.g. its negatives / positives)."
             )
+        # Not persistent: a checkpoint's class weights are its hyperparameters' class counts (and pos_weight).
         self.register_buffer(
             "class_weight", class_weight_of(class_weights, class_counts, num_classes), persistent=False
         )

@@ -16,6 +16,8 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MultilabelAveragePrecision, MultilabelExactMatch, MultilabelF1Score
 
+from tlkit.data.splits import LABEL_SEPARATOR
+
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -121,7 +123,17 @@ class ThresholdTuner(Metric):
 
 def predicted_names(probabilities: Tensor, thresholds: Tensor, class_names: Sequence[str]) -> list[list[str]]:
     """The names of the classes at or above their threshold, per image."""
-    return [[class_names[c] for c in row.nonzero().flatten().tolist()] for row in probabilities >= thresholds]
+    return [flagged_names(row, class_names) for row in probabilities >= thresholds]
+
+
+def flagged_names(flags: Tensor, class_names: Sequence[str]) -> list[str]:
+    """The names of the classes whose entry of a ``(C,)`` row is true (or 1)."""
+    return [class_names[c] for c in flags.nonzero().flatten().tolist()]
+
+
+def joined_names(flags: Tensor, class_names: Sequence[str], empty: str = "") -> str:
+    """``"cat;dog"``: :func:`flagged_names` as a multi-label CSV cell (``empty`` when there are none)."""
+    return LABEL_SEPARATOR.join(flagged_names(flags, class_names)) or empty
 
 
 __all__ = [
@@ -129,6 +141,8 @@ __all__ = [
     "ThresholdTuner",
     "best_thresholds",
     "check_pos_weight",
+    "flagged_names",
+    "joined_names",
     "multilabel_loss",
     "multilabel_metrics",
     "predicted_names",

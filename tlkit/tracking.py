@@ -35,6 +35,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix, MultilabelPre
 
 from tlkit.io import atomic_open
 from tlkit.loggers import WandbLogger
+from tlkit.multilabel import joined_names
 from tlkit.plots import (
     confusion_matrix_figure,
     display_images,
@@ -309,17 +310,21 @@ class ClassificationFigures(Callback):
             self._matrix.update(scores, targets.long())
             predicted = scores >= pl_module.thresholds.to(scores.device)
             mistaken = (predicted != targets.bool()).any(dim=1)
-            title = lambda i: f"true: {_joined(targets[i].bool(), names)}\npred: {_joined(predicted[i], names)}"  # noqa: E731
         else:
             predicted = logits.argmax(dim=-1)
             self._matrix.update(predicted, targets)
             mistaken = predicted != targets
-            title = lambda i: f"true: {names[targets[i]]}\npred: {names[predicted[i]]}"  # noqa: E731
         room = self.max_images - len(self._wrong)
         self._features_only |= images.ndim != 4  # a LinearProbe validates on features, not images
         if keep_images and room > 0 and images.ndim == 4:
             wrong = mistaken.nonzero().flatten()[:room].tolist()
-            self._wrong += [(images[i].detach().cpu(), title(i)) for i in wrong]
+            self._wrong += [(images[i].detach().cpu(), self._title(targets[i], predicted[i], names)) for i in wrong]
+
+    def _title(self, target: torch.Tensor, predicted: torch.Tensor, names: list[str]) -> str:
+        """``true: ...`` and ``pred: ...`` of one image: class names, or (multi-label) sets of them."""
+        if self._multilabel:
+            return f"true: {joined_names(target.bool(), names, '-')}\npred: {joined_names(predicted, names, '-')}"
+        return f"true: {names[int(target)]}\npred: {names[int(predicted)]}"
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         computed = self._matrix.compute()  # on every rank: it synchronises the counts
@@ -358,11 +363,6 @@ class ClassificationFigures(Callback):
         preprocess = getattr(trainer.datamodule, "preprocess", None) if trainer.datamodule is not None else None
         titles = [title for _, title in self._wrong]
         return image_grid_figure(display_images(images, preprocess), titles, title="val misclassified")
-
-
-def _joined(flags: torch.Tensor, names: list[str]) -> str:
-    """``"a;b"``: the names of the flagged classes (``-`` for none)."""
-    return ";".join(names[c] for c in flags.nonzero().flatten().tolist()) or "-"
 
 
 def _class_names(pl_module: L.LightningModule) -> list[str]:

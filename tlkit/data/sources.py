@@ -51,7 +51,7 @@ from torch.utils.data import Dataset
 
 from tlkit.data.decode import MAX_IMAGE_PIXELS, ImageTooLargeError, read_image
 from tlkit.data.index import PathList, check_files
-from tlkit.data.splits import Listing, Sample, SourceData, SourceOptions, Split, multi_hot
+from tlkit.data.splits import LABEL_SEPARATOR, Listing, Sample, SourceData, SourceOptions, Split, multi_hot
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 BAD_IMAGE_POLICIES = ("skip", "raise")
@@ -380,7 +380,6 @@ def _load_folder(arg: str, options: SourceOptions) -> Listing:
 CSV_PATH_COLUMNS = ("path", "image", "file", "filename", "filepath")
 CSV_LABEL_COLUMNS = ("label", "class", "target", "category")
 CSV_LABELS_COLUMN = "labels"  # multi-label: the names of each image, separated by LABEL_SEPARATOR
-LABEL_SEPARATOR = ";"
 _CSV_SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": None}
 _CSV_FLAGS = {"0": 0, "1": 1}
 _CSV_LAYOUTS = (

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 Sample = str | np.ndarray
+# Between the names of a multi-label image's classes: in a CSV's ``labels`` column, predictions and reports.
+LABEL_SEPARATOR = ";"
 
 
 @dataclass
