@@ -555,7 +555,8 @@ def _first_per_class(data: SourceData, per_class: int) -> SourceData:
         if (seen[classes] < per_class).any():
             seen[classes] += 1
             keep.append(i)
-    train = Split([data.train.samples[i] for i in keep], [data.train.targets[i] for i in keep])
+    targets = data.train.targets[keep] if data.multilabel else [data.train.targets[i] for i in keep]
+    train = Split([data.train.samples[i] for i in keep], targets)
     return dataclasses.replace(data, train=train)
 
 

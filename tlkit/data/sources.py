@@ -252,8 +252,9 @@ def multilabel_split(
 
 def _split_by_indices(samples: Sequence[Sample], targets: Sequence, indices: Sequence[int]) -> Split:
     picked = samples.take(indices) if isinstance(samples, PathList) else [samples[i] for i in indices]
-    rows = len(targets) and np.ndim(targets[0]) == 1  # multi-hot rows stay rows
-    return Split(samples=picked, targets=[targets[i] if rows else int(targets[i]) for i in indices])
+    if len(targets) and np.ndim(targets[0]) == 1:  # multi-hot rows: one array
+        return Split(samples=picked, targets=np.asarray(targets)[np.asarray(indices, dtype=np.int64)])
+    return Split(samples=picked, targets=[int(targets[i]) for i in indices])
 
 
 # --------------------------------------------------------------------------- folder:<dir>
@@ -398,7 +399,7 @@ class _CsvRows:
     class_names: list[str]
     multilabel: bool
 
-    def targets(self) -> list[int] | list[np.ndarray]:
+    def targets(self) -> list[int] | np.ndarray:
         index = {name: i for i, name in enumerate(self.class_names)}
         if self.multilabel:
             return multi_hot([[index[name] for name in names] for names in self.labels], len(self.class_names))

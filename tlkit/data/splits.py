@@ -24,11 +24,12 @@ class Split:
         samples: File paths (``str``; a :class:`tlkit.data.index.PathList` for folder and CSV sources) or ``uint8``
             HWC numpy images.
         targets: Integer label per sample (index into ``SourceData.class_names``), or, for a multi-label source, a
-            ``uint8`` multi-hot row of ``len(class_names)`` per sample (1 where the image shows that class).
+            ``uint8`` array with a multi-hot row of ``len(class_names)`` per sample (1 where the image shows that
+            class): one array, not an object per sample.
     """
 
     samples: Sequence[Sample]
-    targets: list[int] | list[np.ndarray]
+    targets: list[int] | np.ndarray
 
     def __post_init__(self) -> None:
         if len(self.samples) != len(self.targets):
@@ -43,12 +44,12 @@ class Split:
         return bool(len(self.targets)) and np.ndim(self.targets[0]) == 1
 
 
-def multi_hot(label_sets: Sequence[Sequence[int]], num_classes: int) -> list[np.ndarray]:
-    """One ``uint8`` row of ``num_classes`` per sample, 1 at each of its labels."""
+def multi_hot(label_sets: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+    """``(N, num_classes)`` ``uint8``: one row per sample, 1 at each of its labels."""
     rows = np.zeros((len(label_sets), num_classes), dtype=np.uint8)
     for row, labels in zip(rows, label_sets, strict=True):
         row[list(labels)] = 1
-    return list(rows)
+    return rows
 
 
 @dataclass
