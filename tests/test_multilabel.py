@@ -234,9 +234,11 @@ trainer:
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{monitor: val/map, mode: max, filename: best}}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{filename: last}}
 model:
   class_path: tlkit.TransferClassifier
-  init_args: {{backbone: test_efficientnet, lr: 0.05}}
+  init_args: {{backbone: test_efficientnet, lr: 0.05, freeze_epochs: 1}}  # two phases: head, then everything
 data:
   class_path: tlkit.ImageDataModule
   init_args: {{source: "csv:{csv}", image_size: 32, batch_size: 8, val_split: 0.3}}
@@ -252,6 +254,8 @@ def test_cli_fit_test_predict_export_on_a_multi_label_csv(tmp_path):
     ckpt = run / "checkpoints" / "best.ckpt"
     saved = torch.load(ckpt, weights_only=True)
     assert saved["hyper_parameters"]["multilabel"] is True and len(saved[THRESHOLDS_KEY]) == 3
+    phases = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["FineTuningPhases"]
+    assert phases["phase"] == 1 and phases["frozen"] == []  # the second phase trains everything
     assert (run / "val_pr_curves.png").stat().st_size > 0 and not (run / "val_confusion_matrix.png").exists()
 
     main(["test", "--config", str(recipe), "--ckpt_path", str(ckpt)])
