@@ -36,7 +36,6 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +49,7 @@ except ImportError:  # Windows: no flock; loader workers' rows may then interlea
 from torch.utils.data import Dataset
 
 from tlkit.data.decode import MAX_IMAGE_PIXELS, ImageTooLargeError, read_image
-from tlkit.data.index import PathList, check_files
+from tlkit.data.index import PathList, check_files, thread_map
 from tlkit.data.splits import LABEL_SEPARATOR, Listing, Sample, SourceData, SourceOptions, Split, multi_hot
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -705,10 +704,7 @@ def scan_images(
     """
     if not paths:
         return []
-    workers = workers or min(32, os.cpu_count() or 1)
-    check = functools.partial(_check_image, max_pixels=max_pixels)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(check, paths, chunksize=max(1, len(paths) // (workers * 8))))
+    reasons = thread_map(functools.partial(_check_image, max_pixels=max_pixels), paths, workers)
     return [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
 
 
