@@ -41,12 +41,11 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from tlkit.backbones import backbone_data_config
 from tlkit.data.datamodule import ImageDataModule
 from tlkit.data.datamodule import check_arguments as check_data_arguments
-from tlkit.data.splits import LABEL_SEPARATOR
 from tlkit.io import AtomicCheckpointIO, atomic_open, claim_version
 from tlkit.loggers import scrub_logged_hyperparameters
 from tlkit.module import CKPT_PATH_KEYWORDS, read_checkpoint
 from tlkit.module import check_arguments as check_model_arguments
-from tlkit.multilabel import predicted_names
+from tlkit.multilabel import joined_names
 from tlkit.plots import lr_schedule_figure, save_figure
 from tlkit.probe import LinearProbe
 from tlkit.runs import run_directory, run_directory_on_every_rank
@@ -140,9 +139,9 @@ class PredictionCSVWriter(BasePredictionWriter):
         paths = [_sample_name(split.samples[i], i) for i in indices]
         out = Path(self.out or Path(run_directory_on_every_rank(trainer)) / "predictions.csv")
         if pl_module.hparams.get("multilabel"):  # every class at or above its tuned threshold, and every probability
-            labels = predicted_names(probs, pl_module.thresholds.cpu(), names)
-            rows = [(path, LABEL_SEPARATOR.join(found), *(f"{p:.6f}" for p in row))
-                    for path, found, row in zip(paths, labels, probs.tolist(), strict=True)]  # fmt: skip
+            found = [joined_names(row, names) for row in probs >= pl_module.thresholds.cpu()]
+            rows = [(path, labels, *(f"{p:.6f}" for p in row))
+                    for path, labels, row in zip(paths, found, probs.tolist(), strict=True)]  # fmt: skip
             _write_csv_atomic(out, ["path", "labels", *names], rows)
         else:
             confidence, predicted = probs.max(dim=-1)
