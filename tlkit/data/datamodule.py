@@ -242,7 +242,7 @@ class ImageDataModule(L.LightningDataModule):
         unreadable files were left out."""
         targets = self.data.train.targets
         if self.data.multilabel:
-            return np.stack(targets).sum(axis=0, dtype=np.int64).tolist()
+            return np.asarray(targets).sum(axis=0, dtype=np.int64).tolist()
         return torch.bincount(torch.as_tensor(targets), minlength=len(self.data.class_names)).tolist()
 
     # --------------------------------------------------------------------------------------------- configuration
@@ -555,9 +555,7 @@ def _first_per_class(data: SourceData, per_class: int) -> SourceData:
         if (seen[classes] < per_class).any():
             seen[classes] += 1
             keep.append(i)
-    targets = data.train.targets[keep] if data.multilabel else [data.train.targets[i] for i in keep]
-    train = Split([data.train.samples[i] for i in keep], targets)
-    return dataclasses.replace(data, train=train)
+    return dataclasses.replace(data, train=data.train.take(keep))
 
 
 def _with_image_size(config: dict[str, Any], image_size: int) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from tlkit.data.decode import MAX_IMAGE_PIXELS, read_image
-from tlkit.data.index import PathList
 from tlkit.data.splits import SourceData, Split
 
 META_FILE = "tlkit_shards.json"
@@ -81,7 +80,7 @@ def optimize(
             f"{source} is multi-label (several labels per image); shards hold one label per image. Train from the "
             "source itself (ImageDataModule(source=...)), which streams it from disk."
         )
-    train = reordered(data.train, train_order(len(data.train), seed))
+    train = data.train.take(train_order(len(data.train), seed))
     for name, split in zip(SPLITS, (train, data.val), strict=True):
         litdata.optimize(
             fn=_Encoder(split, max_side, quality, max_image_pixels),
@@ -107,11 +106,6 @@ def optimize(
 def train_order(count: int, seed: int) -> np.ndarray:
     """The order ``optimize`` writes a train split of ``count`` images in: a permutation fixed by ``seed``."""
     return np.random.default_rng([seed, count]).permutation(count)
-
-
-def reordered(split: Split, order: np.ndarray) -> Split:
-    samples = split.samples.take(order) if isinstance(split.samples, PathList) else [split.samples[i] for i in order]
-    return Split(samples, [split.targets[i] for i in order])
 
 
 class _Encoder:

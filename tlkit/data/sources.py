@@ -195,8 +195,7 @@ def stratified_split(
     Raises:
         ValueError: If ``val_split`` is out of range or a class would end up with no train or val sample.
     """
-    if not 0.0 < val_split < 1.0:
-        raise ValueError(f"val_split must be in (0, 1), got {val_split}")
+    _check_val_split(val_split)
     targets_arr = np.asarray(targets)
     train_idx: list[int] = []
     val_idx: list[int] = []
@@ -223,6 +222,11 @@ def stratified_split(
     return sorted(train_idx), sorted(val_idx)
 
 
+def _check_val_split(val_split: float) -> None:
+    if not 0.0 < val_split < 1.0:
+        raise ValueError(f"val_split must be in (0, 1), got {val_split}")
+
+
 def multilabel_split(
     targets: Sequence[np.ndarray], class_names: Sequence[str], *, val_split: float, seed: int
 ) -> tuple[list[int], list[int]]:
@@ -233,12 +237,11 @@ def multilabel_split(
         ValueError: ``val_split`` out of range, or a class without a train image or without a val image (its
             average precision would be undefined).
     """
-    if not 0.0 < val_split < 1.0:
-        raise ValueError(f"val_split must be in (0, 1), got {val_split}")
+    _check_val_split(val_split)
     n_val = math.floor(len(targets) * val_split + 0.5)
     order = np.random.default_rng([seed, len(targets)]).permutation(len(targets))
     val_idx, train_idx = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
-    rows = np.stack(targets)
+    rows = np.asarray(targets)
     for split_name, idx in (("train", train_idx), ("val", val_idx)):
         counts = rows[idx].sum(axis=0) if idx else np.zeros(len(class_names))
         if missing := [class_names[c] for c in np.flatnonzero(counts == 0)]:
@@ -247,13 +250,6 @@ def multilabel_split(
                 "images of them, change val_split or seed, or give the CSV a split column"
             )
     return train_idx, val_idx
-
-
-def _split_by_indices(samples: Sequence[Sample], targets: Sequence, indices: Sequence[int]) -> Split:
-    picked = samples.take(indices) if isinstance(samples, PathList) else [samples[i] for i in indices]
-    if len(targets) and np.ndim(targets[0]) == 1:  # multi-hot rows: one array
-        return Split(samples=picked, targets=np.asarray(targets)[np.asarray(indices, dtype=np.int64)])
-    return Split(samples=picked, targets=[int(targets[i]) for i in indices])
 
 
 # --------------------------------------------------------------------------- folder:<dir>
@@ -505,7 +501,7 @@ def _load_csv(arg: str, options: SourceOptions) -> Listing:
         raise ValueError(f"{file}: unknown split values {unknown}; use train, val (or valid/validation) or test")
     groups = {name: [i for i, s in enumerate(splits) if _CSV_SPLITS[s] == name] for name in ("train", "val")}
     ignored = [paths[i] for i, s in enumerate(splits) if _CSV_SPLITS[s] is None]  # test rows: not used by fit
-    train, val = (_split_by_indices(everything.samples, everything.targets, groups[k]) for k in ("train", "val"))
+    train, val = (everything.take(groups[k]) for k in ("train", "val"))
     return Listing(rows.class_names, train, val, ignored)
 
 
@@ -638,7 +634,8 @@ def _build_texture_pairs() -> tuple[Split, Split]:
     bands = [photo_patch_coords(name) for name in TEXTURE_PHOTOS]
     splits = []
     for which, per_class in ((0, TEXTURE_TRAIN_PER_CLASS), (1, TEXTURE_VAL_PER_CLASS)):
-        images, label_sets = _pair_split([band[which] for band in bands], per_class * 10, seed=TEXTURE_SEED + which)
+        count = per_class * len(TEXTURE_PHOTOS)
+        images, label_sets = _pair_split([band[which] for band in bands], count, seed=TEXTURE_SEED + which)
         images.flags.writeable = False
         splits.append(Split(samples=list(images), targets=multi_hot(label_sets, len(TEXTURE_PHOTOS))))
     return splits[0], splits[1]
@@ -712,7 +709,7 @@ def _drop_bad(split: Split, bad: set[str]) -> Split:
     if not bad:
         return split
     keep = [i for i, s in enumerate(split.samples) if not (isinstance(s, str) and s in bad)]
-    return _split_by_indices(split.samples, split.targets, keep) if len(keep) < len(split) else split
+    return split.take(keep) if len(keep) < len(split) else split
 
 
 def _file_samples(*splits: Split | None) -> Sequence[str]:
@@ -759,7 +756,7 @@ class _CheckOptions:
 def _check_classes(train: Split, class_names: Sequence[str], skipped: list[tuple[str, str]]) -> None:
     """Every class needs a train sample; say when skipping emptied it."""
     if train.multilabel:
-        present = set(np.flatnonzero(np.stack(train.targets).any(axis=0)).tolist())
+        present = set(np.flatnonzero(np.asarray(train.targets).any(axis=0)).tolist())
     else:
         present = set(train.targets)
     for label, name in enumerate(class_names):
@@ -864,7 +861,7 @@ def load_source(
     if listing.val is None:
         split = multilabel_split if train.multilabel else stratified_split
         train_idx, val_idx = split(train.targets, listing.class_names, val_split=val_split, seed=seed)
-        train, val = (_split_by_indices(train.samples, train.targets, idx) for idx in (train_idx, val_idx))
+        train, val = (train.take(idx) for idx in (train_idx, val_idx))
     else:
         val = _drop_bad(listing.val, bad)
     skipped = [*listing.unusable, *skipped]

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tlkit.data.index import PathList
+
 Sample = str | np.ndarray
 # Between the names of a multi-label image's classes: in a CSV's ``labels`` column, predictions and reports.
 LABEL_SEPARATOR = ";"
@@ -42,6 +44,15 @@ class Split:
     def multilabel(self) -> bool:
         """Whether the targets are multi-hot rows (several labels per image) rather than one label each."""
         return bool(len(self.targets)) and np.ndim(self.targets[0]) == 1
+
+    def take(self, indices: Sequence[int]) -> Split:
+        """The samples at ``indices``, in that order, with their targets (a PathList stays one, multi-hot rows stay
+        one array)."""
+        samples = self.samples
+        picked = samples.take(indices) if isinstance(samples, PathList) else [samples[i] for i in indices]
+        if self.multilabel:
+            return Split(picked, np.asarray(self.targets)[np.asarray(indices, dtype=np.int64)])
+        return Split(picked, [int(self.targets[i]) for i in indices])
 
 
 def multi_hot(label_sets: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
