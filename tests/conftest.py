@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import pytest
 import threadpoolctl
@@ -26,6 +28,16 @@ def deterministic_mode_off():
     torch.use_deterministic_algorithms(False)
     yield
     torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(autouse=True)
+def no_run_seed():
+    """``seed_everything`` writes ``PL_GLOBAL_SEED`` into the environment, where a data module without a ``seed`` of
+    its own reads the run's seed: every test starts without one, as a fresh process does (a seed another test left
+    behind changed the shuffle order of the next test in the same worker)."""
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    yield
+    os.environ.pop("PL_GLOBAL_SEED", None)
 
 
 @pytest.fixture
