@@ -48,11 +48,11 @@ def _rewrite_forever(path: str, weights: torch.Tensor, ready) -> None:
 
 def _kill_during_writes(folder: Path, kills: int) -> tuple[list[int], int]:
     """SIGKILLs a rewriting child ``kills`` times at random moments; returns the step found in last.ckpt after
-    each kill (it must load: the complete previous or the complete new checkpoint) and the most other files seen
-    next to it after a kill."""
+    each kill (it must load: the complete previous or the complete new checkpoint) and how many kills left another
+    file next to it."""
     path = folder / "last.ckpt"
     weights = torch.randn(2_000_000)  # 8 MB: a write takes milliseconds, so most kills land inside one
-    rng, steps, most_temporaries = random.Random(0), [], 0
+    rng, steps, kills_leaving_a_file = random.Random(0), [], 0
     for _ in range(kills):
         ready = FORK.Event()
         child = FORK.Process(target=_rewrite_forever, args=(str(path), weights, ready), daemon=True)
@@ -63,15 +63,18 @@ def _kill_during_writes(folder: Path, kills: int) -> tuple[list[int], int]:
         child.join()
         assert child.exitcode == -signal.SIGKILL
         steps.append(read_checkpoint(path)["global_step"])  # raises on a truncated or empty file
-        most_temporaries = max(most_temporaries, len([p for p in folder.iterdir() if p != path]))
-    return steps, most_temporaries
+        left = [p for p in folder.iterdir() if p != path]
+        assert len(left) <= 1, left  # each write removes the files of writers that are gone
+        kills_leaving_a_file += bool(left)
+    return steps, kills_leaving_a_file
 
 
 @pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "named-temporary"])
 def test_last_ckpt_survives_sigkill_during_rewrites_with_tmpdir_on_another_file_system(tmp_path, monkeypatch, unnamed):
     """30 kills of a process rewriting last.ckpt, TMPDIR on /dev/shm (another file system than tmp_path): after
-    every kill last.ckpt loads. With O_TMPFILE (Linux) no temporary file is ever left; with named temporary files
-    (other systems) a killed writer's file is removed by the next write."""
+    every kill last.ckpt loads. With O_TMPFILE (Linux) a kill while writing leaves nothing (only a kill in the
+    microseconds between naming the complete file and renaming it leaves one); with named temporary files (other
+    systems) most kills leave the writer's file. Either way the next write removes it."""
     shm = Path("/dev/shm")
     if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
         pytest.fail("this test needs /dev/shm on another file system than the test's tmp_path")
@@ -82,7 +85,7 @@ def test_last_ckpt_survives_sigkill_during_rewrites_with_tmpdir_on_another_file_
     if not unnamed:
         monkeypatch.setattr(tlkit.io, "_unnamed_file", lambda folder: None)
     try:
-        steps, most_temporaries = _kill_during_writes(tmp_path, kills=30)
+        steps, kills_leaving_a_file = _kill_during_writes(tmp_path, kills=30)
         left_in_tmpdir = list(tmpdir.iterdir())
     finally:
         for leftover in tmpdir.iterdir():
@@ -91,12 +94,12 @@ def test_last_ckpt_survives_sigkill_during_rewrites_with_tmpdir_on_another_file_
     assert len(set(steps)) > 1  # the kills interrupted a process that was writing, at different points
     assert left_in_tmpdir == []  # nothing went through TMPDIR
     if unnamed:
-        assert most_temporaries == 0
+        assert kills_leaving_a_file <= 3  # a kill lands in the link-to-rename window about once in hundreds
     else:
-        assert most_temporaries == 1  # the last killed writer's: each write removes those of dead writers...
-        with atomic_open(tmp_path / "last.ckpt") as f:
-            torch.save({"global_step": -1}, f)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # ...until the next write
+        assert kills_leaving_a_file >= 10  # a kill mid-write leaves the named temporary...
+    with atomic_open(tmp_path / "last.ckpt") as f:
+        torch.save({"global_step": -1}, f)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # ...until the next write
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path):

@@ -6,9 +6,10 @@ content is written in the destination's own folder, flushed to disk (``fsync``),
 (atomic on one file system); the folder is then synced so the rename itself survives a power cut.
 
 On Linux the content goes to an unnamed file (``O_TMPFILE``) that gets a name only once it is complete, so a writer
-killed mid-write leaves nothing behind: the kernel frees the unnamed file. Elsewhere (and for writers that need a
-path) it is a named temporary file ``.<name>.<pid>.<random>.tmp``; the next write of the same file removes those of
-writers that are gone.
+killed mid-write leaves nothing behind: the kernel frees the unnamed file (a kill in the microseconds between naming
+the complete file and renaming it onto the destination leaves that temporary name). Elsewhere (and for writers that
+need a path) it is a named temporary file ``.<name>.<pid>.<random>.tmp``. The next write of the same file removes the
+temporaries of writers that are gone.
 """
 
 from __future__ import annotations
