@@ -10,6 +10,9 @@ Configurations (the model and data of ``recipes/quickstart.yaml`` unless said):
   optimistic by construction; time: the run plus the soup).
 - ``+tta``: the quickstart run's final model, validated with ``tta="flip"`` (time: the run plus the TTA pass).
 - ``strong``: ``recipes/strong.yaml``.
+- ``lp_ft``: ``recipes/lp_ft.yaml`` (the head starts as the converged linear probe, BatchNorm keeps the pretrained
+  statistics, every weight fine-tunes at lr 0.002; time includes fitting the probe); ``lp_ft +tta``: its final
+  model validated with ``tta="flip"``.
 - ``linear probe``: ``recipes/linear_probe.yaml`` (features extracted once, L-BFGS to convergence), the reference.
 
 Data: ``textures`` (480 train / 160 val, 64 px) and ``few-label``: 10 train images per class (the first 10 of each
@@ -96,6 +99,19 @@ class Bench:
         trainer.fit(model, dm)
         return trainer.callback_metrics["val/acc"].item(), time.perf_counter() - start, model, dm
 
+    def flip_tta(self, model: TransferClassifier, dm: ImageDataModule) -> tuple[float, float]:
+        """Val accuracy of ``model`` with flip TTA, and the seconds it took."""
+        start = time.perf_counter()
+        tta = TransferClassifier(**{**model.hparams, "tta": "flip"})
+        tta.load_state_dict(model.state_dict())
+        metrics = self.trainer().validate(tta, datamodule=dm, verbose=False)[0]
+        return metrics["val/tta_acc"], time.perf_counter() - start
+
+    def lp_ft(self, seed: int) -> dict[str, tuple[float, float]]:
+        acc, seconds, model, dm = self.fine_tune(seed, recipe="lp_ft.yaml")
+        tta_acc, tta_seconds = self.flip_tta(model, dm)
+        return {"lp_ft": (acc, seconds), "lp_ft +tta": (tta_acc, seconds + tta_seconds)}
+
     def quickstart_soup_tta(self, seed: int) -> dict[str, tuple[float, float]]:
         run_dir = self.workdir / f"{Path(self.source).name}-{seed}"
         acc, seconds, model, dm = self.fine_tune(seed, run_dir=run_dir)
@@ -106,11 +122,8 @@ class Bench:
             limit = {"trainer_kwargs": dict(limit_val_batches=2), "bn_batches": 3} if self.quick else {}
             soup = make_soup(checkpoints, run_dir / "soup.ckpt", greedy=True, datamodule=dm, **limit)
             results["+soup"] = (soup.val_acc, seconds + time.perf_counter() - start)
-        start = time.perf_counter()
-        tta = TransferClassifier(**{**model.hparams, "tta": "flip"})
-        tta.load_state_dict(model.state_dict())
-        metrics = self.trainer().validate(tta, datamodule=dm, verbose=False)[0]
-        results["+tta"] = (metrics["val/tta_acc"], seconds + time.perf_counter() - start)
+        tta_acc, tta_seconds = self.flip_tta(model, dm)
+        results["+tta"] = (tta_acc, seconds + tta_seconds)
         return results
 
     def linear_probe(self, seed: int) -> tuple[float, float]:
@@ -136,11 +149,12 @@ def configurations(bench: Bench) -> dict[str, Callable[[int], dict[str, tuple[fl
         "+mixup": single("+mixup", mixup_alpha=0.2, cutmix_alpha=1.0, mixup_off_epoch=last),
         "+ema": single("+ema", ema_decay=0.9),
         "strong": single("strong", recipe="strong.yaml"),
+        "lp_ft": bench.lp_ft,  # also lp_ft +tta, from the same run
         "linear probe": lambda seed: {"linear probe": bench.linear_probe(seed)},
     }
 
 
-ORDER = ("quickstart", "+mixup", "+ema", "+soup", "+tta", "strong", "linear probe")
+ORDER = ("quickstart", "+mixup", "+ema", "+soup", "+tta", "strong", "lp_ft", "lp_ft +tta", "linear probe")
 
 
 def main() -> None:

@@ -377,7 +377,7 @@ class _Indexed(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int, int]:
         item = self.dataset[self.start + i]
         image, label = item if isinstance(item, tuple | list) and len(item) == 2 else (item, -1)
-        return image, int(label), self.start + i
+        return image, torch.as_tensor(label), self.start + i  # a class index, or a multi-label row
 
 
 class _FeatureModule(L.LightningModule):
@@ -617,7 +617,7 @@ def extract_features(
         shutil.rmtree(parts, ignore_errors=True)
         parts.mkdir(parents=True)
     trainer.strategy.barrier()
-    with _modes_restored(backbone):  # a model passed in mid-training gets its modes back
+    with modes_restored(backbone):  # a model passed in mid-training gets its modes back
         extractor.eval()
         trainer.predict(_FeatureModule(extractor), datamodule=_ExtractData(dataset, batch_size, workers),
                         return_predictions=False)  # fmt: skip
@@ -770,7 +770,7 @@ def _describe(module: nn.Module) -> dict[str, Any]:
 
 
 @contextmanager
-def _modes_restored(module: nn.Module) -> Iterator[None]:
+def modes_restored(module: nn.Module) -> Iterator[None]:
     """Gives every submodule its own train/eval mode back on exit. ``module.train()`` would not: it also wakes the
     frozen BatchNorm layers a TransferClassifier keeps in eval mode, which then update their running statistics."""
     modes = {m: m.training for m in module.modules()}

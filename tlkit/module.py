@@ -9,7 +9,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import lightning as L
 import torch
@@ -25,8 +25,14 @@ from tlkit.adapters import AdapterFile, adapter_frozen, add_adapter, check_adapt
 from tlkit.backbones import Pretrained, create_backbone
 from tlkit.callbacks import FineTuningPhases, Phase, parse_phases, phase_specs
 from tlkit.error_analysis import ErrorAnalysis
-from tlkit.freezing import apply_freeze, batchnorm_parameter_names, frozen_parameter_names, keep_frozen_bn_eval
-from tlkit.heads import ClassifierHead
+from tlkit.freezing import (
+    apply_freeze,
+    batchnorm_parameter_names,
+    frozen_parameter_names,
+    is_batchnorm,
+    keep_frozen_bn_eval,
+)
+from tlkit.heads import INITS, ClassifierHead
 from tlkit.mixup import BatchMixup
 from tlkit.multilabel import DEFAULT_THRESHOLD, ThresholdTuner, check_pos_weight, multilabel_loss, multilabel_metrics
 from tlkit.optim import (
@@ -43,6 +49,7 @@ from tlkit.optim import (
     uses_weight_decay,
 )
 from tlkit.pairing import PairingCheck
+from tlkit.probe_init import PROBE_INIT, ProbeHeadInit
 from tlkit.resume import RngStateCheckpoint
 from tlkit.tta import check_tta, tta_probabilities
 
@@ -78,8 +85,13 @@ class TransferClassifier(L.LightningModule):
         pos_weight: multi-label only: weight of each class's positive examples in the loss (one number, or one per
             class; e.g. negatives / positives of a rare class). ``None``: 1.
         freeze: ``"none"``, ``"backbone"``, ``"stages:K"`` or ``"regex:<pattern>"`` (see :mod:`tlkit.freezing`).
-        freeze_bn: keep BatchNorm layers whose parameters are frozen in eval mode (running statistics unchanged).
+        freeze_bn: ``True``: BatchNorm layers whose parameters are frozen stay in eval mode (running statistics
+            unchanged); ``"all"``: every BatchNorm layer keeps the pretrained running statistics, also where its
+            weight and bias train (what a head started from the probe, ``head: {init: probe}``, needs: it was fitted
+            on features computed with them); ``False``: every BatchNorm layer updates its statistics in training.
         head: options of :class:`~tlkit.heads.ClassifierHead`: ``hidden``, ``dropout``, ``activation``, ``init``.
+            ``init: probe`` (LP-FT, :mod:`tlkit.probe_init`) starts a linear head as the linear probe of the train
+            split's features, fitted at the start of ``fit`` (not when resuming).
         optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or ``"rmsprop"``. A linear probe on a frozen backbone
             (full-batch L-BFGS on features computed once) is :class:`tlkit.LinearProbe`.
         lr: peak learning rate (after warmup).
@@ -146,7 +158,7 @@ class TransferClassifier(L.LightningModule):
         multilabel: bool = False,
         pos_weight: float | list[float] | None = None,
         freeze: str = "none",
-        freeze_bn: bool = True,
+        freeze_bn: bool | Literal["all"] = True,
         head: dict[str, Any] | None = None,
         optimizer: str = "sgd",
         lr: float = 0.01,
@@ -182,6 +194,8 @@ class TransferClassifier(L.LightningModule):
         if feature_cache is not None:
             _warn_feature_cache_ignored(feature_cache)
         self.save_hyperparameters(ignore="feature_cache")  # new checkpoints no longer carry it
+        if freeze_bn not in (True, False, "all"):
+            raise ValueError(f"freeze_bn must be true, false or 'all', not {freeze_bn!r}.")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}.")
         if multilabel and class_weights is not None:
@@ -299,6 +313,8 @@ class TransferClassifier(L.LightningModule):
             callbacks.append(ErrorAnalysis())
         if self.adapter and fn == "fit":
             callbacks.append(AdapterFile())
+        if (self.hparams.head or {}).get("init") == PROBE_INIT and fn == "fit":
+            callbacks.append(ProbeHeadInit())
         return callbacks
 
     def on_fit_start(self) -> None:
@@ -313,7 +329,11 @@ class TransferClassifier(L.LightningModule):
 
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)
-        if mode and self.hparams.freeze_bn:
+        if mode and self.hparams.freeze_bn == "all":
+            for module in self.backbone.modules():
+                if is_batchnorm(module):
+                    module.eval()
+        elif mode and self.hparams.freeze_bn:
             keep_frozen_bn_eval(self.backbone)
         return self
 
@@ -704,6 +724,16 @@ def class_weight_of(class_weights: str | None, class_counts: list[int] | None, n
 
 
 def _build_head(in_features: int, num_classes: int, options: dict[str, Any]) -> ClassifierHead:
+    init = options.get("init", "auto")
+    if init not in (*INITS, PROBE_INIT):
+        raise ValueError(f"Unknown head init {init!r}; valid options: {', '.join((*INITS, PROBE_INIT))}.")
+    if init == PROBE_INIT:  # fitted by ProbeHeadInit when the fit starts; until then the usual init
+        if options.get("hidden"):
+            raise ValueError(
+                f"head init {PROBE_INIT!r} starts a linear head as a linear probe, but this head has hidden layers "
+                f"{options['hidden']}; drop 'hidden', or choose init {', '.join(INITS)}."
+            )
+        options = {**options, "init": "auto"}
     try:
         return ClassifierHead(in_features, num_classes, **options)
     except TypeError as err:

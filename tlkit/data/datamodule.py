@@ -514,15 +514,19 @@ class ImageDataModule(L.LightningDataModule):
         """Fit the statistics on the train split (evaluation transform, no augmentation), unless they were
         restored from a checkpoint. Under DDP each rank streams its own shard and the sums are all-reduced."""
         self.setup()
-        if not needs_fit(self.preprocess):
-            return
-        if self._shards is not None:  # litdata gives each rank its own part of the train split
-            self.preprocess.fit(self._shard_loader("train", self.transform(train=False), shuffle=False))
-            return
+        if needs_fit(self.preprocess):
+            self.preprocess.fit(self.train_eval_loader())  # fit takes (uint8 images, labels) batches as they come
+
+    def train_eval_loader(self) -> DataLoader | StreamingDataLoader:
+        """This rank's part of the train split (all of it without DDP) as uint8 ``(images, targets)`` batches with
+        the evaluation transform (no augmentation), in a fixed order: what statistics and probe heads are fitted on.
+        Under DDP the ranks' parts together are the whole split (litdata gives each rank its own)."""
+        self.setup()
+        if self._shards is not None:
+            return self._shard_loader("train", self.transform(train=False), shuffle=False)
         rank, world = _rank_world()
         dataset = self._dataset(self.data.train, self.transform(train=False))
-        shard = Subset(dataset, range(rank, len(dataset), world))
-        self.preprocess.fit(self._loader(shard))  # fit takes (uint8 images, labels) batches as they come
+        return self._loader(Subset(dataset, range(rank, len(dataset), world)))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, targets = batch
