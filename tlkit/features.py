@@ -38,6 +38,7 @@ from tlkit.backbones import TORCHVISION_PREFIX, Backbone, Pretrained, create_bac
 from tlkit.data.datamodule import ImageDataModule
 from tlkit.data.preprocess import build_preprocess
 from tlkit.data.sources import ImageDataset
+from tlkit.freezing import modes_restored
 from tlkit.io import atomic_open, atomic_path
 
 if TYPE_CHECKING:
@@ -767,15 +768,3 @@ def _resolve_preprocess(choice: str | nn.Module, from_data, from_ckpt, backbone:
 def _describe(module: nn.Module) -> dict[str, Any]:
     state = {k: v.flatten().tolist()[:16] for k, v in module.state_dict().items() if v.numel() <= 16}
     return {"module": type(module).__name__, "state": state}
-
-
-@contextmanager
-def modes_restored(module: nn.Module) -> Iterator[None]:
-    """Gives every submodule its own train/eval mode back on exit. ``module.train()`` would not: it also wakes the
-    frozen BatchNorm layers a TransferClassifier keeps in eval mode, which then update their running statistics."""
-    modes = {m: m.training for m in module.modules()}
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training

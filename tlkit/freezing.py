@@ -18,7 +18,8 @@ their statistics while the convolutions stay fixed.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -107,3 +108,15 @@ def keep_frozen_bn_eval(module: nn.Module) -> None:
     """Put frozen BatchNorm layers back in eval mode (call after ``module.train()``)."""
     for bn in frozen_batchnorms(module):
         bn.eval()
+
+
+@contextmanager
+def modes_restored(module: nn.Module) -> Iterator[None]:
+    """Gives every submodule its own train/eval mode back on exit. ``module.train()`` would not: it also wakes the
+    frozen BatchNorm layers a TransferClassifier keeps in eval mode, which then update their running statistics."""
+    modes = {m: m.training for m in module.modules()}
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training

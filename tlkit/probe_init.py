@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from tlkit.features import modes_restored
+from tlkit.freezing import modes_restored
 from tlkit.optim import create_lbfgs, l2_penalty
 
 PROBE_INIT = "probe"
