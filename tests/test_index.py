@@ -89,25 +89,6 @@ def test_second_run_checks_nothing_and_a_changed_or_new_file_is_rechecked(tmp_pa
     assert _check([*paths, new], tmp_path, full_check=_never).bad == [(str(paths[2]), "truncated")]  # cached
 
 
-def test_a_folder_source_stats_each_file_once_while_listing_and_still_sees_changes(tmp_path, monkeypatch) -> None:
-    """The walk's own stat feeds the index (no second pass over 100,000 files); a file rewritten in place (same
-    name, so the folder listing is unchanged) is still re-checked, and a dangling symlink is still named."""
-    root = _folder(tmp_path / "data")
-    (root / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
-    monkeypatch.setattr(index, "_stat_all", lambda paths: pytest.fail("the folder source stat-ed its files twice"))
-    options = dict(index_dir=str(tmp_path / "idx"), val_split=0.25)
-    first = load_source(f"folder:{root}", **options)
-    assert [p for p, _ in first.skipped] == [str(root / "a" / "gone.jpg")]
-    assert len(first.train) + len(first.val) == 8
-    damaged = root / "b" / "1.jpg"
-    damaged.write_bytes(damaged.read_bytes()[:-200])  # rewritten in place: size and mtime change
-    again = load_source(f"folder:{root}", **options)
-    assert sorted(p for p, _ in again.skipped) == sorted([str(root / "a" / "gone.jpg"), str(damaged)])
-    with pytest.raises(ValueError, match="3 paths but stats of 2"):
-        check_files(["x", "y", "z"], key="k", full_check=_never, max_pixels=None, index_dir="",
-                    stats=(np.zeros(2, np.int64), np.zeros(2, np.int64)))  # fmt: skip
-
-
 def test_a_damaged_cache_file_is_rebuilt_with_a_warning(tmp_path: Path) -> None:
     paths = [_jpeg(tmp_path / "0.jpg")]
     report = _check(paths, tmp_path)

@@ -169,7 +169,6 @@ def check_files(
     max_pixels: int | None,
     workers: int | None = None,
     index_dir: str | os.PathLike | None = None,
-    stats: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> IndexReport:
     """Check ``paths`` from their headers, reusing the verdicts cached for files whose size and mtime are unchanged.
 
@@ -180,13 +179,9 @@ def check_files(
         max_pixels: Pixel limit (files over it are unusable).
         workers: Threads of the header check; default ``min(32, cpu count)``.
         index_dir: Folder of the cache files; default ``cache_dir() / "index"``. The empty string: no cache.
-        stats: sizes and mtimes (ns) of ``paths`` (-1 where missing) if the caller has them (a folder walk gets
-            them while listing); default: ``os.stat`` of each path here.
     """
     paths = paths if isinstance(paths, PathList) else PathList.from_strings(paths)
-    sizes, mtimes = stats if stats is not None else _stat_all(paths)
-    if len(sizes) != len(paths) or len(mtimes) != len(paths):
-        raise ValueError(f"check_files: {len(paths)} paths but stats of {len(sizes)} and {len(mtimes)} files")
+    sizes, mtimes = _stat_all(paths)
     cache_file = _cache_file(key, max_pixels, index_dir)
     with _locked(cache_file):
         cached = _load(cache_file)

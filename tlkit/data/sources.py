@@ -30,14 +30,13 @@ New schemes are added by writing one loader and one class-name function and regi
 
 from __future__ import annotations
 
-import array
 import csv
 import functools
 import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -287,69 +286,39 @@ def _class_dirs(root: Path) -> list[str]:
     return names
 
 
-@dataclass
-class _Walk:
-    """What walking a folder collects: image paths with their size and mtime (ns; -1 for a dangling symlink), and
-    the other files."""
-
-    images: list[str] = field(default_factory=list)
-    sizes: array.array = field(default_factory=lambda: array.array("q"))
-    mtimes: array.array = field(default_factory=lambda: array.array("q"))
-    others: list[str] = field(default_factory=list)
-
-    def stats(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.frombuffer(self.sizes, dtype=np.int64).copy(), np.frombuffer(self.mtimes, dtype=np.int64).copy()
-
-
-def _list_files(class_dir: Path, walk: _Walk) -> list[str]:
-    """Adds the images under ``class_dir`` (recursive, like torchvision's ImageFolder) and its other files to
-    ``walk``, in the order of their path components (a folder's entries sorted by name, sub-folders walked where
-    they sort); returns the images.
+def _list_files(class_dir: Path) -> tuple[list[str], list[str]]:
+    """Image paths under ``class_dir`` (recursive, like torchvision's ImageFolder), and the other files, both in the
+    order of their path components (a folder's entries sorted by name, sub-folders walked where they sort).
 
     Hidden files (``.DS_Store``, ...) are neither; an empty class folder is an error. ``os.scandir`` tells files from
-    folders without a ``stat`` per entry, so listing a large folder costs little more than ImageFolder's; each image
-    is ``stat``-ed once, here, for the image index (which would otherwise stat every file in a second pass).
+    folders without a ``stat`` per entry, so listing a large folder costs little more than ImageFolder's.
     """
-    start = len(walk.images)
-    _walk(str(class_dir), walk)
-    if len(walk.images) == start:
+    images: list[str] = []
+    others: list[str] = []
+    _walk(str(class_dir), images, others)
+    if not images:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise FileNotFoundError(f"Class folder {class_dir} has no images (accepted extensions: {exts})")
-    return walk.images[start:]
+    return images, others
 
 
-def _walk(folder: str, walk: _Walk) -> None:
+def _walk(folder: str, images: list[str], others: list[str]) -> None:
     with os.scandir(folder) as it:
-        entries = [e for e in it if not e.name.startswith(".")]
-    entries.sort(key=_entry_name)  # names are unique: no ties
-    for entry in entries:
+        entries = sorted((e.name, e) for e in it if not e.name.startswith("."))  # names are unique: no ties
+    for name, entry in entries:
         if entry.is_dir():  # follows symlinks, as Path.rglob's is_dir did
-            _walk(entry.path, walk)
+            _walk(entry.path, images, others)
         # A dangling symlink is listed as an image (when its name says so), so the scan names it rather than losing it.
         elif entry.is_file() or entry.is_symlink():
-            name = entry.name
             dot = name.rfind(".")
-            if dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS:
-                walk.images.append(entry.path)
-                try:
-                    st = entry.stat()
-                except OSError:
-                    walk.sizes.append(-1)
-                    walk.mtimes.append(-1)
-                else:
-                    walk.sizes.append(st.st_size)
-                    walk.mtimes.append(st.st_mtime_ns)
-            else:
-                walk.others.append(entry.path)
+            (images if name[dot:].lower() in IMAGE_EXTENSIONS and dot > 0 else others).append(entry.path)
 
 
-def _entry_name(entry: os.DirEntry) -> str:
-    return entry.name
-
-
-def _scan_folder(root: Path, class_to_idx: dict[str, int], walk: _Walk, unusable: list[tuple[str, str]]) -> Split:
-    """List every image of every class dir in ``root`` with its label (adding them, their stats and the non-image
-    files to ``walk``); images lying in ``root`` itself (no class) go to ``unusable``."""
+def _scan_folder(
+    root: Path, class_to_idx: dict[str, int], ignored: list[str], unusable: list[tuple[str, str]]
+) -> Split:
+    """List every image of every class dir in ``root`` with its label; non-image files go to ``ignored``, images
+    lying in ``root`` itself (no class) to ``unusable``."""
     unusable.extend(_loose_images(root))
     samples: list[str] = []
     targets: list[int] = []
@@ -357,9 +326,10 @@ def _scan_folder(root: Path, class_to_idx: dict[str, int], walk: _Walk, unusable
         if name not in class_to_idx:
             known = ", ".join(class_to_idx)
             raise ValueError(f"Class folder {root / name} is not among the training classes ({known})")
-        files = _list_files(root / name, walk)
+        files, others = _list_files(root / name)
         samples.extend(files)
         targets.extend([class_to_idx[name]] * len(files))
+        ignored.extend(others)
     return Split(samples=PathList.from_strings(samples), targets=targets)
 
 
@@ -391,15 +361,14 @@ def _load_folder(arg: str, options: SourceOptions) -> Listing:
     presplit = _presplit_dirs(root)
     class_names = _training_classes(presplit[0] if presplit else root)
     class_to_idx = {name: i for i, name in enumerate(class_names)}
-    walk = _Walk()
+    ignored: list[str] = []
     unusable: list[tuple[str, str]] = []
     if not presplit:
-        train, val = _scan_folder(root, class_to_idx, walk, unusable), None
-    else:
-        unusable.extend(_loose_images(root))
-        train = _scan_folder(presplit[0], class_to_idx, walk, unusable)
-        val = _scan_folder(presplit[1], class_to_idx, walk, unusable)
-    return Listing(class_names, train, val, walk.others, unusable, stats=walk.stats())  # train then val, as walked
+        return Listing(class_names, _scan_folder(root, class_to_idx, ignored, unusable), None, ignored, unusable)
+    unusable.extend(_loose_images(root))
+    train = _scan_folder(presplit[0], class_to_idx, ignored, unusable)
+    val = _scan_folder(presplit[1], class_to_idx, ignored, unusable)
+    return Listing(class_names, train, val, ignored, unusable)
 
 
 # --------------------------------------------------------------------------- csv:<file>
@@ -760,7 +729,6 @@ def _check_bad_files(
     full_check = functools.partial(_check_image, max_pixels=options.max_pixels)
     report = check_files(
         paths,
-        stats=listing.stats,
         key=index_key,
         full_check=full_check,
         max_pixels=options.max_pixels,

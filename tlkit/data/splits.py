@@ -92,9 +92,6 @@ class Listing:
     val: Split | None = None
     ignored: list[str] = field(default_factory=list)
     unusable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): listed, whatever the policy
-    # Size and mtime (ns) of each file of train then val, -1 where missing, when the listing got them anyway (a
-    # folder walk): the image index then needs no second pass over the files. None: the index stats them.
-    stats: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
