@@ -517,16 +517,25 @@ class ImageDataModule(L.LightningDataModule):
         if needs_fit(self.preprocess):
             self.preprocess.fit(self.train_eval_loader())  # fit takes (uint8 images, labels) batches as they come
 
-    def train_eval_loader(self) -> DataLoader | StreamingDataLoader:
+    def train_eval_loader(self, max_images: int | None = None) -> DataLoader | StreamingDataLoader:
         """This rank's part of the train split (all of it without DDP) as uint8 ``(images, targets)`` batches with
         the evaluation transform (no augmentation), in a fixed order: what statistics and probe heads are fitted on.
-        Under DDP the ranks' parts together are the whole split (litdata gives each rank its own)."""
+        Under DDP the ranks' parts together are the whole split (litdata gives each rank its own).
+
+        Args:
+            max_images: at most this many images in all ranks' parts together: a random subset (seeded, so every
+                run takes the same one) of a folder or CSV split. From shards, whose train split ``tlkit optimize``
+                wrote in a random order, the loader is the whole part: stop after ``max_images / world`` images.
+        """
         self.setup()
         if self._shards is not None:
             return self._shard_loader("train", self.transform(train=False), shuffle=False)
         rank, world = _rank_world()
         dataset = self._dataset(self.data.train, self.transform(train=False))
-        return self._loader(Subset(dataset, range(rank, len(dataset), world)))
+        rows = np.arange(len(dataset))
+        if max_images is not None and max_images < len(rows):
+            rows = np.sort(np.random.default_rng(self.shuffle_seed).choice(len(rows), max_images, replace=False))
+        return self._loader(Subset(dataset, rows[rank::world].tolist()))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, targets = batch
