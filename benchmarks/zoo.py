@@ -280,8 +280,19 @@ def check_stages(backbone: Any, x: Any) -> str:
             firsts[stage] = min(called)
     calls = sorted(firsts, key=firsts.get)
     listed = [s for s in names if s in calls]
-    if calls != listed:
-        raise CheckFailed(f"stages run in the order {calls}, listed as {listed}")
+    leaves = {
+        stage: [m for m in modules if m not in containers] for stage, modules in _stage_modules(stage_params).items()
+    }
+    for i, stage in enumerate(listed):
+        # A stage listed later may run earlier when nothing listed before it uses its output: EfficientViM's
+        # per-stage norms feed only its multi-scale head (timm lists them last), so freezing a prefix of stages
+        # still freezes the input side. Where an earlier-listed stage does use it, the listing is wrong.
+        for later in (s for s in listed[i + 1 :] if firsts[s] < firsts[stage]):
+            if _feeds(backbone, x, leaves[later], leaves[stage]):
+                raise CheckFailed(
+                    f"stages run in the order {calls}, listed as {listed}: {stage!r} uses the output of {later!r}, "
+                    "which is listed after it"
+                )
     if backbone.stages != names:
         raise CheckFailed(f"Backbone.stages {backbone.stages} differ from the keys of stage_params() {names}")
     return f"{len(names)} stages"
@@ -290,6 +301,53 @@ def check_stages(backbone: Any, x: Any) -> str:
 def _stage_modules(stage_params: dict[str, list[str]]) -> dict[str, list[str]]:
     """Module names (as in ``backbone.named_modules()``) that directly own each stage's parameters."""
     return {stage: sorted({p.rpartition(".")[0] for p in params}) for stage, params in stage_params.items()}
+
+
+def _feeds(backbone: Any, x: Any, producers: list[str], consumers: list[str]) -> bool:
+    """Whether an output of one of the ``producers`` modules reaches an input of one of the ``consumers`` during one
+    forward pass (through any operations between them: the autograd graph links them)."""
+    import torch
+
+    modules = dict(backbone.named_modules())
+    produced: set[Any] = set()
+    reached = False
+
+    def tensors(value: Any) -> list[Any]:
+        if isinstance(value, torch.Tensor):
+            return [value]
+        if isinstance(value, list | tuple):
+            return [t for v in value for t in tensors(v)]
+        if isinstance(value, dict):
+            return [t for v in value.values() for t in tensors(v)]
+        return []
+
+    def note_output(_module: Any, _args: Any, output: Any) -> None:
+        produced.update(t.grad_fn for t in tensors(output) if t.grad_fn is not None)
+
+    def check_input(_module: Any, args: Any) -> None:
+        nonlocal reached
+        if reached or not produced:
+            return
+        todo = [t.grad_fn for t in tensors(args) if t.grad_fn is not None]
+        seen: set[Any] = set()
+        while todo:
+            node = todo.pop()
+            if node in produced:
+                reached = True
+                return
+            if node not in seen:
+                seen.add(node)
+                todo.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+
+    handles = [modules[n].register_forward_hook(note_output) for n in producers]
+    handles += [modules[n].register_forward_pre_hook(check_input) for n in consumers]
+    try:
+        with torch.enable_grad():
+            backbone.eval()(x.clone().requires_grad_(True))
+    finally:
+        for h in handles:
+            h.remove()
+    return reached
 
 
 def _forward_order(backbone: Any, x: Any) -> dict[str, int]:

@@ -90,6 +90,22 @@ def test_stages_out_of_forward_order_fail():
         zoo.check_stages(backbone, torch.rand(2, 3, 32, 32))
 
 
+def test_a_head_side_stage_may_run_early_but_a_stage_that_uses_a_later_listed_one_fails():
+    """EfficientViM's per-stage norms run after stage 0 but feed only its multi-scale head (timm lists them last):
+    freezing a prefix of stages still freezes the input side, so the listing passes. A stage listed before one whose
+    output it uses does not (the swapped resnet stages above)."""
+    backbone = tlkit.create_backbone("efficientvim_m1")
+    x = torch.rand(2, 3, 64, 64)
+    assert list(backbone.stage_params())[-1] == "norm" and zoo._forward_order(backbone, x)
+    assert zoo.check_stages(backbone, x) == "5 stages"
+    modules = dict(backbone.named_modules())
+    norm0 = [n for n in modules if n.endswith("norm.0")]
+    stage1 = [n for n, m in modules.items() if n.startswith("model.stages.1.") and not any(m.children())]
+    stage0 = [n for n, m in modules.items() if n.startswith("model.stages.0.") and not any(m.children())]
+    assert norm0 and not zoo._feeds(backbone, x, norm0, stage1)  # the norm feeds the head only
+    assert zoo._feeds(backbone, x, stage0, stage1)  # stage 0 feeds stage 1
+
+
 def test_features_that_are_not_the_pre_logits_fail(monkeypatch):
     forward = FeatureExtractor.forward
     monkeypatch.setattr(
