@@ -164,7 +164,7 @@ def test_ddp_ranks_start_from_the_same_probe_as_one_process(tmp_path):
     subprocess.run([sys.executable, str(SCRIPT), folder, str(tmp_path), "2"], check=True, timeout=600, env=env)
     ranks = [torch.load(tmp_path / f"devices2_rank{r}.pt", weights_only=True) for r in (0, 1)]
     single = run_probe_init(folder, tmp_path, 1)
-    for name, value in single.items():
+    for name in single:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     # each rank extracts half of the train split; fitted on the gathered rows (in another order), the same optimum
     features = torch.randn(16, single["fc.weight"].shape[1], generator=torch.Generator().manual_seed(0))
