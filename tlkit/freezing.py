@@ -110,6 +110,13 @@ def keep_frozen_bn_eval(module: nn.Module) -> None:
         bn.eval()
 
 
+def keep_all_bn_eval(module: nn.Module) -> None:
+    """Put every BatchNorm layer back in eval mode, trainable or not (call after ``module.train()``): the running
+    statistics stay those of the pretrained weights while the affine parameters train."""
+    for bn in (m for m in module.modules() if is_batchnorm(m)):
+        bn.eval()
+
+
 @contextmanager
 def modes_restored(module: nn.Module) -> Iterator[None]:
     """Gives every submodule its own train/eval mode back on exit. ``module.train()`` would not: it also wakes the

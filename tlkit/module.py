@@ -29,7 +29,7 @@ from tlkit.freezing import (
     apply_freeze,
     batchnorm_parameter_names,
     frozen_parameter_names,
-    is_batchnorm,
+    keep_all_bn_eval,
     keep_frozen_bn_eval,
 )
 from tlkit.heads import INITS, ClassifierHead
@@ -330,9 +330,7 @@ class TransferClassifier(L.LightningModule):
     def train(self, mode: bool = True) -> TransferClassifier:
         super().train(mode)
         if mode and self.hparams.freeze_bn == "all":
-            for module in self.backbone.modules():
-                if is_batchnorm(module):
-                    module.eval()
+            keep_all_bn_eval(self.backbone)
         elif mode and self.hparams.freeze_bn:
             keep_frozen_bn_eval(self.backbone)
         return self
