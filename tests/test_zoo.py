@@ -71,6 +71,19 @@ def test_moving_frozen_batchnorm_statistics_fail_the_freeze_checks(monkeypatch):
     assert "running_mean" in record["checks"]["freeze_backbone"]["reason"]
 
 
+def test_the_freeze_checks_digest_tells_one_changed_bit_and_nothing_else():
+    t = torch.randn(5, 3)
+    t[0, 0] = float("nan")
+    assert zoo.fingerprint(t) == zoo.fingerprint(t.clone())  # NaN compares equal to itself here, unlike torch.equal
+    nudged = t.clone()
+    nudged[2, 1] = torch.nextafter(nudged[2, 1], torch.tensor(float("inf")))  # the smallest step a weight can take
+    assert zoo.fingerprint(nudged) != zoo.fingerprint(t)
+    assert zoo.fingerprint(t.reshape(3, 5)) != zoo.fingerprint(t)  # same bytes, another shape
+    assert zoo.fingerprint(t.t()) == zoo.fingerprint(t.t().contiguous())  # a strided view is read as its values
+    assert zoo.fingerprint(torch.tensor(3)) != zoo.fingerprint(torch.tensor(4))  # a BatchNorm's num_batches_tracked
+    assert zoo.fingerprint(torch.tensor(3)) != zoo.fingerprint(torch.tensor(3.0))
+
+
 def test_stage_partition_with_a_hole_fails(monkeypatch):
     original = Backbone.stage_params
     monkeypatch.setattr(Backbone, "stage_params", lambda self: {s: p[1:] for s, p in original(self).items()})
