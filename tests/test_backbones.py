@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import urllib.error
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 import tlkit.backbones as backbones_module
-from tlkit import create_backbone, list_backbones
+from tlkit import backbone_data_config, create_backbone, list_backbones
 from tlkit.backbones import PACKAGED_WEIGHTS, Backbone
 
 CONTRACT = [  # (name, input size in px)
@@ -492,3 +493,16 @@ def test_a_multimodal_encoder_without_a_classifier_is_refused_with_its_classific
     backbones_module._check_classifies(
         timm.create_model("test_resnet", num_classes=0), "test_resnet"
     )  # a classifier passes
+
+
+def test_a_model_timm_builds_under_another_ones_config_is_named_not_followed_quietly():
+    """timm 1.0 builds vitamin_xlarge_336 as vitamin_xlarge_256 (those weights, 256 px) while its registry says 336 px
+    (found by benchmarks/eval_transforms.py, the only such model in timm): tlkit follows what the model carries, and
+    says so. A model built as itself says nothing."""
+    with pytest.warns(UserWarning, match=r"'vitamin_xlarge_336' with the pretrained config of "
+                      r"vitamin_xlarge_256\.datacomp1b_clip.*256-px input size.*image_size"):  # fmt: skip
+        config = backbone_data_config("vitamin_xlarge_336.datacomp1b_clip")  # meta device: no memory, no weights
+    assert config["input_size"] == (3, 256, 256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert backbone_data_config("vitamin_xlarge_256.datacomp1b_clip")["input_size"] == (3, 256, 256)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -208,3 +210,17 @@ def test_extract_features_uses_the_weights_transform(photo_folder: str) -> None:
     stretched = torch.stack([reference(Image.open(p).convert("RGB").resize((73, 73))) for p in dm.data.val.samples])
     with torch.no_grad():
         assert not torch.allclose(feats.features, backbone(stretched), atol=0.05, rtol=0.02)
+
+
+def test_the_sweep_of_every_pretrained_tag_on_its_unusual_configs() -> None:
+    """A sample of benchmarks/eval_transforms.py (which checks all ~1,800 timm tags and every torchvision weight):
+    the tags with timm's rarest settings, each through tlkit's data config and transform against timm's on the
+    photos: crop_pct above 1 (the crop pads: volo_d5_512), a portrait input size (1024 x 768) squashed with bilinear
+    interpolation (sapiens2), the border mode (deepseek_vit_412m), a plain one."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import eval_transforms
+
+    tags = ["volo_d5_512.sail_in1k", "vit_base_patch16_sapiens2.fb", "deepseek_vit_412m.deepseek_v4_1_flash",
+            "resnet18.a1_in1k"]  # fmt: skip
+    matched, failures, refused, distinct = eval_transforms.timm_sweep(tags)
+    assert (matched, failures, refused, distinct) == (4, [], [], 4)

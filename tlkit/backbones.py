@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import socket
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,7 @@ def _looks_like_network_error(err: BaseException) -> bool:
 def _create_timm(name: str, hub: bool, **kwargs: Any) -> Backbone:
     model = timm.create_model(name, pretrained=hub, num_classes=0, **kwargs)
     _check_classifies(model, name)
+    _warn_if_built_as_another(model, name)
     config = timm.data.resolve_model_data_config(model)
     keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
     data_config = {key: config[key] for key in keys}
@@ -187,6 +189,22 @@ def _check_classifies(model: nn.Module, name: str) -> None:
         ) from err
     except Exception:  # any other model: the dummy input does not fit its head, which is not what is asked here
         pass
+
+
+def _warn_if_built_as_another(model: nn.Module, name: str) -> None:
+    """timm can build an architecture under another one's pretrained config: timm 1.0's ``vitamin_xlarge_336`` is
+    created as ``vitamin_xlarge_256`` (those weights, a 256-px input size) while its registry lists 336. tlkit
+    follows the config the model carries (it describes the weights it gets) and says so, naming the way out."""
+    arch, built = name.partition(".")[0], model.pretrained_cfg.get("architecture")
+    if built and built != arch:
+        size = model.pretrained_cfg.get("input_size", ("?",))[-1]
+        warnings.warn(
+            f"timm builds {arch!r} with the pretrained config of {built}.{model.pretrained_cfg.get('tag')} (its "
+            f"weights and its {size}-px input size), not with its own; tlkit's transforms follow that config. For "
+            f"another input size set the data's image_size.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _timm_output_width(model: nn.Module) -> int:
