@@ -201,6 +201,8 @@ def _optimizer_step(clf: Any, x: Any) -> None:
     # No momentum: a first step with momentum is this same step, and its buffers would be one more copy of every
     # trainable tensor (under stages:1 nearly the whole model: a giant model then no longer fits).
     optimizer = create_optimizer(groups, "sgd", lr=0.1, momentum=0.0)
+    for group in optimizer.param_groups:  # one tensor at a time: the multi-tensor path adds the weight decay into
+        group["foreach"] = False  # new copies of all the gradients at once (one more model-sized copy)
     clf.train()
     loss = F.cross_entropy(clf(x), torch.arange(len(x)) % NUM_CLASSES)
     optimizer.zero_grad()
