@@ -1,6 +1,8 @@
-"""Fuzz tlkit's image decoding: damaged JPEG/PNG/WebP/GIF files must be listed with a reason, never crash or hang.
+"""Fuzz tlkit's image decoding: damaged JPEG/PNG/WebP/GIF/HEIC/AVIF files must be listed with a reason, never crash
+or hang.
 
-Files: ``--count`` mutated copies of real photos (scikit-image), 64x64 and 48x80 px, in four formats. Mutations: bit
+Files: ``--count`` mutated copies of real photos (scikit-image), 64x64 and 48x80 px, in six formats (``--formats``
+picks some; HEIC through libheif, AVIF through libavif, both behind PIL). Mutations: bit
 flips, random byte changes, truncations, zero-filled runs, zero-byte files, a PNG chunk with a bad CRC (the data
 changed, the CRC not), absurd header dimensions (the header's CRC fixed so the decoder believes it), and one genuine
 20000x20000 PNG decompression bomb (400 MP, 400 KB on disk).
@@ -40,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-FORMATS = ("jpg", "png", "webp", "gif")
+FORMATS = ("jpg", "png", "webp", "gif", "heic", "avif")
+PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "heic": "HEIF", "avif": "AVIF"}
 MUTATIONS = ("bitflip", "bytes", "truncate", "zero_run", "empty", "bad_crc", "dims")
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 SIZES = ((64, 64), (48, 80))  # (height, width): one non-square
@@ -54,12 +57,14 @@ def clean_image(rng: np.random.Generator, fmt: str) -> bytes:
     import skimage.data
     from PIL import Image
 
+    import tlkit.data.decode  # noqa: F401 - registers the HEIC opener
+
     photo = getattr(skimage.data, PHOTOS[rng.integers(len(PHOTOS))])()
     height, width = SIZES[rng.integers(len(SIZES))]
     y, x = rng.integers(0, photo.shape[0] - height), rng.integers(0, photo.shape[1] - width)
     image = Image.fromarray(np.ascontiguousarray(photo[y : y + height, x : x + width]))
     buffer = io.BytesIO()
-    image.save(buffer, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}[fmt])
+    image.save(buffer, format=PIL_FORMATS[fmt])
     return buffer.getvalue()
 
 
@@ -101,6 +106,8 @@ def absurd_dims(data: bytes, fmt: str, rng: np.random.Generator) -> bytes:
         out[26:30] = struct.pack("<HH", min(side, 16383), min(side, 16383))
     elif fmt == "webp" and out[12:16] == b"VP8L":  # lossless: 14-bit width-1/height-1 packed after the signature
         out[21:25] = struct.pack("<I", 0x0FFFFFFF & int(rng.integers(1 << 28)))
+    elif fmt in ("heic", "avif") and (ispe := data.find(b"ispe")) > 0:  # HEIF's image extent box: version, w, h
+        out[ispe + 8 : ispe + 16] = struct.pack(">II", side, side or (1 << 32) - 1)
     return bytes(out)
 
 
@@ -141,12 +148,12 @@ def png_bomb(side: int = 20000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
 
 
-def make_files(root: Path, count: int, seed: int) -> list[tuple[Path, Path]]:
+def make_files(root: Path, count: int, seed: int, formats: tuple[str, ...] = FORMATS) -> list[tuple[Path, Path]]:
     """Write ``count`` mutated files under root/fuzz/<class>/ and their clean originals under root/clean/<class>/."""
     rng = np.random.default_rng(seed)
     pairs = []
     for i in range(count):
-        fmt, mutation = FORMATS[i % len(FORMATS)], MUTATIONS[(i // len(FORMATS)) % len(MUTATIONS)]
+        fmt, mutation = formats[i % len(formats)], MUTATIONS[(i // len(formats)) % len(MUTATIONS)]
         clean = clean_image(rng, fmt)
         bad = png_bomb() if i == 0 else mutate(clean, fmt, mutation, rng)
         name = f"c{i % 2}/{i:05d}_{'bomb' if i == 0 else mutation}.{'png' if i == 0 else fmt}"
@@ -311,6 +318,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=2000, help="mutated files to generate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {', '.join(FORMATS)}")
     parser.add_argument("--chunk", type=int, default=250, help="files per loader child")
     parser.add_argument("--hang-s", type=float, default=20.0, help="seconds without progress that count as a hang")
     parser.add_argument("--speed", type=int, default=0, help="also time decoding this many clean JPEGs and PNGs")
@@ -324,13 +332,16 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        pairs = make_files(work, args.count, args.seed)
+        formats = tuple(args.formats.split(","))
+        if unknown := set(formats) - set(FORMATS):
+            parser.error(f"unknown formats {sorted(unknown)}; known: {', '.join(FORMATS)}")
+        pairs = make_files(work, args.count, args.seed, formats)
         fuzz = [f for f, _ in pairs]
         scan = run_scan(fuzz, work, args.hang_s)
         listing = run_load_source(work / "fuzz", timeout_s=600)
         loaders = run_loaders(pairs, work, args.chunk, timeout_s=600)
     seconds = time.perf_counter() - start
-    print(f"files {len(fuzz)} ({', '.join(FORMATS)}; {', '.join(MUTATIONS)}; 1 PNG bomb), seed {args.seed}")
+    print(f"files {len(fuzz)} ({', '.join(formats)}; {', '.join(MUTATIONS)}; 1 PNG bomb), seed {args.seed}")
     print(f"scan:   decoded ok {scan['ok']}, listed with reason {scan['listed']}, crashes {scan['crashes']}, ", end="")
     print(f"hangs {scan['hangs']}; load_source over the whole folder listed {listing}")
     print(

@@ -583,6 +583,41 @@ def test_exif_orientation_is_applied(tmp_path: Path, fmt: str) -> None:
     assert (image.float() - upright.float()).abs().mean() < 2.0
 
 
+@pytest.mark.parametrize("fmt", ["heic", "avif"])
+def test_phone_formats_decode_upright(tmp_path: Path, fmt: str) -> None:
+    """HEIC (iPhones; libheif through pillow-heif) and AVIF (PIL), stored sideways with orientation 6: upright, once
+    (libheif rotates while decoding and reports orientation 1, so nothing turns it a second time)."""
+    upright = _oriented_jpeg(tmp_path / "phone.jpg")
+    stored = Image.fromarray(upright.rot90(1, dims=(1, 2)).permute(1, 2, 0).numpy())  # as the sensor wrote it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / f"phone.{fmt}", quality=-1 if fmt == "heic" else 100, exif=exif.tobytes())
+    image = read_image(str(tmp_path / f"phone.{fmt}"))
+    assert image.shape == upright.shape == (3, 48, 32)
+    assert (image.float() - upright.float()).abs().mean() < 4.0  # AVIF is lossy here: 2.4 levels
+    assert (image.float().flip(1, 2) - upright.float()).abs().mean() > 60  # turned twice would look like this
+
+
+def test_every_photo_extension_is_listed_and_loaded_and_a_damaged_heic_is_skipped(tmp_path: Path) -> None:
+    """What photos come as besides .jpg/.png: .jfif/.jpe (saved from a browser), .heic/.heif (iPhone), .avif,
+    .ppm/.pgm (torchvision's ImageFolder reads them): none is ignored as "not an image"."""
+    formats = {"jfif": "JPEG", "jpe": "JPEG", "heic": "HEIF", "heif": "HEIF", "avif": "AVIF", "ppm": "PPM",
+               "pgm": "PPM", "JPG": "JPEG"}  # fmt: skip
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i, (ext, kind) in enumerate(formats.items()):
+            image = Image.fromarray(_photo(i + 20 * len(label)))
+            (image.convert("L") if ext == "pgm" else image).save(tmp_path / label / f"{i}.{ext}", kind)
+    whole = (tmp_path / "a" / "2.heic").read_bytes()
+    (tmp_path / "a" / "cut.heic").write_bytes(whole[: len(whole) // 2])
+    data = load_source(f"folder:{tmp_path}", val_split=0.25)
+    assert data.ignored == []
+    assert [Path(p).name for p, _ in data.skipped] == ["cut.heic"] and data.skipped[0][1]
+    assert len(data.train) + len(data.val) == 2 * len(formats)
+    for path in data.train.samples:
+        assert read_image(path).shape == (3, 48, 48), path
+
+
 def test_orientation_is_upright_in_val_loader_predict_and_extract_features(tmp_path: Path) -> None:
     from tlkit import ImageDataModule, create_backbone, extract_features
 

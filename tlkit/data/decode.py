@@ -7,9 +7,10 @@ Which decoder reads what (measured by ``benchmarks/decoders.py``, see docs/data_
 - a JPEG that the caller needs smaller (``min_size``): PIL with ``draft``, which makes libjpeg-turbo decode at 1/2,
   1/4 or 1/8 scale straight from the DCT coefficients, never below ``min_size`` — several times faster on a phone
   photo that becomes a 224-px crop;
-- every other format (PNG, WebP, GIF, BMP, TIFF), CMYK JPEGs and 16-bit images: PIL, which raises a Python error on
-  damaged files where libpng (behind ``torchvision.io.decode_png`` and TorchCodec's ``decode_png``) may abort the
-  process (issue 8).
+- every other format (PNG, WebP, GIF, BMP, TIFF, AVIF), CMYK JPEGs and 16-bit images: PIL, which raises a Python
+  error on damaged files where libpng (behind ``torchvision.io.decode_png`` and TorchCodec's ``decode_png``) may
+  abort the process (issue 8);
+- HEIC/HEIF (what iPhones save photos as): PIL with ``pillow-heif``'s opener (libheif), registered on import.
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import pillow_heif
 import torch
 from PIL import Image, ImageOps
 from torchcodec.decoders import decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.functional import pil_to_tensor
+
+# PIL reads AVIF itself but HEIC only through this plugin; libheif applies the file's rotation and mirroring while
+# decoding and hands PIL an orientation of 1, so ImageOps.exif_transpose never turns a HEIC photo twice.
+pillow_heif.register_heif_opener()
 
 # Default pixel limit of a decoded file: PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS, ~179 MP), not its ~89 MP
 # warning level, so that 108 MP phone photos (12000x9000) load, while a 20000x20000 "bomb" (400 MP) is refused.

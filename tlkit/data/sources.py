@@ -52,7 +52,12 @@ from tlkit.data.decode import MAX_IMAGE_PIXELS, ImageTooLargeError, read_image
 from tlkit.data.index import PathList, check_files, thread_map
 from tlkit.data.splits import LABEL_SEPARATOR, Listing, Sample, SourceData, SourceOptions, Split, multi_hot
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+# torchvision's ImageFolder list, and what photos also come as: .jfif/.jpe (JPEGs saved from browsers), .heic/.heif
+# (iPhone), .avif.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".heic",
+     ".heif", ".avif"}
+)  # fmt: skip
 BAD_IMAGE_POLICIES = ("skip", "raise")
 
 PATCH = 64
