@@ -6,6 +6,7 @@ import csv
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -371,6 +372,53 @@ def test_csv_source_split_column_and_missing_files(tmp_path: Path) -> None:
     assert data.ignored == [str(tmp_path / "t.jpg")]  # test rows are not used for fit
     with pytest.raises(ValueError, match="gone.jpg: file not found"):
         load_source(f"csv:{csv_file}", on_bad_image="raise")
+
+
+def test_csv_written_on_windows_reads_its_backslash_paths_and_says_so(tmp_path: Path) -> None:
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    rows = ["path,label"]
+    for i in range(6):
+        Image.fromarray(_photo(i)).save(tmp_path / "imgs" / "a" / f"{i}.png")
+        rows.append(f"imgs\\a\\{i}.png,{'cat' if i % 2 else 'dog'}")
+    (tmp_path / "labels.csv").write_text("\r\n".join(rows) + "\r\n")  # and Windows line ends
+    with pytest.warns(UserWarning, match=r"6 path\(s\) use Windows separators \('imgs\\\\a\\\\0.png'\); read with '/' "
+                      r"\('imgs/a/0.png'\)"):  # fmt: skip
+        data = load_source(f"csv:{tmp_path / 'labels.csv'}", val_split=0.34)
+    assert data.skipped == [] and len(data.train) + len(data.val) == 6
+    assert all(Path(p).is_file() for p in data.train.samples)
+
+
+@pytest.mark.parametrize("layout", ["folder", "csv"])
+def test_classes_that_differ_only_in_case_or_spacing_are_named(tmp_path: Path, layout: str) -> None:
+    """'Cat'/'cat' and 'golden_retriever'/'Golden Retriever' would train as four classes without a word."""
+    labels = ["Cat", "cat", "golden_retriever", "Golden Retriever", "dog"]
+    rows = ["path,label"]
+    for k, label in enumerate(labels):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            Image.fromarray(_photo(10 * k + i)).save(tmp_path / label / f"{i}.png")
+            rows.append(f"{label}/{i}.png,{label}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    spec = f"folder:{tmp_path}" if layout == "folder" else f"csv:{tmp_path / 'labels.csv'}"
+    with pytest.warns(UserWarning, match=r"classes 'Cat' and 'cat'; 'Golden Retriever' and 'golden_retriever' differ "
+                      r"only in letter case.*trained as separate classes"):  # fmt: skip
+        data = load_source(spec, val_split=0.5)
+    assert len(data.class_names) == 5  # kept as they are: the data decides, the warning tells
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        (tmp_path / "labels.csv").write_text("\n".join(r for r in rows if "Cat/" not in r and "Golden" not in r))
+        load_source(f"csv:{tmp_path / 'labels.csv'}", val_split=0.5)  # distinct names: no warning
+
+
+def test_a_class_emptied_by_bad_files_names_one_and_why(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for i in range(2):
+        Image.fromarray(_photo(i)).save(tmp_path / "b" / f"{i}.png")
+    (tmp_path / "a" / "x.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"Class 'a' has no readable training image \(1 unreadable file\(s\) were "
+                       r"skipped, e.g. .*a/x.png: empty file \(0 bytes\)\)"):  # fmt: skip
+        load_source(f"folder:{tmp_path}")
 
 
 def test_csv_source_errors(tmp_path: Path) -> None:

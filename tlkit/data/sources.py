@@ -34,7 +34,9 @@ import csv
 import functools
 import math
 import os
+import unicodedata
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -433,14 +435,24 @@ def _read_csv_rows(file: Path) -> _CsvRows:
     split_col = next((h for h in header if h.strip().lower() == "split"), None)
     if not rows:
         raise ValueError(f"{file} has a header but no rows")
-    paths, splits = [], []
+    paths, splits, windows, first_windows = [], [], 0, ""
     for line, row in rows:
         path = (row.get(path_col) or "").strip()
         if not path:
             raise ValueError(f"{file}, line {line}: empty {path_col!r} cell")
+        if os.sep == "/" and "\\" in path:  # written on Windows: images\cat\1.jpg is images/cat/1.jpg here
+            first_windows = first_windows or path
+            windows += 1
+            path = path.replace("\\", "/")
         # Relative paths are relative to the CSV's folder, so the CSV and its images move together.
         paths.append(str((file.parent / path) if not Path(path).is_absolute() else Path(path)))
         splits.append((row.get(split_col) or "").strip().lower() if split_col else "")
+    if windows:
+        warnings.warn(
+            f"{file}: {windows} path(s) use Windows separators ({first_windows!r}); read with '/' "
+            f"({first_windows.replace(chr(92), '/')!r}).",
+            stacklevel=4,
+        )
     splits_or_none = splits if split_col else None
     label_col = _pick_column(header, CSV_LABEL_COLUMNS)
     names_col = _pick_column(header, (CSV_LABELS_COLUMN,))
@@ -766,7 +778,8 @@ def _check_classes(train: Split, class_names: Sequence[str], skipped: list[tuple
         present = set(train.targets)
     for label, name in enumerate(class_names):
         if label not in present:
-            note = f" ({len(skipped)} unreadable file(s) were skipped)" if skipped else ""
+            first = f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+            note = f" ({len(skipped)} unreadable file(s) were skipped{first})" if skipped else ""
             raise ValueError(f"Class '{name}' has no readable training image{note}; add images or remove the class")
 
 
@@ -858,6 +871,7 @@ def load_source(
     scheme, arg = _parse_spec(spec)
     options = SourceOptions(val_split=val_split, seed=seed, root=root, download=download)
     listing = scheme.load(arg, options)
+    _warn_look_alike_classes(listing.class_names, spec)
     checks = _CheckOptions(scan_workers, max_image_pixels, index_dir)
     skipped = _check_bad_files(listing, on_bad_image, _index_key(spec, arg), checks)
     bad = {path for path, _ in skipped}
@@ -871,6 +885,24 @@ def load_source(
         val = _drop_bad(listing.val, bad)
     skipped = [*listing.unusable, *skipped]
     return SourceData(train, val, listing.class_names, skipped=skipped, ignored=listing.ignored)
+
+
+def _warn_look_alike_classes(class_names: Sequence[str], spec: str) -> None:
+    """Class names that differ only in letter case, spacing, ``_``/``-`` or Unicode form (``Cat``, ``cat``,
+    ``golden_retriever``, ``Golden Retriever``) are nearly always one class labelled two ways. They train as separate
+    classes, which no error would reveal: say so."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in class_names:
+        plain = unicodedata.normalize("NFKC", name).casefold().replace("_", " ").replace("-", " ")
+        groups[" ".join(plain.split())].append(name)
+    if look_alike := [names for names in groups.values() if len(names) > 1]:
+        shown = "; ".join(" and ".join(repr(n) for n in names) for names in look_alike[:5])
+        more = f" (and {len(look_alike) - 5} more groups)" if len(look_alike) > 5 else ""
+        warnings.warn(
+            f"{spec}: classes {shown}{more} differ only in letter case, spacing or punctuation; they are trained as "
+            "separate classes. If they are one class, give their images one label (rename the folder or fix the CSV).",
+            stacklevel=3,
+        )
 
 
 def _index_key(spec: str, arg: str) -> str:
