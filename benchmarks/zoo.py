@@ -144,16 +144,18 @@ def _size_candidates(backbone: Any, name: str) -> list[int]:
     return sorted(sizes)
 
 
-def pick_input_size(backbone: Any, name: str) -> int:
-    """The smallest candidate size at which the backbone runs a batch of ``BATCH`` (eval mode, no grad)."""
+def pick_input_size(backbone: Any, name: str) -> tuple[int, Any, Any]:
+    """The smallest candidate size at which the backbone runs a batch of ``BATCH`` (eval mode, no grad), that batch
+    and the backbone's output for it (the width check reads it: one forward pass less, up to minutes on a giant
+    model)."""
     import torch
 
     errors = []
     for size in _size_candidates(backbone, name):
+        x = torch.rand(BATCH, 3, size, size)
         try:
             with torch.no_grad():
-                backbone.eval()(torch.rand(BATCH, 3, size, size))
-            return size
+                return size, x, backbone.eval()(x)
         except Exception as err:  # this size does not fit the model: try the next one
             errors.append(f"{size}px: {_reason(err)}")
     raise RuntimeError(f"no input size works for {name}; tried " + "; ".join(errors[-2:]))
@@ -524,12 +526,11 @@ def check_model(name: str, workdir: str | os.PathLike | None = None) -> dict[str
     def build() -> str:
         try:
             box["clf"] = TransferClassifier(backbone=name, pretrained=False, num_classes=NUM_CLASSES)
-            box["size"] = pick_input_size(box["clf"].backbone, name)
+            box["size"], box["x"], box["out"] = pick_input_size(box["clf"].backbone, name)
         except Exception:
             if not name.startswith(TORCHVISION) and (why := _timm_runs_alone(name)):
                 record["excluded"] = f"timm: timm itself cannot run it as a classifier on CPU ({why})"
             raise
-        box["x"] = torch.rand(BATCH, 3, box["size"], box["size"])
         record["input_size"] = box["size"]
         return f"{box['size']}px, {sum(p.numel() for p in box['clf'].parameters()) / 1e6:.1f}M params"
 
@@ -537,7 +538,7 @@ def check_model(name: str, workdir: str | os.PathLike | None = None) -> dict[str
         clf, x = box["clf"], box["x"]
         bb = clf.backbone
         record["num_features"] = bb.num_features
-        _run(checks, "width", lambda: _check_width(bb, x))
+        _run(checks, "width", lambda: _check_width(bb, box.pop("out"), x))
         _run(checks, "logits", lambda: _check_logits(clf, x))
         _run(checks, "stages", lambda: check_stages(bb, x))
         _run(checks, "features", lambda: check_features(bb, x))
@@ -556,11 +557,8 @@ def check_model(name: str, workdir: str | os.PathLike | None = None) -> dict[str
     return record
 
 
-def _check_width(bb: Any, x: Any) -> str:
-    import torch
-
-    with torch.no_grad():
-        out = bb.eval()(x)
+def _check_width(bb: Any, out: Any, x: Any) -> str:
+    """``out``: the backbone's output for ``x`` (eval mode)."""
     if out.ndim != 2 or out.shape != (len(x), bb.num_features):
         raise CheckFailed(f"backbone output {tuple(out.shape)}, num_features={bb.num_features}")
     return f"{bb.num_features}"
