@@ -43,8 +43,13 @@ PHOTOS = {
 }
 
 
+def _field(config: dict, name: str) -> object:
+    value = config.get(name)
+    return tuple(value) if isinstance(value, list | tuple) else value  # (3, 224, 224) and [3, 224, 224] alike
+
+
 def _key(config: dict) -> tuple:
-    return tuple(tuple(config[f]) if isinstance(config[f], (list, tuple)) else config[f] for f in FIELDS)
+    return tuple(_field(config, f) for f in FIELDS)
 
 
 def compare_images(config: dict, reference) -> str | None:
@@ -78,8 +83,8 @@ def timm_sweep(tags: list[str]) -> tuple[int, list[str], list[str], int]:
         except Exception as err:  # noqa: BLE001 - every failure is a result to report
             failures.append(f"{tag}: backbone_data_config raised {type(err).__name__}: {err}")
             continue
-        wrong = [f"{f} {ours.get(f)!r} != {expected[f]!r}" for f in FIELDS if _key(ours)[FIELDS.index(f)] !=
-                 _key(expected)[FIELDS.index(f)]]  # fmt: skip
+        wrong = [f"{f} {_field(ours, f)!r} != {_field(expected, f)!r}" for f in FIELDS
+                 if _field(ours, f) != _field(expected, f)]  # fmt: skip
         said = [str(w.message) for w in caught if "pretrained config of" in str(w.message)]
         if wrong and said:  # timm built the model under another one's config, and tlkit told the user
             refused.append(f"{tag}: {'; '.join(wrong)}; tlkit warns: {said[0]}")
