@@ -193,23 +193,33 @@ def _frozen_bn_buffers(module: Any) -> set[str]:
 
 def _optimizer_step(clf: Any, x: Any) -> None:
     """One training step with tlkit's own parameter groups and optimizer (what ``configure_optimizers`` builds,
-    without the schedule, which needs a Trainer)."""
+    without the schedule, which needs a Trainer), each parameter stepped as soon as backward has its gradient."""
     import torch
     import torch.nn.functional as F
 
     from tlkit.optim import create_optimizer, param_groups
 
-    groups = param_groups(clf.named_parameters(), weight_decay=1e-2, base_lr=0.1)
-    # No momentum: a first step with momentum is this same step, and its buffers would be one more copy of every
-    # trainable tensor (under stages:1 nearly the whole model: a giant model then no longer fits).
-    optimizer = create_optimizer(groups, "sgd", lr=0.1, momentum=0.0)
-    for group in optimizer.param_groups:  # one tensor at a time: the multi-tensor path adds the weight decay into
-        group["foreach"] = False  # new copies of all the gradients at once (one more model-sized copy)
+    # One optimizer per parameter (with its group's settings), stepped by a hook the moment backward has accumulated
+    # that parameter's gradient, which is then freed: the same step as one optimizer over all groups, but at most a
+    # few gradients exist at once instead of a copy of every trainable tensor (under stages:1 nearly the whole model,
+    # which decided whether a giant model fits). PyTorch's own recipe: "optimizer step in backward". No momentum: a
+    # first step with momentum is this same step, and its buffers would be one more copy.
+    hooks = []
+    for group in param_groups(clf.named_parameters(), weight_decay=1e-2, base_lr=0.1):
+        for param in group["params"]:
+            optimizer = create_optimizer([{**group, "params": [param]}], "sgd", lr=0.1, momentum=0.0)
+
+            def step(_param: Any, optimizer: Any = optimizer) -> None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            hooks.append(param.register_post_accumulate_grad_hook(step))
     clf.train()
-    loss = F.cross_entropy(clf(x), torch.arange(len(x)) % NUM_CLASSES)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
+    try:
+        F.cross_entropy(clf(x), torch.arange(len(x)) % NUM_CLASSES).backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def check_freeze(clf: Any, spec: str, expected_trainable: set[str], x: Any) -> str:

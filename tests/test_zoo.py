@@ -84,6 +84,35 @@ def test_the_freeze_checks_digest_tells_one_changed_bit_and_nothing_else():
     assert zoo.fingerprint(torch.tensor(3)) != zoo.fingerprint(torch.tensor(3.0))
 
 
+def test_the_step_taken_during_backward_is_one_ordinary_optimizer_step():
+    from tlkit import TransferClassifier
+    from tlkit.optim import create_optimizer, param_groups
+
+    torch.manual_seed(0)
+    clf = TransferClassifier(backbone="test_vit", pretrained=False, num_classes=zoo.NUM_CLASSES)
+    clf.set_freeze("stages:1")
+    reference = TransferClassifier(backbone="test_vit", pretrained=False, num_classes=zoo.NUM_CLASSES)
+    reference.load_state_dict(clf.state_dict())
+    reference.set_freeze("stages:1")
+    x = torch.rand(zoo.BATCH, 3, 160, 160)
+
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    zoo._optimizer_step(clf, x)
+    groups = param_groups(reference.named_parameters(), weight_decay=1e-2, base_lr=0.1)  # a decayed and a 0 group
+    assert {g["weight_decay"] for g in groups} == {1e-2, 0.0}
+    optimizer = create_optimizer(groups, "sgd", lr=0.1, momentum=0.0)
+    reference.train()
+    torch.nn.functional.cross_entropy(reference(x), torch.arange(len(x)) % zoo.NUM_CLASSES).backward()
+    optimizer.step()
+
+    after, expected = clf.state_dict(), reference.state_dict()
+    assert all(torch.allclose(after[k], expected[k], rtol=1e-5, atol=1e-7) for k in expected)
+    trainable = {n for n, p in clf.named_parameters() if p.requires_grad}
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == trainable  # every trainable tensor took the step (the equality above is not a no-op)
+    assert all(p.grad is None for p in clf.parameters())  # each gradient freed once used: the memory saving
+
+
 def test_stage_partition_with_a_hole_fails(monkeypatch):
     original = Backbone.stage_params
     monkeypatch.setattr(Backbone, "stage_params", lambda self: {s: p[1:] for s, p in original(self).items()})
