@@ -184,8 +184,9 @@ def test_sweep_records_a_timeout_and_a_result(tmp_path):
     # The first model's clock starts while the worker still imports torch: a 0.5 s limit kills it.
     [timed_out] = list(zoo.sweep(["test_resnet"], workers=1, timeout=0.5, max_rss_mb=1e6))
     assert zoo.outcome(timed_out) == "excluded" and timed_out["excluded"].startswith("timeout")
-    [record] = list(zoo.sweep(["test_efficientnet"], workers=1, timeout=120, max_rss_mb=1e6))
-    assert zoo.outcome(record) == zoo.PASS, record
+    [record] = list(zoo.sweep(["test_vit"], workers=1, timeout=120, max_rss_mb=1e6, batch=1))
+    assert zoo.outcome(record) == zoo.PASS and record["batch"] == 1, record  # --batch reaches the worker process
+    assert "Checked with batch 1 (`--batch 1`: half the memory and time): test_vit." in zoo.render_report([record])
 
 
 def test_main_resumes_and_reports_from_results(tmp_path, capsys):
