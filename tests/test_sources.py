@@ -388,6 +388,30 @@ def test_csv_written_on_windows_reads_its_backslash_paths_and_says_so(tmp_path: 
     assert all(Path(p).is_file() for p in data.train.samples)
 
 
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_csv_separated_by_semicolons_or_tabs_is_read_by_its_header(tmp_path: Path, separator: str) -> None:
+    """Excel writes ';' where the decimal mark is a comma (with a BOM, as 'CSV UTF-8'); a .tsv uses tabs."""
+    rows = [f"\ufeffpath{separator}label{separator}split"]
+    for i in range(6):
+        Image.fromarray(_photo(i)).save(tmp_path / f"{i}.png")
+        label = '"cat, black"' if i % 2 else "Bär"  # a comma inside a quoted cell stays in the name
+        rows.append(separator.join([f"{i}.png", label, "val" if i < 2 else "train"]))
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    data = load_source(f"csv:{tmp_path / 'labels.csv'}")
+    assert data.class_names == ["Bär", "cat, black"]
+    assert [Path(p).name for p in data.val.samples] == ["0.png", "1.png"] and data.val.targets == [0, 1]
+    assert len(data.train) == 4 and data.skipped == []
+
+
+def test_csv_in_a_windows_code_page_names_the_line_and_the_fix(tmp_path: Path) -> None:
+    rows = ["path,label"] + [f"{i}.png,cat" for i in range(3000)] + ["x.png,Bär"]  # past the reader's first chunk
+    (tmp_path / "labels.csv").write_bytes(("\n".join(rows) + "\n").encode("cp1252"))
+    with pytest.raises(
+        ValueError, match=r"labels.csv: line 3002: not UTF-8 text \(byte 0xe4\); save it as 'CSV UTF-8'"
+    ):
+        load_source(f"csv:{tmp_path / 'labels.csv'}")
+
+
 @pytest.mark.parametrize("layout", ["folder", "csv"])
 def test_classes_that_differ_only_in_case_or_spacing_are_named(tmp_path: Path, layout: str) -> None:
     """'Cat'/'cat' and 'golden_retriever'/'Golden Retriever' would train as four classes without a word."""

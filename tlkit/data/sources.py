@@ -413,6 +413,26 @@ def _pick_column(header: Sequence[str], candidates: Sequence[str]) -> str | None
     return next((by_lower[name] for name in candidates if name in by_lower), None)
 
 
+def _delimiter(header: str) -> str:
+    """The header's separator: ``,``, else ``;`` (what Excel writes where the decimal mark is a comma) or a tab (a
+    ``.tsv``). Read from the header alone, not guessed from the rows (``csv.Sniffer`` can take a ``;`` inside a
+    multi-label cell for the separator); a header without a comma has no multi-label cells to confuse."""
+    return "," if "," in header else next((d for d in (";", "\t") if d in header), ",")
+
+
+def _not_utf8(data: bytes) -> str:
+    """Where ``data`` stops being UTF-8 and what to do (the reader's error counts from its last chunk, not the file)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        return (
+            f"line {line}: not UTF-8 text (byte {data[err.start]:#04x}); save it as 'CSV UTF-8' (Excel) or convert "
+            "it, e.g. iconv -f cp1252 -t utf-8"
+        )
+    return "not UTF-8 text"
+
+
 def _read_csv_rows(file: Path) -> _CsvRows:
     """Read a CSV source: a path column, then the labels in one of three layouts.
 
@@ -424,10 +444,14 @@ def _read_csv_rows(file: Path) -> _CsvRows:
     """
     if not file.is_file():
         raise FileNotFoundError(f"CSV file not found: {file}; expected 'csv:<file>' with path and label columns")
-    with open(file, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
-        reader = csv.DictReader(f)
-        header = [h for h in reader.fieldnames or [] if h is not None]
-        rows = list(enumerate(reader, start=2))
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
+            reader = csv.DictReader(f, delimiter=_delimiter(f.readline()))
+            f.seek(0)
+            header = [h for h in reader.fieldnames or [] if h is not None]
+            rows = list(enumerate(reader, start=2))
+    except UnicodeDecodeError:  # Excel's plain "CSV" is the Windows code page: class names would be mojibake
+        raise ValueError(f"{file}: {_not_utf8(file.read_bytes())}") from None
     path_col = _pick_column(header, CSV_PATH_COLUMNS)
     if path_col is None:
         expected = list(CSV_PATH_COLUMNS)
