@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import socket
 import sys
 import warnings
@@ -422,8 +423,13 @@ def test_folder_source_predicts_over_a_flat_folder(tmp_path):
     for i, png in enumerate(sorted((tmp_path / "data" / "cat").glob("*.png"))[:3]):
         png.rename(flat / f"img{i}.png")
     dm = ImageDataModule(source=f"folder:{root}", image_size=32, val_split=0.34, predict_source=str(flat))
+    (flat / ".ipynb_checkpoints").mkdir()  # a notebook's copies and a NAS's thumbnails are not images to predict
+    shutil.copy(flat / "img0.png", flat / ".ipynb_checkpoints" / "img0-checkpoint.png")
+    (flat / "@eaDir" / "img0.png").mkdir(parents=True)
+    shutil.copy(flat / "img0.png", flat / "@eaDir" / "img0.png" / "SYNOFILE_THUMB_S.png")
     split = dm.predict_split()
     assert [p.rsplit("/", 1)[1] for p in split.samples] == ["img0.png", "img1.png", "img2.png"]
+    assert dm.predict_class_names() is None  # a flat folder, though tools left folders in it
     with pytest.raises(FileNotFoundError, match="not a folder"):
         ImageDataModule(source=f"folder:{root}", predict_source=str(tmp_path / "nope")).predict_split()
 

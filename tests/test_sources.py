@@ -388,6 +388,27 @@ def test_csv_written_on_windows_reads_its_backslash_paths_and_says_so(tmp_path: 
     assert all(Path(p).is_file() for p in data.train.samples)
 
 
+def test_folders_of_macos_zips_and_nas_thumbnails_are_not_classes_or_images(tmp_path: Path) -> None:
+    """Unzipped from a Mac: ``__MACOSX/<class>/._x.jpg`` (AppleDouble metadata, a ".jpg" that is not one) beside the
+    classes; copied off a Synology NAS: ``<class>/@eaDir/x.jpg/SYNOFILE_THUMB_M.jpg``, real JPEGs of every photo."""
+    for k, name in enumerate(["cat", "dog"]):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.fromarray(_photo(10 * k + i)).save(tmp_path / name / f"{i}.jpg")
+            (tmp_path / name / f"._{i}.jpg").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+            thumbs = tmp_path / name / "@eaDir" / f"{i}.jpg"
+            thumbs.mkdir(parents=True)
+            Image.fromarray(_photo(10 * k + i, 16)).save(thumbs / "SYNOFILE_THUMB_S.jpg")
+        (tmp_path / "__MACOSX" / name).mkdir(parents=True)
+        (tmp_path / "__MACOSX" / name / "._0.jpg").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    (tmp_path / "._loose.jpg").write_bytes(b"\x00\x05\x16\x07")
+    data = load_source(f"folder:{tmp_path}", val_split=0.34)
+    assert data.class_names == ["cat", "dog"] == list_class_names(f"folder:{tmp_path}")
+    listed = [*data.train.samples, *data.val.samples]
+    assert sorted(Path(p).name for p in listed) == ["0.jpg", "0.jpg", "1.jpg", "1.jpg", "2.jpg", "2.jpg"]
+    assert data.skipped == [] and data.ignored == []  # nothing of it is even worth a line in skipped_files.csv
+
+
 @pytest.mark.parametrize("separator", [";", "\t"])
 def test_csv_separated_by_semicolons_or_tabs_is_read_by_its_header(tmp_path: Path, separator: str) -> None:
     """Excel writes ';' where the decimal mark is a comma (with a BOM, as 'CSV UTF-8'); a .tsv uses tabs."""

@@ -33,8 +33,10 @@ from tlkit.data.sources import (
     SourceData,
     Split,
     list_class_names,
+    list_files,
     load_source,
     scan_images,
+    subfolders,
 )
 
 AUGMENTATIONS = ("none", "basic", "randaugment", "trivialaugment")
@@ -431,8 +433,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.hparams.predict_source is None:
             return self.class_names
         root = Path(self.hparams.predict_source.removeprefix("folder:"))
-        folders = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
-        return folders or None
+        return (subfolders(root) or None) if root.is_dir() else None
 
     @functools.cached_property
     def _predict_files(self) -> Split:
@@ -440,7 +441,7 @@ class ImageDataModule(L.LightningDataModule):
         root = Path(self.hparams.predict_source.removeprefix("folder:"))
         if not root.is_dir():
             raise FileNotFoundError(f"predict_source {str(root)!r} is not a folder of images.")
-        paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        paths = sorted(list_files(root)[0])  # as a training folder is listed: hidden and tool folders skipped
         bad = scan_images(paths, max_pixels=self.hparams.max_image_pixels)
         if bad and self.hparams.on_bad_image == "raise":
             raise ValueError(f"Unreadable image {bad[0][0]}: {bad[0][1]} (predict_source; {len(bad)} unreadable)")

@@ -61,6 +61,10 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
      ".heif", ".avif"}
 )  # fmt: skip
 BAD_IMAGE_POLICIES = ("skip", "raise")
+# Folders that tools write beside the photos and that never hold data: macOS's zip metadata (a class folder of "._*"
+# AppleDouble files) and a Synology NAS's thumbnails of every photo (JPEGs: as images of their class they would put
+# copies of validation photos into training). Skipped like hidden entries.
+NOT_DATA_FOLDERS: frozenset[str] = frozenset({"__MACOSX", "@eaDir"})
 
 PATCH = 64
 TEXTURE_TRAIN_PER_CLASS = 48
@@ -285,9 +289,20 @@ def _presplit_dirs(root: Path) -> tuple[Path, Path] | None:
     return None
 
 
+def _is_data(name: str) -> bool:
+    """Hidden entries (``.DS_Store``, ``.ipynb_checkpoints``, macOS's ``._*`` files) and tool folders are not data."""
+    return not name.startswith(".") and name not in NOT_DATA_FOLDERS
+
+
+def subfolders(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the sub-folders of ``root`` that can hold data (the class folders of a folder source)."""
+    with os.scandir(root) as it:
+        return sorted(e.name for e in it if e.is_dir() and _is_data(e.name))
+
+
 def _class_dirs(root: Path) -> list[str]:
-    """Sorted class sub-folder names (hidden folders such as .ipynb_checkpoints are skipped)."""
-    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    """Sorted class sub-folder names (hidden and tool folders skipped); none is an error."""
+    names = subfolders(root)
     if not names:
         raise FileNotFoundError(f"No class sub-folders in {root}; expected {root}/<class>/<image>")
     return names
@@ -300,18 +315,24 @@ def _list_files(class_dir: Path) -> tuple[list[str], list[str]]:
     Hidden files (``.DS_Store``, ...) are neither; an empty class folder is an error. ``os.scandir`` tells files from
     folders without a ``stat`` per entry, so listing a large folder costs little more than ImageFolder's.
     """
-    images: list[str] = []
-    others: list[str] = []
-    _walk(str(class_dir), images, others)
+    images, others = list_files(class_dir)
     if not images:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise FileNotFoundError(f"Class folder {class_dir} has no images (accepted extensions: {exts})")
     return images, others
 
 
+def list_files(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Image paths under ``folder`` (recursive, hidden and tool folders skipped) and the other files."""
+    images: list[str] = []
+    others: list[str] = []
+    _walk(os.fspath(folder), images, others)
+    return images, others
+
+
 def _walk(folder: str, images: list[str], others: list[str]) -> None:
     with os.scandir(folder) as it:
-        entries = sorted((e.name, e) for e in it if not e.name.startswith("."))  # names are unique: no ties
+        entries = sorted((e.name, e) for e in it if _is_data(e.name))  # names are unique: no ties
     for name, entry in entries:
         if entry.is_dir():  # follows symlinks, as Path.rglob's is_dir did
             _walk(entry.path, images, others)
@@ -342,7 +363,8 @@ def _scan_folder(
 
 def _loose_images(folder: Path) -> list[tuple[str, str]]:
     """Image files directly in ``folder``, outside any class folder, with the reason they are not used."""
-    loose = sorted(e.path for e in os.scandir(folder) if Path(e.name).suffix.lower() in IMAGE_EXTENSIONS)
+    with os.scandir(folder) as it:
+        loose = sorted(e.path for e in it if _is_data(e.name) and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS)
     return [(path, f"outside any class folder: move it to {folder}/<class>/ to use it") for path in loose]
 
 
