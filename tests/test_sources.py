@@ -540,7 +540,17 @@ def _odd_mode_files(folder: Path) -> dict[str, np.ndarray]:
     gray = rgb[..., 0]
     files = {
         "gray.png": (Image.fromarray(gray), np.repeat(gray[..., None], 3, -1)),
-        "rgba.png": (Image.fromarray(np.dstack([rgb, np.full_like(gray, 200)])), rgb),
+        # Alpha over white, as a viewer shows it: 200/255 of the photo, 55/255 of white.
+        "rgba.png": (Image.fromarray(np.dstack([rgb, np.full_like(gray, 200)])), rgb * (200 / 255) + 55),
+        # Black line art on transparent black: all black if alpha is dropped (PIL's convert("RGB")).
+        "lineart.png": (
+            Image.fromarray(np.dstack([np.zeros_like(rgb), np.where(gray > 128, 255, 0)]).astype(np.uint8)),
+            np.repeat(np.where(gray > 128, 0, 255)[..., None], 3, -1),
+        ),
+        "gray_alpha.png": (
+            Image.fromarray(np.dstack([gray, np.where(gray > 128, 255, 0)]).astype(np.uint8), "LA"),
+            np.repeat(np.where(gray > 128, gray, 255)[..., None], 3, -1),
+        ),
         "palette.png": (Image.fromarray(rgb).convert("P"), None),
         "cmyk.jpg": (Image.fromarray(rgb).convert("CMYK"), rgb),
         "gray16.png": (Image.fromarray(gray.astype(np.uint16) * 257), np.repeat(gray[..., None], 3, -1)),
@@ -572,6 +582,26 @@ def test_odd_modes_are_converted_to_rgb(tmp_path: Path) -> None:
         assert image.dtype == torch.uint8 and image.shape == (3, 48, 48), name
         error = (image.permute(1, 2, 0).float() - torch.tensor(want).float()).abs().mean()
         assert error < 3.0, f"{name}: mean abs error {error:.1f}"  # jpeg: small loss; others exact
+
+
+def test_transparency_is_shown_over_white_for_files_and_arrays_alike(tmp_path: Path) -> None:
+    alpha = np.tile(np.linspace(0, 255, 48).round().astype(np.uint8), (48, 1))  # transparent left, opaque right
+    rgba = np.dstack([_photo(3), alpha])
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    Image.fromarray(rgba).save(tmp_path / "a.webp", lossless=True)
+    from_file = read_image(str(tmp_path / "a.png"))
+    assert torch.equal(read_image(str(tmp_path / "a.webp")), from_file)
+    assert torch.equal(read_image(rgba), from_file)  # an array in memory as the same image in a file
+    assert torch.equal(read_image(torch.from_numpy(rgba).permute(2, 0, 1)), from_file)
+    assert (from_file[:, :, 0] == 255).all()  # alpha 0: white
+    assert torch.equal(from_file[:, :, -1], torch.from_numpy(rgba[:, -1, :3]).T)  # opaque: the photo itself
+    # A GIF's transparent palette entry: white, not the colour the palette stores for it (black here).
+    gif = Image.new("P", (48, 48), 0)
+    gif.putpalette([0, 0, 0, 255, 0, 0])
+    gif.paste(1, (0, 0, 24, 48))  # left half red, right half the transparent entry
+    gif.save(tmp_path / "t.gif", transparency=0)
+    decoded = read_image(str(tmp_path / "t.gif"))
+    assert decoded[:, 0, 0].tolist() == [255, 0, 0] and decoded[:, 0, -1].tolist() == [255, 255, 255]
 
 
 def test_bad_files_are_skipped_with_reasons_or_raise(tmp_path: Path) -> None:

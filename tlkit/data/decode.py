@@ -60,7 +60,8 @@ def read_image(
 
     Args:
         sample: A file path, an encoded file's bytes, a ``uint8`` numpy array (``HxW``, ``HxWx1``, ``HxWx3`` or
-            ``HxWx4``), or a ``uint8`` tensor (``HxW`` or ``CxHxW`` with C in 1, 3, 4). Alpha is dropped.
+            ``HxWx4``), or a ``uint8`` tensor (``HxW`` or ``CxHxW`` with C in 1, 3, 4). Alpha is composited over white
+            (:func:`on_white`), for files and arrays alike.
         max_pixels: Largest width x height a file may declare before anything is decoded (None: no limit).
         min_size: For files: called with the upright image's ``(height, width)`` from its header; returns the
             smallest ``(height, width)`` the caller needs. A JPEG is then decoded at the largest DCT reduction
@@ -184,7 +185,20 @@ def _pil_to_rgb(img: Image.Image) -> torch.Tensor:
     if img.mode.startswith("I"):  # 16/32-bit integer (16-bit PNG/TIFF): PIL's convert("RGB") clips, so rescale
         array = np.asarray(img, dtype=np.float64)
         return read_image(np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8))
+    if img.has_transparency_data:  # RGBA, LA, PA, or a palette / colour key with a transparent entry (GIF, tRNS)
+        return pil_to_tensor(on_white(img))
     return pil_to_tensor(img.convert("RGB"))
+
+
+def on_white(img: Image.Image) -> Image.Image:
+    """The image as a viewer shows it on a white page: its alpha composited over white.
+
+    PIL's ``convert("RGB")`` (what timm, torchvision and fastai loaders use) drops alpha instead and shows whatever
+    colour the file stores under the transparent pixels: usually black, which makes black line art, signatures and
+    logos on a transparent background an all-black image, and sometimes the background a cut-out removed.
+    """
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
 def _to_rgb_chw(image: torch.Tensor, what: str) -> torch.Tensor:
@@ -197,6 +211,8 @@ def _to_rgb_chw(image: torch.Tensor, what: str) -> torch.Tensor:
         raise ValueError(f"Expected a {what} image with 1, 3 or 4 channels, got shape {tuple(image.shape)}")
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
+    if image.shape[0] == 4:  # RGBA in memory: as the same image read from a file
+        return pil_to_tensor(on_white(Image.fromarray(image.permute(1, 2, 0).numpy(), "RGBA")))
     return image[:3].contiguous()
 
 
