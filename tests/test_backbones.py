@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import urllib.error
 import warnings
 from pathlib import Path
@@ -18,7 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import tlkit.backbones as backbones_module
 from tlkit import backbone_data_config, create_backbone, list_backbones
-from tlkit.backbones import PACKAGED_WEIGHTS, Backbone
+from tlkit.backbones import PACKAGED_WEIGHTS, Backbone, registry_name
 
 CONTRACT = [  # (name, input size in px)
     ("resnet18", 32),
@@ -307,6 +308,49 @@ def test_unknown_names_suggest_close_ones(name, close):
 def test_unknown_name_without_close_ones_points_to_the_listing():
     with pytest.raises(ValueError, match="tlkit backbones --filter"):
         create_backbone("zzzzzzzz")
+
+
+@pytest.mark.parametrize(
+    "hub_name, name",
+    [
+        ("hf-hub:timm/test_resnet.r160_in1k", "test_resnet.r160_in1k"),  # as a model card writes it
+        ("hf_hub:timm/test_resnet.r160_in1k", "test_resnet.r160_in1k"),
+        ("timm/test_resnet.r160_in1k", "test_resnet.r160_in1k"),
+        ("timm/test_resnet", "test_resnet"),
+        ("hf-hub:apple/mobileclip_s0_timm", "fastvit_mci0.apple_mclip"),  # a repo outside timm/ that timm registers
+        ("hf-hub:timm/vit_base_patch16_clip_224.openai", "vit_base_patch16_clip_224.openai"),  # not its quickgelu twin
+    ],
+)
+def test_hub_ids_of_timm_weights_are_timm_names_found_offline(hub_name, name, monkeypatch):
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("no network call"))
+    assert registry_name(hub_name) == name
+    assert backbone_data_config(hub_name) == backbone_data_config(name)
+
+
+def test_a_hub_model_built_by_its_hub_id_is_the_timm_model():
+    torch.manual_seed(0)
+    by_hub = create_backbone("hf-hub:timm/test_resnet.r160_in1k")
+    torch.manual_seed(0)
+    by_name = create_backbone("test_resnet.r160_in1k")
+    assert by_hub.name == by_name.name and by_hub.stages == by_name.stages
+    assert all(
+        torch.equal(a, b) for a, b in zip(by_hub.state_dict().values(), by_name.state_dict().values(), strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    "hub_name, message",
+    [
+        (
+            "hf-hub:timm/test_resnet.r999_in1k",
+            r"not a Hub id of weights timm registers\. Closest: hf-hub:timm/test_resnet",
+        ),
+        ("hf-hub:facebook/dinov2-small", r"not a Hub id of weights timm registers\. For other weights .* pretrained="),
+    ],
+)
+def test_hub_ids_timm_does_not_register_are_refused_with_the_way_out(hub_name, message):
+    with pytest.raises(ValueError, match=message):
+        create_backbone(hub_name)
 
 
 def test_list_backbones():

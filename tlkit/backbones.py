@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import importlib
 import inspect
 import logging
@@ -35,6 +36,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 Pretrained = bool | str
 RESERVED_STAGE_NAMES = ("stem", "head")  # "head" is the classifier's own optimizer group in TransferClassifier
 HUB_PROBE_TIMEOUT_S = 3.0
+# How Hugging Face model cards name timm's weights: timm.create_model("hf-hub:timm/resnet50.a1_in1k").
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ def create_backbone(name: str, pretrained: Pretrained = False, **kwargs: Any) ->
         >>> bb.num_features, bb.stages[:2]
         (512, ['stem', 'layer1'])
     """
+    name = registry_name(name)
     _check_name(name)
     if pretrained == "packaged":
         return _create_packaged(name, **kwargs)
@@ -135,6 +139,7 @@ def backbone_data_config(name: str, pretrained: Pretrained = False) -> dict[str,
         >>> backbone_data_config("tf_efficientnet_lite0", "packaged")["mean"]
         (0.5, 0.5, 0.5)
     """
+    name = registry_name(name)
     _check_name(name)
     if pretrained == "packaged" and name in PACKAGED_WEIGHTS:
         return dict(PACKAGED_WEIGHTS[name].data_config)
@@ -551,6 +556,46 @@ def list_backbones(filter: str | None = None, pretrained: bool = False) -> list[
         names = sorted({n.split(".")[0] for n in names})
     names += [TORCHVISION_PREFIX + n for n in torchvision.models.list_models(module=torchvision.models)]
     return [n for n in names if filter is None or fnmatch.fnmatch(n, filter)]
+
+
+def registry_name(name: str) -> str:
+    """timm's own name for a Hugging Face Hub id of weights that timm registers, as model cards write it
+    (``hf-hub:timm/resnet50.a1_in1k``, ``timm/resnet50.a1_in1k``, ``hf-hub:apple/mobileclip_s0_timm``): the same
+    architecture, config and weights, found in timm's registry with no network. Other names come back unchanged.
+
+    timm itself would fetch the hub's config first (a network call on every build); a hub id timm does not register
+    (another library's model) is refused, naming the way to use its weights.
+    """
+    hub_id = next((name[len(p) :] for p in HUB_PREFIXES if name.startswith(p)), None)
+    if hub_id is None and not name.startswith("timm/"):
+        return name
+    hub_id = hub_id or name
+    names = _registry_names_by_hub_id().get(hub_id, [])
+    if len(names) == 1:
+        return names[0]
+    if hub_id.removeprefix("timm/") in names:  # CLIP weights serve two activations: the repo's name is its own
+        return hub_id.removeprefix("timm/")
+    if not names and hub_id.startswith("timm/") and hub_id[len("timm/") :] in timm.list_models():
+        return hub_id[len("timm/") :]  # timm/resnet50: the architecture, as "resnet50"
+    if names:
+        raise ValueError(f"{name!r} holds the weights of several timm models ({', '.join(names)}); name one of them.")
+    close = difflib.get_close_matches(hub_id, list(_registry_names_by_hub_id()), n=3, cutoff=0.6)
+    hint = f" Closest: {', '.join('hf-hub:' + c for c in close)}." if close else ""
+    raise ValueError(
+        f"{name!r} is not a Hub id of weights timm registers.{hint} For other weights of a timm architecture, pass "
+        "its name and pretrained=<a local .safetensors/.pth file>."
+    )
+
+
+@functools.cache
+def _registry_names_by_hub_id() -> dict[str, list[str]]:
+    """Hub id -> the ``name.tag`` of each of timm's pretrained weights stored there (timm's pretrained configs)."""
+    names: dict[str, list[str]] = {}
+    for name in timm.list_pretrained():
+        hub_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
+        if hub_id:
+            names.setdefault(hub_id, []).append(name)
+    return names
 
 
 def _check_name(name: str) -> None:
