@@ -270,6 +270,27 @@ def test_torchvision_hub_weights_load_from_the_torch_home_cache(tmp_path, monkey
     _assert_same_state(backbone, {k: v for k, v in full.state_dict().items() if not k.startswith("fc.")})
 
 
+def test_torchvision_weights_named_after_the_dot_load_with_their_own_transform(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.get_model_weights("regnet_y_400mf")
+    torch.manual_seed(5)
+    full = torchvision.models.get_model("regnet_y_400mf")
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(full.state_dict(), tmp_path / "hub" / "checkpoints" / os.path.basename(weights.IMAGENET1K_V1.url))
+
+    backbone = create_backbone("torchvision/regnet_y_400mf.IMAGENET1K_V1", pretrained=True)  # not the default, V2
+    _assert_same_state(backbone, {k: v for k, v in full.state_dict().items() if not k.startswith("fc.")})
+    assert backbone.data_config["resize_size"] == 256 == weights.IMAGENET1K_V1.transforms().resize_size[0]
+    assert backbone_data_config("torchvision/regnet_y_400mf.IMAGENET1K_V1", pretrained=True) == backbone.data_config
+    assert backbone_data_config("torchvision/regnet_y_400mf", pretrained=True)["resize_size"] == 232  # V2's
+    spelled = "torchvision/regnet_y_400mf.RegNet_Y_400MF_Weights.IMAGENET1K_V1"  # torchvision's own spelling
+    assert backbone_data_config(spelled, pretrained=True) == backbone.data_config
+    with pytest.raises(
+        ValueError, match=r"Unknown weights 'V3' .*: IMAGENET1K_V1, IMAGENET1K_V2 \(default IMAGENET1K_V2"
+    ):
+        create_backbone("torchvision/regnet_y_400mf.V3")
+
+
 def test_torchvision_hub_without_network_suggests_offline_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 

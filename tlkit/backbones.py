@@ -143,8 +143,8 @@ def backbone_data_config(name: str, pretrained: Pretrained = False) -> dict[str,
     _check_name(name)
     if pretrained == "packaged" and name in PACKAGED_WEIGHTS:
         return dict(PACKAGED_WEIGHTS[name].data_config)
-    if pretrained is True and name.startswith(TORCHVISION_PREFIX):  # the default weights' transform
-        return _torchvision_data_config(torchvision.models.get_model_weights(name[len(TORCHVISION_PREFIX) :]).DEFAULT)
+    if pretrained is True and name.startswith(TORCHVISION_PREFIX):  # the transform of the weights it loads
+        return _torchvision_data_config(torchvision_weights(name)[1])
     with torch.device("meta"):  # the architecture alone (timm's pretrained_cfg comes with it), no memory, no weights
         return dict(_create(name, hub=False).data_config)
 
@@ -283,24 +283,39 @@ def _feature_info_groups(model: nn.Module) -> list[list[str]]:
     return [group for group in groups if group]
 
 
+def torchvision_weights(name: str) -> tuple[str, Any]:
+    """``torchvision/<arch>[.<WEIGHTS>]`` -> ``(arch, weights)``: the weights named after the dot, as torchvision
+    names them (``torchvision/resnet50.IMAGENET1K_V1``), else the architecture's default weights."""
+    arch, _, tag = name[len(TORCHVISION_PREFIX) :].partition(".")
+    weights = torchvision.models.get_model_weights(arch)
+    if not tag or tag == "DEFAULT":
+        return arch, weights.DEFAULT
+    tag = tag.removeprefix(f"{weights.__name__}.")  # torchvision's own spelling: ResNet50_Weights.IMAGENET1K_V1
+    if tag not in weights.__members__:
+        raise ValueError(
+            f"Unknown weights {tag!r} for torchvision/{arch}; its weights: {', '.join(w.name for w in weights)} "
+            f"(default {weights.DEFAULT.name})."
+        )
+    return arch, weights[tag]
+
+
 def _create_torchvision(name: str, hub: bool, **kwargs: Any) -> Backbone:
-    arch = name[len(TORCHVISION_PREFIX) :]
-    default_weights = torchvision.models.get_model_weights(arch).DEFAULT
+    arch, weights = torchvision_weights(name)
     kwargs = _without_aux_logits(name, arch, kwargs)
-    model = torchvision.models.get_model(arch, weights=default_weights if hub else None, **kwargs)
+    model = torchvision.models.get_model(arch, weights=weights if hub else None, **kwargs)
     num_features = _drop_classifier(model, name)
-    config = _torchvision_data_config(default_weights if hub else _weights_that_fit(arch, model))
+    config = _torchvision_data_config(weights if hub else _weights_that_fit(arch, model, weights))
     return Backbone(model, name, num_features, config, _torchvision_groups(model))
 
 
-def _weights_that_fit(arch: str, model: nn.Module) -> Any:
-    """The weights whose evaluation transform fits ``model`` as built without weights. A fixed-size model (ViT)
-    takes its ``image_size`` from the weights it is built with and 224 without: ``vit_h_14``'s default weights are
-    518-px, so without weights the 224-px ones (same mean/std) describe its input."""
+def _weights_that_fit(arch: str, model: nn.Module, chosen: Any) -> Any:
+    """The weights whose evaluation transform fits ``model`` as built without weights: ``chosen`` where their input
+    size fits it. A fixed-size model (ViT) takes its ``image_size`` from the weights it is built with and 224 without:
+    ``vit_h_14``'s default weights are 518-px, so without weights the 224-px ones (same mean/std) describe its input."""
     weights = torchvision.models.get_model_weights(arch)
     size = getattr(model, "image_size", None)
-    if size is None or weights.DEFAULT.transforms().crop_size[0] == size:
-        return weights.DEFAULT
+    if size is None or chosen.transforms().crop_size[0] == size:
+        return chosen
     fitting = [w for w in weights if w.transforms().crop_size[0] == size]
     if not fitting:
         raise ValueError(
@@ -599,9 +614,10 @@ def _registry_names_by_hub_id() -> dict[str, list[str]]:
 
 
 def _check_name(name: str) -> None:
-    """Refuse unknown names with the closest ones; timm's ``name.tag`` (a pretrained tag) must be one of its tags."""
+    """Refuse unknown names with the closest ones; a ``name.tag`` (timm's pretrained tag, torchvision's weights name)
+    must be one of the model's."""
     torchvision_name = name.startswith(TORCHVISION_PREFIX)
-    arch, _, tag = (name, "", "") if torchvision_name else name.partition(".")
+    arch, _, tag = name.partition(".")
     known = torchvision.models.list_models(module=torchvision.models) if torchvision_name else timm.list_models()
     bare = arch.removeprefix(TORCHVISION_PREFIX)
     if bare not in known:
@@ -609,7 +625,9 @@ def _check_name(name: str) -> None:
         prefix = TORCHVISION_PREFIX if torchvision_name else ""
         hint = f" Closest names: {', '.join(prefix + c for c in close)}." if close else ""
         raise ValueError(f"Unknown backbone {name!r}.{hint} See `tlkit backbones --filter '<pattern>'`.")
-    if tag:
+    if tag and torchvision_name:
+        torchvision_weights(name)  # raises, listing the model's weights
+    elif tag:
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
         if tag not in tags:
             close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.5)
@@ -637,7 +655,7 @@ def _check_hub_reachable(name: str, kwargs: dict[str, Any]) -> None:
 def _weights_source(name: str, kwargs: dict[str, Any]) -> tuple[str | None, bool]:
     """Where the weights of ``name`` download from (None: nowhere, a local file), and whether they are cached."""
     if name.startswith(TORCHVISION_PREFIX):
-        url = torchvision.models.get_model_weights(name[len(TORCHVISION_PREFIX) :]).DEFAULT.url
+        url = torchvision_weights(name)[1].url
         return url, _in_torch_hub_cache(url)
     cfg = timm.models.resolve_pretrained_cfg(  # the user's pretrained_cfg(_overlay) may point at a local file
         name, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
