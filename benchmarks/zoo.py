@@ -522,14 +522,21 @@ def _exporter_refuses_the_model_itself(model: Any, x: Any, workdir: Path) -> str
     return None
 
 
-def check_model(name: str, workdir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Run every check on one model; returns the result record (one JSONL line of the sweep)."""
+def check_model(
+    name: str, workdir: str | os.PathLike | None = None, max_weights_mb: float | None = None
+) -> dict[str, Any]:
+    """Run every check on one model; returns the result record (one JSONL line of the sweep). A model whose float32
+    weights alone are over ``max_weights_mb`` is recorded as excluded at once, with its size, instead of being built
+    until the memory cap kills it (minutes, for a 7-billion-parameter model)."""
     import tempfile
 
     import torch
 
     from tlkit import TransferClassifier
 
+    if max_weights_mb is not None and (size_mb := weights_mb(name)) is not None and size_mb > max_weights_mb:
+        detail = f"float32 weights alone {size_mb / 1024:.1f} GB, over the {max_weights_mb / 1024:.0f} GB cap"
+        return _killed_record(name, "memory", detail, 0.0, 0.0)
     start, cpu_start = time.perf_counter(), time.process_time()
     _reset_peak_rss()
     torch.manual_seed(0)
@@ -569,6 +576,24 @@ def check_model(name: str, workdir: str | os.PathLike | None = None) -> dict[str
     record["cpu_s"] = round(time.process_time() - cpu_start, 2)  # on shared cores, the cost that does not vary
     record["peak_rss_mb"] = _peak_rss_mb()
     return record
+
+
+def weights_mb(name: str) -> float | None:
+    """MB of the model's float32 parameters and buffers, from a build on the meta device (no memory, no init); None
+    where it cannot be built there (then the real build decides)."""
+    import timm
+    import torch
+    import torchvision
+
+    try:
+        with torch.device("meta"):
+            if name.startswith(TORCHVISION):
+                model = torchvision.models.get_model(name.removeprefix(TORCHVISION), weights=None)
+            else:
+                model = timm.create_model(name, pretrained=False)
+    except Exception:  # noqa: BLE001 - only an estimate: the build itself reports what is wrong
+        return None
+    return sum(t.numel() for t in (*model.parameters(), *model.buffers())) * 4 / 2**20
 
 
 def _check_width(bb: Any, out: Any, x: Any) -> str:
@@ -636,7 +661,7 @@ def rss_mb(pid: int) -> float:
 # ------------------------------------------------------------------------------------------------- the pool
 
 
-def _worker(conn: Connection, threads: int, batch: int) -> None:
+def _worker(conn: Connection, threads: int, batch: int, max_rss_mb: float) -> None:
     """A long-lived process: receives model names, sends result records, until it receives ``None``."""
     global BATCH
     import logging
@@ -651,7 +676,7 @@ def _worker(conn: Connection, threads: int, batch: int) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     while (name := conn.recv()) is not None:
         try:
-            record = check_model(name)
+            record = check_model(name, max_weights_mb=max_rss_mb)
         except Exception as err:  # the harness itself broke on this model: record it rather than lose the worker
             record = {"name": name, "source": source(name), "family": family(name), "harness_error": _reason(err)}
         conn.send(record)
@@ -660,10 +685,10 @@ def _worker(conn: Connection, threads: int, batch: int) -> None:
 class Worker:
     """One worker process and the model it is running."""
 
-    def __init__(self, ctx: Any, threads: int, batch: int):
+    def __init__(self, ctx: Any, threads: int, batch: int, max_rss_mb: float):
         self.conn, child = ctx.Pipe()
-        self.threads, self.batch = threads, batch
-        self.process = ctx.Process(target=_worker, args=(child, threads, batch), daemon=True)
+        self.threads, self.batch, self.max_rss_mb = threads, batch, max_rss_mb
+        self.process = ctx.Process(target=_worker, args=(child, threads, batch, max_rss_mb), daemon=True)
         self.process.start()
         child.close()
         self.name: str | None = None
@@ -698,7 +723,7 @@ def sweep(
     todo = list(reversed(names))
     # Each worker gets its share of the cores: one worker alone (the giant models) runs on all of them.
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    pool = [Worker(ctx, threads, batch) for _ in range(min(workers, len(names)))]
+    pool = [Worker(ctx, threads, batch, max_rss_mb) for _ in range(min(workers, len(names)))]
     try:
         while any(w.name for w in pool) or todo:
             for w in pool:
@@ -742,7 +767,7 @@ def sweep(
 
 def _replace(worker: Worker, ctx: Any) -> Worker:
     worker.kill()
-    return Worker(ctx, worker.threads, worker.batch)
+    return Worker(ctx, worker.threads, worker.batch, worker.max_rss_mb)
 
 
 # ------------------------------------------------------------------------------------------------- results + report

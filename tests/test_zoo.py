@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,17 @@ def test_the_step_taken_during_backward_is_one_ordinary_optimizer_step():
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved == trainable  # every trainable tensor took the step (the equality above is not a no-op)
     assert all(p.grad is None for p in clf.parameters())  # each gradient freed once used: the memory saving
+
+
+def test_a_model_whose_weights_alone_are_over_the_cap_is_excluded_without_building_it(monkeypatch):
+    assert 44 < zoo.weights_mb("resnet18") < 46  # 11.7M float32 parameters and the BatchNorm buffers
+    assert zoo.weights_mb("torchvision/resnet18") == pytest.approx(zoo.weights_mb("resnet18"), rel=0.01)
+    assert zoo.outcome(zoo.check_model("test_vit", max_weights_mb=40)) == zoo.PASS  # under the cap: checked
+    monkeypatch.setattr(zoo, "_run", lambda *a: pytest.fail("built"))
+    record = zoo.check_model("resnet18", max_weights_mb=40)
+    assert zoo.outcome(record) == "excluded"
+    assert re.fullmatch(r"memory: float32 weights alone [\d.]+ GB, over the \d+ GB cap", record["excluded"])
+    assert {c["status"] for c in record["checks"].values()} == {zoo.NA}
 
 
 def test_stage_partition_with_a_hole_fails(monkeypatch):
