@@ -144,6 +144,15 @@ def test_predict_step_returns_probabilities():
     torch.testing.assert_close(probs.sum(-1), torch.ones(3))
 
 
+def test_raw_pixels_that_skipped_the_data_module_are_named_with_the_fix(tmp_path, digits):
+    model = TransferClassifier("test_resnet", num_classes=10).eval()
+    digits.setup("fit")
+    images, _ = next(iter(digits.val_dataloader()))  # uint8: normalised later, in the data module's hook
+    with pytest.raises(TypeError, match=r"got torch.uint8 images: raw pixels.*datamodule=dm.*dm.normalize\(images\)"):
+        tiny_trainer(tmp_path).predict(model, digits.val_dataloader())
+    assert model(digits.normalize(images)).shape == (len(images), 10)
+
+
 def test_import_leaves_warning_filters_and_fit_ignores_only_the_frozen_bn_eval_mode_warning(tmp_path, digits):
     """Frozen BatchNorms stay in eval mode on purpose: Lightning's warning about it is ignored while a
     TransferClassifier fits, and only then; importing tlkit changes no warning filter."""

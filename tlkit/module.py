@@ -337,6 +337,13 @@ class TransferClassifier(L.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for preprocessed images ``(N, 3, H, W)``."""
+        if not images.is_floating_point():  # else torch's own error: "expected scalar type Byte but found Float"
+            raise TypeError(
+                f"TransferClassifier got {images.dtype} images: raw pixels, not yet preprocessed. tlkit's data "
+                "modules normalise batches after they reach the device, in the data module's hook, so pass the data "
+                "module itself (trainer.predict(model, datamodule=dm), not dm.val_dataloader()), or call "
+                "dm.normalize(images) first."
+            )
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(images))
