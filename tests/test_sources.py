@@ -249,6 +249,23 @@ def test_error_unknown_spec_lists_forms() -> None:
         list_class_names("nope")
 
 
+def test_a_spec_without_its_scheme_names_the_spec_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("cat", "dog"):
+        _make_class_dir(tmp_path / "photos", name, 2, seed=len(name))
+    (tmp_path / "labels.csv").write_text("path,label\n")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "tlkit_shards.json").write_text("{}")
+    for spec, fix in [("photos", "'folder:photos'"), ("labels.csv", "'csv:labels.csv'"),
+                      ("shards", "'litdata:shards'"), ("cifar10", "'torchvision:CIFAR10'")]:  # fmt: skip
+        with pytest.raises(ValueError, match=rf"Unknown source spec '{spec}': .*use {fix}"):
+            load_source(spec)
+    assert load_source("Folder:photos", val_split=0.5).class_names == [
+        "cat",
+        "dog",
+    ]  # the scheme's letter case does not matter
+
+
 def test_error_bad_val_split() -> None:
     with pytest.raises(ValueError, match="val_split"):
         load_source("digits", val_split=1.0)
@@ -499,6 +516,8 @@ def test_torchvision_fashionmnist_from_local_files(tmp_path: Path) -> None:
     assert torch.equal(read_image(data.train.samples[index])[1], torch.from_numpy(images[0]))
     with pytest.raises(FileNotFoundError, match="download=True"):
         load_source("torchvision:FashionMNIST", root=str(tmp_path / "empty"))
+    lower = load_source("torchvision:fashionmnist", root=str(tmp_path), val_split=0.25)  # the class, letter case aside
+    assert lower.class_names == data.class_names and lower.train.targets == data.train.targets
 
 
 def test_torchvision_oxford_pets_files_and_fakedata_items(tmp_path: Path) -> None:

@@ -43,11 +43,24 @@ class DatasetItem:
         return image if isinstance(image, torch.Tensor) else pil_to_tensor(image.convert("RGB"))
 
 
+def dataset_name(name: str) -> str | None:
+    """The ``torchvision.datasets`` class called ``name``, letter case aside (``cifar10`` is ``CIFAR10``); None if
+    there is none, or several."""
+    import torchvision.datasets as tvd
+
+    matches = [n for n in dir(tvd) if n.lower() == name.lower() and _is_dataset(getattr(tvd, n))]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _is_dataset(obj: object) -> bool:
+    return isinstance(obj, type) and issubclass(obj, Dataset)
+
+
 def _dataset_class(name: str) -> type:
     import torchvision.datasets as tvd
 
-    cls = getattr(tvd, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Dataset)):
+    cls = getattr(tvd, dataset_name(name) or name, None)
+    if not _is_dataset(cls):
         examples = "CIFAR10, CIFAR100, FashionMNIST, MNIST, SVHN, STL10, Flowers102, OxfordIIITPet, Food101, DTD"
         raise ValueError(f"torchvision has no dataset {name!r}; use a class name of torchvision.datasets ({examples})")
     return cls

@@ -867,15 +867,31 @@ _SOURCES: dict[str, _Scheme] = {
 def _parse_spec(spec: str) -> tuple[_Scheme, str]:
     """Split ``scheme[:arg]`` and look the scheme up, with a helpful error on misuse."""
     name, sep, arg = spec.strip().partition(":")
-    scheme = _SOURCES.get(name)
+    scheme = _SOURCES.get(name.lower())  # Folder:, CSV: as well
     valid = ", ".join(s.form for s in _SOURCES.values())
     if scheme is None:
-        raise ValueError(f"Unknown source spec {spec!r}; valid forms: {valid}")
+        raise ValueError(f"Unknown source spec {spec!r}{_what_was_meant(spec.strip())}; valid forms: {valid}")
     if scheme.takes_arg and not arg:
         raise ValueError(f"Source spec {spec!r} needs an argument: {scheme.form}")
     if not scheme.takes_arg and sep:
         raise ValueError(f"Source spec {spec!r} takes no argument: use {scheme.form!r}")
     return scheme, arg
+
+
+def _what_was_meant(spec: str) -> str:
+    """For a spec without its scheme (a bare path, a dataset name): the spec it most likely is, as a hint."""
+    from tlkit.data import _tvsource
+    from tlkit.data.shards import META_FILE
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / META_FILE).is_file():
+            return f": it is a folder of shards, use 'litdata:{spec}'"
+        return f": it is a folder, use 'folder:{spec}' (one sub-folder per class)"
+    if path.is_file():
+        return f": it is a file, use 'csv:{spec}' (a path and a label column)"
+    name = _tvsource.dataset_name(spec)
+    return f": use 'torchvision:{name}'" if name else ""
 
 
 def load_source(
