@@ -888,8 +888,8 @@ def _what_was_meant(spec: str) -> str:
         if (path / META_FILE).is_file():
             return f": it is a folder of shards, use 'litdata:{spec}'"
         return f": it is a folder, use 'folder:{spec}' (one sub-folder per class)"
-    if path.is_file():
-        return f": it is a file, use 'csv:{spec}' (a path and a label column)"
+    if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        return f": it is a table, use 'csv:{spec}' (a path and a label column)"
     name = _tvsource.dataset_name(spec)
     return f": use 'torchvision:{name}'" if name else ""
 
