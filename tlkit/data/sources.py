@@ -312,7 +312,8 @@ def _list_files(class_dir: Path) -> tuple[list[str], list[str]]:
     """Image paths under ``class_dir`` (recursive, like torchvision's ImageFolder), and the other files, both in the
     order of their path components (a folder's entries sorted by name, sub-folders walked where they sort).
 
-    Hidden files (``.DS_Store``, ...) are neither; an empty class folder is an error. ``os.scandir`` tells files from
+    Hidden files (``.DS_Store``, ...) and tool folders (``NOT_DATA_FOLDERS``) are neither; an empty class folder is an
+    error. ``os.scandir`` tells files from
     folders without a ``stat`` per entry, so listing a large folder costs little more than ImageFolder's.
     """
     images, others = list_files(class_dir)
