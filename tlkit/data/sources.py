@@ -313,8 +313,8 @@ def _list_files(class_dir: Path) -> tuple[list[str], list[str]]:
     order of their path components (a folder's entries sorted by name, sub-folders walked where they sort).
 
     Hidden files (``.DS_Store``, ...) and tool folders (``NOT_DATA_FOLDERS``) are neither; an empty class folder is an
-    error. ``os.scandir`` tells files from
-    folders without a ``stat`` per entry, so listing a large folder costs little more than ImageFolder's.
+    error. ``os.scandir`` tells files from folders without a ``stat`` per entry, so listing a large folder costs little
+    more than ImageFolder's.
     """
     images, others = list_files(class_dir)
     if not images:
