@@ -291,6 +291,18 @@ def test_torchvision_weights_named_after_the_dot_load_with_their_own_transform(t
         create_backbone("torchvision/regnet_y_400mf.V3")
 
 
+def test_the_data_config_of_every_torchvision_classifier_is_known_before_it_is_built():
+    """The CLI links it from the recipe's backbone to the data; torchvision's RegNet builders compute their widths
+    with tensors (`torch.round(...).tolist()`), which the meta device cannot: all 15 failed there."""
+    small_regnets = ("regnet_x_400mf", "regnet_y_400mf")  # the larger ones only take longer to build
+    for arch in torchvision.models.list_models(module=torchvision.models):
+        if not arch.startswith("regnet") or arch in small_regnets:
+            assert backbone_data_config(f"torchvision/{arch}")["input_size"][0] == 3, arch
+    regnet = "torchvision/regnet_y_400mf.IMAGENET1K_V1"
+    assert backbone_data_config(regnet) == create_backbone(regnet).data_config
+    assert backbone_data_config(regnet)["resize_size"] == 256
+
+
 def test_torchvision_hub_without_network_suggests_offline_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 

@@ -86,6 +86,17 @@ def test_bad_regex(resnet18):
 def test_transfer_classifier_rejects_a_bad_spec():
     with pytest.raises(ValueError, match="Bad freeze spec 'stage:2'"):
         TransferClassifier("resnet18", num_classes=3, freeze="stage:2")
+    with pytest.raises(ValueError, match="Bad freeze spec True. Valid forms: none, backbone"):
+        TransferClassifier("resnet18", num_classes=3, freeze=True)  # YAML's `freeze: true`: which part?
+
+
+@pytest.mark.parametrize("nothing", [None, False])
+def test_a_recipes_null_or_false_freeze_freezes_nothing(nothing):
+    """`freeze: null` in a recipe crashed with "'NoneType' object has no attribute 'partition'"."""
+    model = TransferClassifier("test_resnet", num_classes=3, freeze=nothing)
+    assert all(p.requires_grad for p in model.parameters())
+    phases = TransferClassifier("test_resnet", num_classes=3, freeze=nothing, freeze_epochs=1).configure_callbacks()
+    assert [p.freeze for p in phases[-1].phases] == ["backbone", "none"]  # the shorthand still freezes first
 
 
 # --- in the module, and through a real fit -------------------------------------------------------------------

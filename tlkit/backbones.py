@@ -145,7 +145,10 @@ def backbone_data_config(name: str, pretrained: Pretrained = False) -> dict[str,
         return dict(PACKAGED_WEIGHTS[name].data_config)
     if pretrained is True and name.startswith(TORCHVISION_PREFIX):  # the transform of the weights it loads
         return _torchvision_data_config(torchvision_weights(name)[1])
-    with torch.device("meta"):  # the architecture alone (timm's pretrained_cfg comes with it), no memory, no weights
+    try:
+        with torch.device("meta"):  # the architecture alone (timm's pretrained_cfg comes with it): no memory, no init
+            return dict(_create(name, hub=False).data_config)
+    except NotImplementedError:  # a builder that computes with tensors cannot run there (torchvision's RegNets)
         return dict(_create(name, hub=False).data_config)
 
 

@@ -110,11 +110,12 @@ def phase_specs(phases: list[dict[str, Any]] | None, freeze_epochs: int, freeze:
     return phases or (fine_tune_phases(freeze_epochs, freeze) if freeze_epochs else [{}])
 
 
-def fine_tune_phases(freeze_epochs: int, freeze: str) -> list[dict[str, Any]]:
-    """The ``freeze_epochs`` shorthand: ``freeze`` (``"backbone"`` if it is ``"none"``) for N epochs, then all."""
+def fine_tune_phases(freeze_epochs: int, freeze: str | None) -> list[dict[str, Any]]:
+    """The ``freeze_epochs`` shorthand: ``freeze`` (``"backbone"`` if it freezes nothing) for N epochs, then all."""
     if freeze_epochs < 1:
         raise ValueError(f"freeze_epochs must be >= 1, got {freeze_epochs}.")
-    return [{"epochs": freeze_epochs, "freeze": "backbone" if freeze == "none" else freeze}, {"freeze": "none"}]
+    nothing = freeze in ("none", None, False)
+    return [{"epochs": freeze_epochs, "freeze": "backbone" if nothing else freeze}, {"freeze": "none"}]
 
 
 class FineTuningPhases(Callback):

@@ -84,7 +84,8 @@ class TransferClassifier(L.LightningModule):
             data module (a multi-label source), as ``num_classes``.
         pos_weight: multi-label only: weight of each class's positive examples in the loss (one number, or one per
             class; e.g. negatives / positives of a rare class). ``None``: 1.
-        freeze: ``"none"``, ``"backbone"``, ``"stages:K"`` or ``"regex:<pattern>"`` (see :mod:`tlkit.freezing`).
+        freeze: ``"none"`` (or None), ``"backbone"``, ``"stages:K"`` or ``"regex:<pattern>"`` (see
+            :mod:`tlkit.freezing`).
         freeze_bn: ``True``: BatchNorm layers whose parameters are frozen stay in eval mode (running statistics
             unchanged); ``"all"``: every BatchNorm layer keeps the pretrained running statistics, also where its
             weight and bias train (what a head started from the probe, ``head: {init: probe}``, needs: it was fitted
@@ -157,7 +158,7 @@ class TransferClassifier(L.LightningModule):
         class_names: list[str] | None = None,
         multilabel: bool = False,
         pos_weight: float | list[float] | None = None,
-        freeze: str = "none",
+        freeze: str | None = "none",
         freeze_bn: bool | Literal["all"] = True,
         head: dict[str, Any] | None = None,
         optimizer: str = "sgd",
