@@ -2,8 +2,9 @@
 
 For each model (random init, the smallest input its config allows) it runs five checks through tlkit's public API:
 
-1. ``build``/``width``/``logits``: ``TransferClassifier(num_classes=3)`` builds (``create_backbone`` inside),
-   ``num_features`` equals the width of the backbone's output, and the logits are ``(N, 3)``;
+1. ``build``/``width``/``logits``: ``TransferClassifier(num_classes=3)`` builds (``create_backbone`` inside) with the
+   data config that ``backbone_data_config`` gives before the build (what the CLI links to the data), ``num_features``
+   equals the width of the backbone's output, and the logits are ``(N, 3)``;
 2. ``freeze_backbone``/``freeze_stages1``: the freeze spec leaves exactly the intended parameters trainable, and one
    optimiser step (tlkit's own parameter groups and optimizer) changes only those; frozen BatchNorm statistics stay;
 3. ``stages``: every backbone parameter is in exactly one stage, stage names are unique, and the stages run in forward
@@ -553,6 +554,7 @@ def check_model(
                 record["excluded"] = f"timm: timm itself cannot run it as a classifier on CPU ({why})"
             raise
         record["input_size"], record["batch"] = box["size"], BATCH
+        _check_config_before_build(name, box["clf"].backbone)
         return f"{box['size']}px, {sum(p.numel() for p in box['clf'].parameters()) / 1e6:.1f}M params"
 
     if _run(checks, "build", build):
@@ -576,6 +578,16 @@ def check_model(
     record["cpu_s"] = round(time.process_time() - cpu_start, 2)  # on shared cores, the cost that does not vary
     record["peak_rss_mb"] = _peak_rss_mb()
     return record
+
+
+def _check_config_before_build(name: str, backbone: Any) -> None:
+    """The data config known before the model exists (``backbone_data_config``, on the meta device: what the CLI
+    links from the recipe's backbone to the data) is the built model's."""
+    from tlkit import backbone_data_config
+
+    known = backbone_data_config(name)
+    if known != backbone.data_config:
+        raise CheckFailed(f"backbone_data_config gives {known}, the built backbone {backbone.data_config}")
 
 
 def weights_mb(name: str) -> float | None:

@@ -125,6 +125,19 @@ def test_a_model_whose_weights_alone_are_over_the_cap_is_excluded_without_buildi
     assert {c["status"] for c in record["checks"].values()} == {zoo.NA}
 
 
+def test_a_data_config_before_the_build_that_differs_fails_the_build(monkeypatch):
+    import tlkit
+
+    assert statuses(zoo.check_model("torchvision/regnet_x_400mf"))["build"] == zoo.PASS  # the meta device cannot
+    monkeypatch.setattr(tlkit, "backbone_data_config", lambda name: {"input_size": (3, 1, 1)})
+    record = zoo.check_model("test_resnet")
+    assert statuses(record)["build"] == zoo.FAIL
+    assert (
+        "backbone_data_config gives {'input_size': (3, 1, 1)}, the built backbone {"
+        in record["checks"]["build"]["reason"]
+    )
+
+
 def test_stage_partition_with_a_hole_fails(monkeypatch):
     original = Backbone.stage_params
     monkeypatch.setattr(Backbone, "stage_params", lambda self: {s: p[1:] for s, p in original(self).items()})
