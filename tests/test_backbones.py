@@ -19,7 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import tlkit.backbones as backbones_module
 from tlkit import backbone_data_config, create_backbone, list_backbones
-from tlkit.backbones import PACKAGED_WEIGHTS, Backbone, registry_name
+from tlkit.backbones import PACKAGED_WEIGHTS, Backbone, _registry_name
 
 CONTRACT = [  # (name, input size in px)
     ("resnet18", 32),
@@ -356,7 +356,7 @@ def test_unknown_name_without_close_ones_points_to_the_listing():
 )
 def test_hub_ids_of_timm_weights_are_timm_names_found_offline(hub_name, name, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("no network call"))
-    assert registry_name(hub_name) == name
+    assert _registry_name(hub_name) == name
     assert backbone_data_config(hub_name) == backbone_data_config(name)
 
 

@@ -120,7 +120,7 @@ def create_backbone(name: str, pretrained: Pretrained = False, **kwargs: Any) ->
         >>> bb.num_features, bb.stages[:2]
         (512, ['stem', 'layer1'])
     """
-    name = registry_name(name)
+    name = _registry_name(name)
     _check_name(name)
     if pretrained == "packaged":
         return _create_packaged(name, **kwargs)
@@ -139,12 +139,12 @@ def backbone_data_config(name: str, pretrained: Pretrained = False) -> dict[str,
         >>> backbone_data_config("tf_efficientnet_lite0", "packaged")["mean"]
         (0.5, 0.5, 0.5)
     """
-    name = registry_name(name)
+    name = _registry_name(name)
     _check_name(name)
     if pretrained == "packaged" and name in PACKAGED_WEIGHTS:
         return dict(PACKAGED_WEIGHTS[name].data_config)
     if pretrained is True and name.startswith(TORCHVISION_PREFIX):  # the transform of the weights it loads
-        return _torchvision_data_config(torchvision_weights(name)[1])
+        return _torchvision_data_config(_torchvision_weights(name)[1])
     try:
         with torch.device("meta"):  # the architecture alone (timm's pretrained_cfg comes with it): no memory, no init
             return dict(_create(name, hub=False).data_config)
@@ -286,7 +286,7 @@ def _feature_info_groups(model: nn.Module) -> list[list[str]]:
     return [group for group in groups if group]
 
 
-def torchvision_weights(name: str) -> tuple[str, Any]:
+def _torchvision_weights(name: str) -> tuple[str, Any]:
     """``torchvision/<arch>[.<WEIGHTS>]`` -> ``(arch, weights)``: the weights named after the dot, as torchvision
     names them (``torchvision/resnet50.IMAGENET1K_V1``), else the architecture's default weights."""
     arch, _, tag = name[len(TORCHVISION_PREFIX) :].partition(".")
@@ -303,7 +303,7 @@ def torchvision_weights(name: str) -> tuple[str, Any]:
 
 
 def _create_torchvision(name: str, hub: bool, **kwargs: Any) -> Backbone:
-    arch, weights = torchvision_weights(name)
+    arch, weights = _torchvision_weights(name)
     kwargs = _without_aux_logits(name, arch, kwargs)
     model = torchvision.models.get_model(arch, weights=weights if hub else None, **kwargs)
     num_features = _drop_classifier(model, name)
@@ -576,7 +576,7 @@ def list_backbones(filter: str | None = None, pretrained: bool = False) -> list[
     return [n for n in names if filter is None or fnmatch.fnmatch(n, filter)]
 
 
-def registry_name(name: str) -> str:
+def _registry_name(name: str) -> str:
     """timm's own name for a Hugging Face Hub id of weights that timm registers, as model cards write it
     (``hf-hub:timm/resnet50.a1_in1k``, ``timm/resnet50.a1_in1k``, ``hf-hub:apple/mobileclip_s0_timm``): the same
     architecture, config and weights, found in timm's registry with no network. Other names come back unchanged.
@@ -629,7 +629,7 @@ def _check_name(name: str) -> None:
         hint = f" Closest names: {', '.join(prefix + c for c in close)}." if close else ""
         raise ValueError(f"Unknown backbone {name!r}.{hint} See `tlkit backbones --filter '<pattern>'`.")
     if tag and torchvision_name:
-        torchvision_weights(name)  # raises, listing the model's weights
+        _torchvision_weights(name)  # raises, listing the model's weights
     elif tag:
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
         if tag not in tags:
@@ -658,7 +658,7 @@ def _check_hub_reachable(name: str, kwargs: dict[str, Any]) -> None:
 def _weights_source(name: str, kwargs: dict[str, Any]) -> tuple[str | None, bool]:
     """Where the weights of ``name`` download from (None: nowhere, a local file), and whether they are cached."""
     if name.startswith(TORCHVISION_PREFIX):
-        url = torchvision_weights(name)[1].url
+        url = _torchvision_weights(name)[1].url
         return url, _in_torch_hub_cache(url)
     cfg = timm.models.resolve_pretrained_cfg(  # the user's pretrained_cfg(_overlay) may point at a local file
         name, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
