@@ -53,7 +53,12 @@ def make(sampler: str | None = None, adapter: dict | None = None) -> tuple[Trans
     # Each rank its own random stream (as Lightning's default seeding gives), so restoring the wrong rank's shows.
     L.seed_everything(int(os.environ.get("LOCAL_RANK", 0)))
     model = TransferClassifier(
-        "test_efficientnet", num_classes=10, phases=PHASES, head={"dropout": 0.3}, momentum=0.9, schedule="cosine",
+        "test_efficientnet",
+        num_classes=10,
+        phases=PHASES,
+        head={"dropout": 0.3},
+        momentum=0.9,
+        schedule="cosine",
         adapter=adapter,
     )
     dm = ImageDataModule("textures", image_size=32, batch_size=8, num_workers=2, augment="basic", sampler=sampler)

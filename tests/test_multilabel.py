@@ -132,6 +132,7 @@ def test_best_thresholds_match_a_brute_force_search(seed):
     labels = (torch.rand(40, 4, generator=generator) < 0.4).float()
     labels[:, 3] = 0  # a class without positives keeps 0.5
     thresholds, f1 = best_thresholds(scores, labels)
+
     def f1_at(c: int, t: float) -> float:
         predicted = scores[:, c] >= t
         tp = (predicted & labels[:, c].bool()).sum().item()
@@ -282,7 +283,6 @@ def test_cli_fit_test_predict_export_on_a_multi_label_csv(tmp_path):
     props = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
     meta = json.loads(props["tlkit.export"])
     assert meta["multilabel"] is True and meta["thresholds"] == pytest.approx(saved[THRESHOLDS_KEY])
-
 
 
 def test_a_soup_of_multi_label_checkpoints_is_chosen_by_map_and_keeps_its_own_thresholds(tmp_path):
