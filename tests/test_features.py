@@ -156,6 +156,28 @@ def test_layers_take_the_models_pool_type_or_ask_for_one(images):
         extract_features(attention_pooled, torch.rand(1, 3, 160, 160), layers=["blocks.0"])
 
 
+def test_vit_layers_by_index_give_each_layers_class_token():
+    """A ViT's own pool is its class token; timm's intermediates come as maps with that token split off, so every
+    ViT failed `layers=[...]` with the default pool, and the error suggested the pool already in use."""
+    backbone = create_backbone("test_vit").eval()
+    images = torch.rand(2, 3, 160, 160)
+    caught = {}
+    hooks = [backbone.model.blocks[i].register_forward_hook(lambda m, a, out, i=i: caught.__setitem__(i, out))
+             for i in (0, -1)]  # fmt: skip
+    with torch.no_grad():
+        backbone.model.forward_features(images)
+    for hook in hooks:
+        hook.remove()
+    feats = extract_features(backbone, images, layers=[0, -1], preprocess="none")
+    torch.testing.assert_close(feats.layers["0"], caught[0][:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(feats.layers["-1"], caught[-1][:, 0], atol=1e-5, rtol=0)
+    maps_only = create_backbone("cait_xxs24_224")  # its intermediates cannot return the class token
+    with pytest.raises(
+        ValueError, match=r"pool='model' on layers takes each one's class token.*Use pool='avg', 'max' or 'none' for"
+    ):
+        extract_features(maps_only, torch.rand(1, 3, 224, 224), layers=[0], preprocess="none")
+
+
 def test_torchvision_features_equal_the_models_avgpool_path(images):
     backbone = create_backbone("torchvision/resnet18").eval()
     feats = extract_features(backbone, images, preprocess="none")

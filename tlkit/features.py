@@ -14,6 +14,7 @@ A linear probe trains on the result (:class:`tlkit.LinearProbe`, :mod:`tlkit.pro
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -195,13 +196,20 @@ class FeatureExtractor(nn.Module):
                 return {DEFAULT_KEY: self._final(outputs[DEFAULT_KEY])}
             return {name: self._pool(outputs[name]) for name in self.names}
         if self._indices is not None:
-            maps = self.backbone.model.forward_intermediates(x, indices=self._indices, intermediates_only=True)
-            return {name: self._pool(m) for name, m in zip(self.names, maps, strict=True)}
+            return {name: self._pool(m) for name, m in zip(self.names, self._intermediates(x), strict=True)}
         if self.layers:
             return self._hooked(x)
         model = self.backbone.model
         channels_last = getattr(model, "output_fmt", "NCHW") == "NHWC"  # Swin, MambaOut: (N, H, W, C) maps
         return {DEFAULT_KEY: self._final(model.forward_features(x), channels_last)}
+
+    def _intermediates(self, x: Tensor) -> list[Tensor | tuple[Tensor, Tensor]]:
+        """timm's ``forward_intermediates`` at the layer indices: maps with the class token split off, so for
+        ``token`` pooling each comes as ``(map, prefix tokens)`` where the model can return those."""
+        forward = self.backbone.model.forward_intermediates
+        with_prefix = self._pooling == "token" and "return_prefix_tokens" in inspect.signature(forward).parameters
+        extra = {"return_prefix_tokens": True} if with_prefix else {}
+        return forward(x, indices=self._indices, intermediates_only=True, **extra)
 
     def _hooked(self, x: Tensor) -> dict[str, Tensor]:
         """Outputs of named timm modules, caught by forward hooks (the tensors ``features_only`` returns)."""
@@ -237,15 +245,21 @@ class FeatureExtractor(nn.Module):
             )
         return pooled
 
-    def _pool(self, x: Tensor) -> Tensor:
+    def _pool(self, x: Tensor | tuple[Tensor, Tensor]) -> Tensor:
         pool = self._pooling
+        if isinstance(x, tuple):  # an intermediate layer as (map, prefix tokens): see _intermediates
+            x, prefix = x
+            if pool == "token":
+                return prefix[:, 0]
         if pool == "none" or x.ndim == 2:
             return x
         if x.ndim == 4:  # (N, C, H, W)
             if pool == "token":
+                fix = "'avg', 'max' or 'none' for the layers" if self.layers else "'model', 'avg' or 'max'"
+                why = " (pool='model' on layers takes each one's class token)" if self.pool == "model" else ""
                 raise ValueError(
-                    f"pool='token' needs a transformer's token sequence; {self.backbone.name!r} gives a "
-                    f"{tuple(x.shape)} map here. Use pool='model', 'avg' or 'max'."
+                    f"pool='token' needs a transformer's token sequence{why}; {self.backbone.name!r} gives a "
+                    f"{tuple(x.shape)} map here. Use pool={fix}."
                 )
             return x.mean(dim=(2, 3)) if pool == "avg" else x.amax(dim=(2, 3))
         if x.ndim == 3:  # (N, tokens, C), prefix (class) tokens first, as timm and torchvision ViTs lay them out
