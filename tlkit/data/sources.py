@@ -882,13 +882,10 @@ def _parse_spec(spec: str) -> tuple[_Scheme, str]:
 def _what_was_meant(spec: str) -> str:
     """For a spec without its scheme (a bare path, a dataset name): the spec it most likely is, as a hint."""
     from tlkit.data import _tvsource
-    from tlkit.data.shards import META_FILE
 
     path = Path(spec).expanduser()
     if path.is_dir():
-        if (path / META_FILE).is_file():
-            return f": it is a folder of shards, use 'litdata:{spec}'"
-        return f": it is a folder, use 'folder:{spec}' (one sub-folder per class)"
+        return f": it is a folder, use 'folder:{spec}' (a sub-folder per class) or 'litdata:{spec}' (tlkit optimize's)"
     if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".txt"):
         return f": it is a table, use 'csv:{spec}' (a path and a label column)"
     name = _tvsource.dataset_name(spec)
