@@ -258,10 +258,8 @@ def test_a_spec_without_its_scheme_names_the_spec_it_is(tmp_path: Path, monkeypa
                       ("cifar10", "'torchvision:CIFAR10'")]:  # fmt: skip
         with pytest.raises(ValueError, match=rf"Unknown source spec '{spec}': .*use {fix}"):
             load_source(spec)
-    assert load_source("Folder:photos", val_split=0.5).class_names == [
-        "cat",
-        "dog",
-    ]  # the scheme's letter case does not matter
+    # The scheme's letter case does not matter.
+    assert load_source("Folder:photos", val_split=0.5).class_names == ["cat", "dog"]
 
 
 def test_error_bad_val_split() -> None:
