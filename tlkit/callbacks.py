@@ -38,7 +38,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from timm.layers import BatchNormAct2d, SyncBatchNormAct, convert_sync_batchnorm
 from torch import nn
 
-from tlkit.freezing import is_batchnorm
+from tlkit.freezing import freezes_nothing, is_batchnorm
 
 # The module these callbacks drive (tlkit.module.TransferClassifier, which imports this module to bring them).
 TransferClassifier = L.LightningModule
@@ -114,8 +114,7 @@ def fine_tune_phases(freeze_epochs: int, freeze: str | None) -> list[dict[str, A
     """The ``freeze_epochs`` shorthand: ``freeze`` (``"backbone"`` if it freezes nothing) for N epochs, then all."""
     if freeze_epochs < 1:
         raise ValueError(f"freeze_epochs must be >= 1, got {freeze_epochs}.")
-    nothing = freeze in ("none", None, False)
-    return [{"epochs": freeze_epochs, "freeze": "backbone" if nothing else freeze}, {"freeze": "none"}]
+    return [{"epochs": freeze_epochs, "freeze": "backbone" if freezes_nothing(freeze) else freeze}, {"freeze": "none"}]
 
 
 class FineTuningPhases(Callback):

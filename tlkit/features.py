@@ -14,6 +14,7 @@ A linear probe trains on the result (:class:`tlkit.LinearProbe`, :mod:`tlkit.pro
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -206,10 +207,16 @@ class FeatureExtractor(nn.Module):
     def _intermediates(self, x: Tensor) -> list[Tensor | tuple[Tensor, Tensor]]:
         """timm's ``forward_intermediates`` at the layer indices: maps with the class token split off, so for
         ``token`` pooling each comes as ``(map, prefix tokens)`` where the model can return those."""
-        forward = self.backbone.model.forward_intermediates
-        with_prefix = self._pooling == "token" and "return_prefix_tokens" in inspect.signature(forward).parameters
-        extra = {"return_prefix_tokens": True} if with_prefix else {}
-        return forward(x, indices=self._indices, intermediates_only=True, **extra)
+        return self.backbone.model.forward_intermediates(
+            x, indices=self._indices, intermediates_only=True, **self._prefix_tokens_kwargs
+        )
+
+    @functools.cached_property
+    def _prefix_tokens_kwargs(self) -> dict[str, bool]:
+        """``return_prefix_tokens=True`` where ``token`` pooling needs them and the model can return them (looked up
+        once, not per batch)."""
+        params = inspect.signature(self.backbone.model.forward_intermediates).parameters
+        return {"return_prefix_tokens": True} if self._pooling == "token" and "return_prefix_tokens" in params else {}
 
     def _hooked(self, x: Tensor) -> dict[str, Tensor]:
         """Outputs of named timm modules, caught by forward hooks (the tensors ``features_only`` returns)."""

@@ -28,16 +28,19 @@ from tlkit.backbones import Backbone
 FREEZE_FORMS = ("none", "backbone", "stages:K", "regex:<pattern>")
 
 
+def freezes_nothing(spec: str | None) -> bool:
+    """``"none"``, or a recipe's ``freeze: null`` / ``freeze: false``."""
+    return spec in ("none", None, False)
+
+
 def frozen_parameter_names(backbone: Backbone, spec: str | None) -> set[str]:
     """Names (as in ``backbone.named_parameters()``) of the parameters that ``spec`` freezes (None: none)."""
     names = [name for name, _ in backbone.named_parameters()]
-    if spec is None or spec is False:  # a recipe's `freeze: null` or `freeze: false`
+    if freezes_nothing(spec):
         return set()
     if not isinstance(spec, str):
         raise ValueError(f"Bad freeze spec {spec!r}. Valid forms: {', '.join(FREEZE_FORMS)}.")
     kind, _, arg = spec.partition(":")
-    if spec == "none":
-        return set()
     if spec == "backbone":
         return set(names)
     if kind == "stages" and arg.strip().isdigit():
