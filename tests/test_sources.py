@@ -19,6 +19,7 @@ from torchvision.io import write_jpeg, write_png
 from torchvision.transforms.functional import pil_to_tensor
 
 from tlkit.data import sources
+from tlkit.data._tvsource import DatasetItem
 from tlkit.data.sources import (
     PATCH,
     TEXTURE_PHOTOS,
@@ -617,6 +618,8 @@ def test_transparency_is_shown_over_white_for_files_and_arrays_alike(tmp_path: P
     gif.save(tmp_path / "t.gif", transparency=0)
     decoded = read_image(str(tmp_path / "t.gif"))
     assert decoded[:, 0, 0].tolist() == [255, 0, 0] and decoded[:, 0, -1].tolist() == [255, 255, 255]
+    item = DatasetItem([(Image.fromarray(rgba), 0)], 0)  # a torchvision dataset's item that is an RGBA image
+    assert torch.equal(read_image(item), from_file)
 
 
 def test_bad_files_are_skipped_with_reasons_or_raise(tmp_path: Path) -> None:

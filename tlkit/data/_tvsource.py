@@ -37,10 +37,10 @@ class DatasetItem:
 
     def load(self) -> torch.Tensor:
         """The image as a uint8 (C, H, W) or (H, W) tensor."""
-        from torchvision.transforms.functional import pil_to_tensor
+        from tlkit.data.decode import pil_to_rgb
 
         image = self.dataset[self.index][0]
-        return image if isinstance(image, torch.Tensor) else pil_to_tensor(image.convert("RGB"))
+        return image if isinstance(image, torch.Tensor) else pil_to_rgb(image)  # as a file of that image decodes
 
 
 def dataset_name(name: str) -> str | None:

@@ -161,11 +161,11 @@ def _decode_opened(file: BinaryIO, img: Image.Image, min_size: MinSize | None) -
     """Decode an opened file with the decoder that is best for it (see the module docstring)."""
     is_plain_jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")  # CMYK/YCCK: PIL converts them exactly
     if is_plain_jpeg and min_size is not None and _draft(img, min_size):
-        return _pil_to_rgb(ImageOps.exif_transpose(img))
+        return pil_to_rgb(ImageOps.exif_transpose(img))
     if is_plain_jpeg:
         file.seek(0)
         return decode_jpeg(file.read(), mode="RGB")  # applies the EXIF orientation itself
-    return _pil_to_rgb(ImageOps.exif_transpose(img))
+    return pil_to_rgb(ImageOps.exif_transpose(img))
 
 
 def _draft(img: Image.Image, min_size: MinSize) -> bool:
@@ -181,7 +181,8 @@ def _draft(img: Image.Image, min_size: MinSize) -> bool:
     return img.size != (raw_w, raw_h)
 
 
-def _pil_to_rgb(img: Image.Image) -> torch.Tensor:
+def pil_to_rgb(img: Image.Image) -> torch.Tensor:
+    """A decoded PIL image as a ``uint8`` ``(3, H, W)`` tensor: 16-bit rescaled, transparency over white."""
     if img.mode.startswith("I"):  # 16/32-bit integer (16-bit PNG/TIFF): PIL's convert("RGB") clips, so rescale
         array = np.asarray(img, dtype=np.float64)
         return read_image(np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8))
