@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 from safetensors.torch import save_file
+from torchvision.transforms import InterpolationMode
 
 import tlkit.module
 from tlkit import ImageDataModule, TransferClassifier, create_backbone
@@ -215,6 +216,18 @@ def test_train_transform_follows_augment_settings() -> None:
         ImageDataModule(on_bad_image="ignore")
     with pytest.raises(ValueError, match="sampler='weighted'"):
         ImageDataModule(sampler="weighted")
+
+
+@pytest.mark.parametrize("augment", ["randaugment", "trivialaugment"])
+def test_augmentation_runs_with_bicubic_weights(augment: str) -> None:
+    """Most ViT and ConvNeXt weights resize bicubic; RandAugment's rotations and shears on tensors refused it, so
+    `augment: randaugment` with such a backbone failed in the first loader worker."""
+    dm = ImageDataModule(image_size=16, augment=augment, interpolation="bicubic", randaugment_ops=8)
+    transform = dm.transform(train=True)
+    assert transform.transforms[0].interpolation == InterpolationMode.BICUBIC  # the resize keeps the weights' own
+    torch.manual_seed(0)
+    for _ in range(30):  # 8 of RandAugment's 14 ops per image: rotations and shears come up many times
+        assert transform(torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8)).shape == (3, 16, 16)
 
 
 def test_augmentation_settings_appear_in_the_resolved_config(

@@ -41,6 +41,7 @@ from tlkit.data.sources import (
 
 AUGMENTATIONS = ("none", "basic", "randaugment", "trivialaugment")
 SAMPLERS = (None, "balanced")
+AFFINE_INTERPOLATIONS = (InterpolationMode.NEAREST, InterpolationMode.BILINEAR)  # what v2's affine ops take on tensors
 SKIPPED_FILE = "skipped_files.csv"
 # Paths named in the warning itself; the full list is in the run directory.
 _WARN_MAX_PATHS = 20
@@ -349,10 +350,13 @@ class ImageDataModule(L.LightningDataModule):
         steps = [v2.RandomResizedCrop(size, scale=tuple(hp.crop_scale), interpolation=interpolation, antialias=True)]
         if hp.hflip:
             steps.append(v2.RandomHorizontalFlip())
+        # Their rotations and shears take only nearest or bilinear on tensors: torchvision raises for bicubic (the
+        # interpolation of most ViT and ConvNeXt weights) in the first loader worker. The resize above keeps bicubic.
+        geometric = interpolation if interpolation in AFFINE_INTERPOLATIONS else InterpolationMode.BILINEAR
         if hp.augment == "randaugment":
-            steps.append(v2.RandAugment(hp.randaugment_ops, hp.randaugment_magnitude, interpolation=interpolation))
+            steps.append(v2.RandAugment(hp.randaugment_ops, hp.randaugment_magnitude, interpolation=geometric))
         elif self.hparams.augment == "trivialaugment":
-            steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
+            steps.append(v2.TrivialAugmentWide(interpolation=geometric))
         return v2.Compose(steps)
 
     # ----------------------------------------------------------------------------------------------- dataloaders
