@@ -187,6 +187,62 @@ def test_folder_presplit_layout(tmp_path: Path) -> None:
     assert all("/val/dog/" in Path(p).as_posix() for p in data.val.samples)
 
 
+@pytest.mark.parametrize(("train", "val"), [("train", "valid"), ("Training", "Validation"), ("train", "val")])
+def test_folder_presplit_takes_the_split_names_tools_write(tmp_path: Path, train: str, val: str) -> None:
+    # Roboflow's classification export (train/valid/test), Keras tutorials (training/validation, any case); the test
+    # split is left for the user's evaluation.
+    for split, n in ((train, 3), (val, 2), ("test", 4)):
+        for name in ("cat", "dog"):
+            _make_class_dir(tmp_path / split, name, n, seed=n)
+    data = load_source(f"folder:{tmp_path}")
+    assert data.class_names == ["cat", "dog"] == list_class_names(f"folder:{tmp_path}")
+    assert len(data.train.samples) == 6 and len(data.val.samples) == 4
+    assert all(f"/{val}/" in Path(p).as_posix() for p in data.val.samples)
+    assert not any("/test/" in Path(p).as_posix() for p in data.train.samples + data.val.samples)
+
+
+def test_folder_split_without_its_partner_names_the_fix(tmp_path: Path) -> None:
+    for split in ("train", "test"):  # a Kaggle layout: no val/
+        for name in ("cat", "dog"):
+            _make_class_dir(tmp_path / split, name, 3)
+    with pytest.raises(
+        FileNotFoundError, match=rf"Found {tmp_path}/train but no validation folder.*'folder:{tmp_path}/train'"
+    ):
+        load_source(f"folder:{tmp_path}")
+    (tmp_path / "valid").mkdir()
+    (tmp_path / "val").mkdir()
+    with pytest.raises(ValueError, match=r"2 val folders \(val, valid\); keep one"):
+        load_source(f"folder:{tmp_path}")
+
+
+def test_a_class_named_like_a_split_is_a_class(tmp_path: Path) -> None:
+    # The vehicle: it holds the photos itself, so it is a class, not a train split without its val/.
+    for name in ("bus", "car", "train"):
+        _make_class_dir(tmp_path, name, 3)
+    assert load_source(f"folder:{tmp_path}", val_split=0.34).class_names == ["bus", "car", "train"]
+
+
+@pytest.mark.parametrize("splits", [("training_set", "test_set"), ("seg_train", "seg_test"), ("Train-Images", "dev")])
+def test_split_folders_are_not_taken_for_classes(tmp_path: Path, splits: tuple[str, str]) -> None:
+    # Kaggle's cats-and-dogs and Intel scenes layouts: pointed at the dataset's root, the splits would silently
+    # become a two-class problem ("test_set" vs "training_set").
+    for split in splits:
+        for name in ("cat", "dog"):
+            _make_class_dir(tmp_path / split, name, 3)
+    with pytest.raises(ValueError, match=rf"look like a dataset's splits.*'folder:{tmp_path}/{splits[0]}'"):
+        load_source(f"folder:{tmp_path}")
+    with pytest.raises(ValueError, match="look like a dataset's splits"):
+        list_class_names(f"folder:{tmp_path}")
+
+
+def test_one_class_folder_holding_the_classes_names_the_folder_below(tmp_path: Path) -> None:
+    for name in ("cat", "dog"):  # an archive unpacked into a folder of its own name
+        _make_class_dir(tmp_path / "pets", name, 3)
+    with pytest.raises(ValueError, match=rf"one level down: use 'folder:{tmp_path}/pets'"):
+        load_source(f"folder:{tmp_path}")
+    assert load_source(f"folder:{tmp_path}/pets").class_names == ["cat", "dog"]
+
+
 def test_list_class_names_matches_load(flat_folder: Path) -> None:
     for spec in (f"folder:{flat_folder}", "digits", "textures"):
         assert list_class_names(spec) == load_source(spec).class_names

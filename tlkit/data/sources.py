@@ -3,7 +3,7 @@
 Supported specs:
 
 - ``folder:<dir>``: an ImageFolder tree (``<dir>/<class>/<img>``), optionally pre-split into
-  ``<dir>/train`` and ``<dir>/val``.
+  ``<dir>/train`` and ``<dir>/val`` (or the other names of ``SPLIT_FOLDERS``: ``valid``, ``validation``, ...).
 - ``csv:<file>``: a CSV file with a path column and a label column (optionally a ``split`` column); a ``labels``
   column of ``;``-separated names, or one 0/1 column per class, makes it multi-label.
 - ``torchvision:<Name>``: a torchvision classification dataset (CIFAR10, FashionMNIST, Flowers102, ...).
@@ -34,6 +34,7 @@ import csv
 import functools
 import math
 import os
+import re
 import unicodedata
 import warnings
 from collections import defaultdict
@@ -65,6 +66,15 @@ BAD_IMAGE_POLICIES = ("skip", "raise")
 # AppleDouble files) and a Synology NAS's thumbnails of every photo (JPEGs: as images of their class they would put
 # copies of validation photos into training). Skipped like hidden entries.
 NOT_DATA_FOLDERS: frozenset[str] = frozenset({"__MACOSX", "@eaDir"})
+# The folders of a pre-split tree, and a CSV's split values, as tools and tutorials name them (torchvision's and
+# Keras's train/val and train/validation, Roboflow's train/valid/test); None: a test split, which fit never reads.
+SPLIT_FOLDERS: dict[str, str | None] = {
+    "train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": None,
+    "testing": None,
+}  # fmt: skip
+# Words that mark a folder name as a split's (``training_set``, ``seg_train``, ``test-images``).
+TRAIN_WORDS = frozenset({"train", "training", "trn", "trainset"})
+SPLIT_WORDS = TRAIN_WORDS | {*SPLIT_FOLDERS, "dev", "eval", "evaluation", "valset", "testset"}
 
 PATCH = 64
 TEXTURE_TRAIN_PER_CLASS = 48
@@ -277,16 +287,43 @@ def _folder_root(arg: str) -> Path:
 
 
 def _presplit_dirs(root: Path) -> tuple[Path, Path] | None:
-    """Return ``(train, val)`` dirs when ``root`` is pre-split, else None."""
-    train, val = root / "train", root / "val"
-    if train.is_dir() and val.is_dir():
+    """``(train, val)`` folders when ``root`` is pre-split (a train and a val folder by any name of
+    ``SPLIT_FOLDERS``, letter case aside), else None. A test folder beside them is left for the user's evaluation.
+
+    A lone split-named folder is a split with its validation folder missing (an error naming the fixes) when it holds
+    sub-folders, and a class when it holds the images itself (the vehicle "train" of a bus/car/train dataset).
+    """
+    found: dict[str, list[Path]] = defaultdict(list)
+    for name in subfolders(root):
+        if (role := SPLIT_FOLDERS.get(name.lower())) is not None:
+            found[role].append(root / name)
+    for role, dirs in found.items():
+        if len(dirs) > 1:
+            raise ValueError(f"{root} has {len(dirs)} {role} folders ({', '.join(d.name for d in dirs)}); keep one")
+    train, val = found.get("train", [None])[0], found.get("val", [None])[0]
+    if train and val:
         return train, val
-    if train.is_dir() != val.is_dir():
-        have, missing = (train, val) if train.is_dir() else (val, train)
+    if (have := train or val) and subfolders(have):
+        fix = (
+            f"use 'folder:{train}' (val_split of it is held out per class)"
+            if train
+            else f"add {root}/train/<class>/ beside it"
+        )
         raise FileNotFoundError(
-            f"Found {have} but not {missing}; provide both train/ and val/, or put class folders directly in {root}"
+            f"Found {have} but no {'validation' if train else 'training'} folder beside it (train/ with val/, valid/ "
+            f"or validation/); {fix}, or put class folders directly in {root}"
         )
     return None
+
+
+def _name_words(name: str) -> set[str]:
+    return set(re.split(r"[^a-z0-9]+", name.lower()))
+
+
+def _split_like(root: Path, names: Sequence[str]) -> list[str]:
+    """Class folder names that look like a dataset's splits (``training_set``, ``seg_test``, ``test``) and hold
+    sub-folders of their own: the classes are one level down."""
+    return [name for name in names if _name_words(name) & SPLIT_WORDS and subfolders(root / name)]
 
 
 def _is_data(name: str) -> bool:
@@ -370,12 +407,26 @@ def _loose_images(folder: Path) -> list[tuple[str, str]]:
 
 
 def _training_classes(root: Path) -> list[str]:
-    """Class folder names of a training folder; a classifier needs at least two."""
+    """Class folder names of a training folder; a classifier needs at least two, and folders named like a
+    dataset's splits (``training_set/`` and ``test_set/``, each holding the class folders) are not classes."""
     names = _class_dirs(root)
+    if len(split_like := _split_like(root, names)) >= 2:
+        train = next((n for n in split_like if _name_words(n) & TRAIN_WORDS), split_like[0])
+        raise ValueError(
+            f"The class folders {split_like} of {root} look like a dataset's splits, each holding class folders, not "
+            f"classes; use 'folder:{root / train}' (val_split of it is held out per class), or name the splits "
+            f"{root}/train/ and {root}/val/"
+        )
     if len(names) < 2:
+        wrapper = root / names[0]
+        hint = (
+            f"its classes are one level down: use 'folder:{wrapper}'"
+            if subfolders(wrapper)
+            else f"put each class's images in its own sub-folder {root}/<class>/"
+        )
         raise ValueError(
             f"Image folder {root} has only one class folder ({names[0]!r}); a classifier needs at least 2 classes: "
-            f"put each class's images in its own sub-folder {root}/<class>/"
+            f"{hint}"
         )
     return names
 
@@ -406,7 +457,6 @@ def _load_folder(arg: str, options: SourceOptions) -> Listing:
 CSV_PATH_COLUMNS = ("path", "image", "file", "filename", "filepath")
 CSV_LABEL_COLUMNS = ("label", "class", "target", "category")
 CSV_LABELS_COLUMN = "labels"  # multi-label: the names of each image, separated by LABEL_SEPARATOR
-_CSV_SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": None}
 _CSV_FLAGS = {"0": 0, "1": 1}
 _CSV_LAYOUTS = (
     f"one label column (any of {list(CSV_LABEL_COLUMNS)}), a {CSV_LABELS_COLUMN!r} column of names separated by "
@@ -560,11 +610,11 @@ def _load_csv(arg: str, options: SourceOptions) -> Listing:
     everything = Split(samples=PathList.from_strings(paths), targets=rows.targets())
     if splits is None:
         return Listing(rows.class_names, everything)
-    unknown = sorted({s for s in splits if s not in _CSV_SPLITS})
+    unknown = sorted({s for s in splits if s not in SPLIT_FOLDERS})
     if unknown:
         raise ValueError(f"{file}: unknown split values {unknown}; use train, val (or valid/validation) or test")
-    groups = {name: [i for i, s in enumerate(splits) if _CSV_SPLITS[s] == name] for name in ("train", "val")}
-    ignored = [paths[i] for i, s in enumerate(splits) if _CSV_SPLITS[s] is None]  # test rows: not used by fit
+    groups = {name: [i for i, s in enumerate(splits) if SPLIT_FOLDERS[s] == name] for name in ("train", "val")}
+    ignored = [paths[i] for i, s in enumerate(splits) if SPLIT_FOLDERS[s] is None]  # test rows: not used by fit
     train, val = (everything.take(groups[k]) for k in ("train", "val"))
     return Listing(rows.class_names, train, val, ignored)
 
