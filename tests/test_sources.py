@@ -347,6 +347,45 @@ def test_read_image_gray_and_16bit_files(tmp_path: Path) -> None:
     assert image.dtype == torch.uint8 and torch.all(image == 255)
 
 
+def test_read_image_float_tiff_is_scaled_from_0_to_1(tmp_path: Path) -> None:
+    # A float TIFF (microscopy, remote sensing) holds 0..1; PIL's convert("RGB") clipped it to a black image.
+    ramp = np.linspace(0.0, 1.0, 48 * 64, dtype=np.float32).reshape(48, 64)
+    path = tmp_path / "float.tif"
+    Image.fromarray(ramp, "F").save(path)
+    image = read_image(path)
+    assert image.shape == (3, 48, 64) and image.dtype == torch.uint8
+    assert torch.equal(image[0], torch.from_numpy(np.rint(ramp.astype(np.float64) * 255).astype(np.uint8)))
+    assert torch.equal(image[0], image[2])
+
+
+@pytest.mark.parametrize(
+    ("array", "mode", "shown"),
+    [
+        (np.full((4, 5), 255.0, dtype=np.float32), "F", r"float image \(PIL mode F\) with values in \[255, 255\]"),
+        (np.full((4, 5), np.nan, dtype=np.float32), "F", r"float image \(PIL mode F\) with NaN or infinite values"),
+        (np.full((4, 5), -1024, dtype=np.int32), "I", r"integer image \(PIL mode I\) with values in \[-1024"),
+        (
+            np.full((4, 5), 70000, dtype=np.int32),
+            "I",
+            r"integer image \(PIL mode I\) with values in \[70000, 70000\]: .* read as 0..65535",
+        ),
+    ],
+)
+def test_read_image_out_of_range_deep_images_are_named_not_clipped(
+    tmp_path: Path, array: np.ndarray, mode: str, shown: str
+) -> None:
+    # No one right scale (CT numbers, a 32-bit count, floats in 0..255): clipping gave a flat image without a word.
+    path = tmp_path / "deep.tif"
+    Image.fromarray(array, mode).save(path)
+    with pytest.raises(ValueError, match=rf"Could not decode image {path}: an? {shown}"):
+        read_image(path)
+    for name in ("a", "b"):  # in a source: listed as unreadable by the scan, the rest trains
+        _make_class_dir(tmp_path / "src", name, 3)
+    path.rename(tmp_path / "src" / "a" / path.name)
+    data = load_source(f"folder:{tmp_path / 'src'}", val_split=0.34)
+    assert [Path(p).name for p, _ in data.skipped] == ["deep.tif"]
+
+
 @pytest.mark.parametrize(
     "sample",
     [

@@ -182,13 +182,36 @@ def _draft(img: Image.Image, min_size: MinSize) -> bool:
 
 
 def pil_to_rgb(img: Image.Image) -> torch.Tensor:
-    """A decoded PIL image as a ``uint8`` ``(3, H, W)`` tensor: 16-bit rescaled, transparency over white."""
-    if img.mode.startswith("I"):  # 16/32-bit integer (16-bit PNG/TIFF): PIL's convert("RGB") clips, so rescale
-        array = np.asarray(img, dtype=np.float64)
-        return read_image(np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8))
+    """A decoded PIL image as a ``uint8`` ``(3, H, W)`` tensor: 16-bit and float images rescaled, transparency over
+    white."""
+    if img.mode.startswith("I") or img.mode == "F":  # PIL's convert("RGB") clips these to 0..255: rescale instead
+        return read_image(_scaled_to_uint8(np.asarray(img, dtype=np.float64), img.mode))
     if img.has_transparency_data:  # RGBA, LA, PA, or a palette / colour key with a transparent entry (GIF, tRNS)
         return pil_to_tensor(on_white(img))
     return pil_to_tensor(img.convert("RGB"))
+
+
+def _scaled_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    """A single-channel integer or float image scaled from its full range to 0..255.
+
+    Integers (a 16-bit PNG or TIFF, opened as mode ``I;16`` or ``I``) span 0..65535; floats (a float TIFF, mode
+    ``F``) 0..1, the convention of scikit-image, tifffile and torchvision's ``to_dtype``. PIL's ``convert("RGB")``
+    clips both to 0..255 instead: a float image in 0..1 came out black, a 16-bit one nearly white. Values outside
+    the range (a 32-bit or signed image, CT numbers, floats in 0..255, NaN) have no one right scale, so they are an
+    error, not clipped.
+    """
+    full = 1.0 if mode == "F" else 65535.0
+    kind = "float" if mode == "F" else "integer"
+    what = f"{'a' if mode == 'F' else 'an'} {kind} image (PIL mode {mode})"
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} with NaN or infinite values")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > full:
+        raise ValueError(
+            f"{what} with values in [{low:g}, {high:g}]: {kind} images are read as "
+            f"0..{full:g}; rescale it to that range (or save it as an 8-bit image)"
+        )
+    return np.rint(array * (255.0 / full)).astype(np.uint8)
 
 
 def on_white(img: Image.Image) -> Image.Image:
