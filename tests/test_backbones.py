@@ -551,12 +551,14 @@ def test_hub_weights_without_network_fail_in_seconds(monkeypatch, tmp_path):
 
 def test_torchvision_model_without_weights_gets_the_data_config_of_its_own_input_size():
     """A ViT built without weights takes the size it is built with: the data config follows it (vit_h_14's default
-    weights are 518 px but it is 224 px without them; vit_b_16 asked at 384 px gets the 384-px weights' config)."""
+    weights are 518 px but it is 224 px without them; vit_b_16 asked at 384 px gets the 384-px weights' config, and
+    at a size no weights have, to train from scratch, the default weights' config at that size, crop fraction kept)."""
     backbone = create_backbone("torchvision/vit_b_16", pretrained=False, image_size=384)
     assert backbone.data_config["input_size"] == (3, 384, 384)
     assert backbone(torch.rand(1, 3, 384, 384)).shape == (1, backbone.num_features)
-    with pytest.raises(ValueError, match=r"torchvision/vit_b_16 built without weights takes 256-px.*IMAGENET1K_V1"):
-        create_backbone("torchvision/vit_b_16", pretrained=False, image_size=256)
+    config = create_backbone("torchvision/vit_b_16", pretrained=False, image_size=256).data_config
+    default = backbone_data_config("torchvision/vit_b_16")
+    assert config == {**default, "input_size": (3, 256, 256), "resize_size": 256 * 256 // 224}
 
 
 def test_a_multimodal_encoder_without_a_classifier_is_refused_with_its_classification_variant():
@@ -577,9 +579,39 @@ def test_a_model_timm_builds_under_another_ones_config_is_named_not_followed_qui
     (found by benchmarks/eval_transforms.py, the only such model in timm): tlkit follows what the model carries, and
     says so. A model built as itself says nothing."""
     with pytest.warns(UserWarning, match=r"'vitamin_xlarge_336' with the pretrained config of "
-                      r"vitamin_xlarge_256\.datacomp1b_clip.*256-px input size.*image_size"):  # fmt: skip
+                      r"vitamin_xlarge_256\.datacomp1b_clip.*256-px input size.*img_size=<size>"):  # fmt: skip
         config = backbone_data_config("vitamin_xlarge_336.datacomp1b_clip")  # meta device: no memory, no weights
     assert config["input_size"] == (3, 256, 256)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         assert backbone_data_config("vitamin_xlarge_256.datacomp1b_clip")["input_size"] == (3, 256, 256)
+
+
+def test_a_fixed_size_model_failing_on_another_size_names_the_setting(tmp_path: Path) -> None:
+    # timm's own error was "AssertionError: Input height (64) doesn't match model (160)" from inside the patch
+    # embedding, at the first batch; MaxViT's and torchvision's ViT's a reshape failure.
+    vit = create_backbone("test_vit3")
+    assert vit.fixed_size == (160, 160) and vit.data_config["input_size"] == (3, 160, 160)
+    assert vit(torch.zeros(1, 3, 160, 160)).shape == (1, vit.num_features)
+    with pytest.raises(ValueError, match=r"test_vit3 takes 160x160 images .* failed on 64x64: .*image_size"):
+        vit(torch.zeros(1, 3, 64, 64))
+    assert create_backbone("test_resnet").fixed_size is None  # a CNN takes any size
+    # timm marks some models fixed-size that run at other sizes (test_vit, CrossViT, EfficientViT-M, SAM's ViT, the
+    # CLIP ResNets): only a failure is explained, nothing that works is refused.
+    flagged = create_backbone("test_vit")
+    assert flagged.fixed_size == (160, 160) and flagged(torch.zeros(1, 3, 64, 64)).shape == (1, flagged.num_features)
+    assert create_backbone("test_resnet")(torch.zeros(1, 3, 64, 48)).shape[0] == 1
+    tv_vit = create_backbone("torchvision/vit_b_32", image_size=64)
+    assert tv_vit.fixed_size == (64, 64)  # built for a size no weights have: theirs, at its size (crop kept)
+    assert tv_vit.data_config["input_size"] == (3, 64, 64) and tv_vit.data_config["resize_size"] == 64 * 256 // 224
+    with pytest.raises(ValueError, match=r"torchvision/vit_b_32 takes 64x64 images .* failed on 96x96"):
+        tv_vit(torch.zeros(1, 3, 96, 96))
+
+
+def test_a_fixed_size_model_built_for_another_size_says_so_in_its_data_config() -> None:
+    # timm keeps the weights' pretrained config (160 px) on a model built with img_size=64: the data module would
+    # have resized every image to 160 for a 64-px model.
+    vit = create_backbone("test_vit3", img_size=64)
+    assert vit.data_config["input_size"] == (3, 64, 64) and vit.fixed_size == (64, 64)
+    assert vit(torch.zeros(2, 3, 64, 64)).shape == (2, vit.num_features)
+    assert create_backbone("test_vit3", dynamic_img_size=True).fixed_size is None

@@ -449,3 +449,12 @@ def test_token_sequences_without_prefix_tokens_average_every_token():
     tokens = torch.randn(2, 49, 768)
     pooled = FeatureExtractor(backbone, pool="avg")._pool(tokens)
     torch.testing.assert_close(pooled, tokens.mean(dim=1))
+
+
+def test_extract_features_of_a_fixed_size_model_at_another_size_names_the_setting() -> None:
+    from tlkit.backbones import create_backbone
+
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    for options in ({}, {"layers": [0], "pool": "avg"}):  # the backbone's own forward, and forward_intermediates
+        with pytest.raises(ValueError, match=r"test_vit3 takes 160x160 images .* failed on 64x64"):
+            extract_features(create_backbone("test_vit3"), images, preprocess="none", device="cpu", **options)

@@ -7,6 +7,7 @@ and ``data_config`` (the input size, mean/std, interpolation and crop fraction i
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import functools
@@ -17,7 +18,7 @@ import os
 import re
 import socket
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,10 @@ PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
 }
 
 
+class InputSizeError(ValueError):
+    """Images of another size than a fixed-size model was built for, and the model failed on them."""
+
+
 class Backbone(nn.Module):
     """A pretrained image model without its classifier: ``forward(images) -> (N, num_features)``.
 
@@ -81,14 +86,26 @@ class Backbone(nn.Module):
         num_features: width of the pooled features.
         data_config: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct`` and ``crop_mode`` of its
             weights (and torchvision's ``resize_size``).
+        fixed_size: ``(height, width)`` a fixed-size model (timm's ``fixed_input_size``: ViT, Swin, MaxViT, ...;
+            torchvision's ViTs) was built for; None for the others. Other sizes may fail inside the model, and then
+            the error says so (:meth:`input_size_explained`).
     """
 
-    def __init__(self, model: nn.Module, name: str, num_features: int, data_config: dict[str, Any], groups: list):
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        num_features: int,
+        data_config: dict[str, Any],
+        groups: list,
+        fixed_size: tuple[int, int] | None = None,
+    ):
         super().__init__()
         self.model = model
         self.name = name
         self.num_features = num_features
         self.data_config = data_config
+        self.fixed_size = fixed_size
         self._stage_params = _name_stages(groups)
         _check_partition(model, name, self._stage_params)
 
@@ -102,7 +119,29 @@ class Backbone(nn.Module):
         return {stage: [f"model.{n}" for n in names] for stage, names in self._stage_params.items()}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        with self.input_size_explained(images):
+            return self.model(images)
+
+    @contextlib.contextmanager
+    def input_size_explained(self, images: torch.Tensor) -> Iterator[None]:
+        """Where a fixed-size model (ViT, Swin, MaxViT, ...) fails on images of another size than it was built for,
+        raise an error naming the setting to change, the model's own (an assertion or a reshape failure deep inside
+        it) as its cause. Only on failure: timm marks some models fixed-size that run at other sizes (CrossViT,
+        EfficientViT-M, SAM's ViT, the CLIP ResNets), and those keep working."""
+        try:
+            yield
+        except (torch.OutOfMemoryError, InputSizeError):  # not a size problem / already explained (nested paths)
+            raise
+        except Exception as err:
+            if self.fixed_size is None or tuple(images.shape[-2:]) == self.fixed_size:
+                raise
+            (height, width), (got_h, got_w) = self.fixed_size, images.shape[-2:]
+            raise InputSizeError(
+                f"{self.name} takes {height}x{width} images (a fixed input size) and failed on {got_h}x{got_w}: leave "
+                f"the data's image_size unset (the weights' size is its default) or set it to {height}; for another "
+                f"size use a model without a fixed input size (a CNN), or build this one for it: "
+                f"create_backbone({self.name!r}, img_size={got_h}) (timm resizes its position embeddings)."
+            ) from err
 
 
 def create_backbone(name: str, pretrained: Pretrained = False, **kwargs: Any) -> Backbone:
@@ -180,7 +219,12 @@ def _create_timm(name: str, hub: bool, **kwargs: Any) -> Backbone:
     config = timm.data.resolve_model_data_config(model)
     keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
     data_config = {key: config[key] for key in keys}
-    return Backbone(model, name, _timm_output_width(model), data_config, _timm_groups(model))
+    if (size := kwargs.get("img_size")) is not None:  # built for another size: its pretrained config does not say so
+        height, width = (size, size) if isinstance(size, int) else size
+        data_config["input_size"] = (3, height, width)
+    fixed_size = model.pretrained_cfg.get("fixed_input_size") and not kwargs.get("dynamic_img_size")
+    fixed = tuple(data_config["input_size"][1:]) if fixed_size else None
+    return Backbone(model, name, _timm_output_width(model), data_config, _timm_groups(model), fixed)
 
 
 def _check_classifies(model: nn.Module, name: str) -> None:
@@ -209,7 +253,7 @@ def _warn_if_built_as_another(model: nn.Module, name: str) -> None:
         warnings.warn(
             f"timm builds {arch!r} with the pretrained config of {built}.{model.pretrained_cfg.get('tag')} (its "
             f"weights and its {size}-px input size), not with its own; tlkit's transforms follow that config. For "
-            f"another input size set the data's image_size.",
+            f"another input size build it with create_backbone({name!r}, img_size=<size>).",
             UserWarning,
             stacklevel=4,
         )
@@ -307,25 +351,27 @@ def _create_torchvision(name: str, hub: bool, **kwargs: Any) -> Backbone:
     kwargs = _without_aux_logits(name, arch, kwargs)
     model = torchvision.models.get_model(arch, weights=weights if hub else None, **kwargs)
     num_features = _drop_classifier(model, name)
-    config = _torchvision_data_config(weights if hub else _weights_that_fit(arch, model, weights))
-    return Backbone(model, name, num_features, config, _torchvision_groups(model))
+    config = _torchvision_data_config(weights) if hub else _config_without_weights(arch, model, weights)
+    size = getattr(model, "image_size", None)  # ViTs; (MaxViT's fixed size is not kept on the model)
+    fixed = (size, size) if isinstance(size, int) else None
+    return Backbone(model, name, num_features, config, _torchvision_groups(model), fixed)
 
 
-def _weights_that_fit(arch: str, model: nn.Module, chosen: Any) -> Any:
-    """The weights whose evaluation transform fits ``model`` as built without weights: ``chosen`` where their input
-    size fits it. A fixed-size model (ViT) takes its ``image_size`` from the weights it is built with and 224 without:
-    ``vit_h_14``'s default weights are 518-px, so without weights the 224-px ones (same mean/std) describe its input."""
-    weights = torchvision.models.get_model_weights(arch)
+def _config_without_weights(arch: str, model: nn.Module, chosen: Any) -> dict[str, Any]:
+    """The evaluation config for ``model`` as built without weights: that of the weights ``chosen`` where their
+    input size fits it. A fixed-size model (ViT) takes its ``image_size`` from the weights it is built with and 224
+    without: ``vit_h_14``'s default weights are 518-px, so without weights the 224-px ones (same mean/std) describe
+    its input; built for a size no weights have (``image_size=64``, to train from scratch on small images), it gets
+    the chosen weights' config at that size, their crop fraction kept."""
     size = getattr(model, "image_size", None)
     if size is None or chosen.transforms().crop_size[0] == size:
-        return chosen
-    fitting = [w for w in weights if w.transforms().crop_size[0] == size]
-    if not fitting:
-        raise ValueError(
-            f"torchvision/{arch} built without weights takes {size}-px images, and none of its weights "
-            f"({', '.join(w.name for w in weights)}) has that input size; pass image_size=<size> of one of them."
-        )
-    return fitting[0]
+        return _torchvision_data_config(chosen)
+    weights = torchvision.models.get_model_weights(arch)
+    if fitting := [w for w in weights if w.transforms().crop_size[0] == size]:
+        return _torchvision_data_config(fitting[0])
+    config = _torchvision_data_config(chosen)
+    resize = size * config["resize_size"] // config["input_size"][1]  # integer, as the data module scales it
+    return {**config, "input_size": (3, size, size), "resize_size": resize}
 
 
 def _without_aux_logits(name: str, arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:

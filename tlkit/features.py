@@ -189,6 +189,10 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         x = images.float().div(255) if images.dtype == torch.uint8 else images
         x = self.preprocess(x)
+        with self.backbone.input_size_explained(x):  # every path below, not only the backbone's own forward
+            return self._features(x)
+
+    def _features(self, x: Tensor) -> dict[str, Tensor]:
         if self.model_path:  # one code path with the classifier, so features and training inputs cannot drift
             return {DEFAULT_KEY: self.backbone(x)}
         if self._graph is not None and self.torchvision:
