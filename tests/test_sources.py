@@ -497,6 +497,49 @@ def test_csv_written_on_windows_reads_its_backslash_paths_and_says_so(tmp_path: 
     assert all(Path(p).is_file() for p in data.train.samples)
 
 
+def test_csv_rows_repeating_an_image_are_used_once(tmp_path: Path) -> None:
+    # A CSV concatenated from two exports: kept, a random split put copies of an image in train and in val.
+    rows = ["path,label"]
+    for i in range(6):
+        Image.fromarray(_photo(i)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{'cat' if i % 2 else 'dog'}")
+    rows += [f"./{i}.png,{'cat' if i % 2 else 'dog'}" for i in range(6)]  # the same files, spelled differently
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    with pytest.warns(UserWarning, match=r"labels.csv: 6 row\(s\) repeat an earlier row's image and label \(line 8 "
+                      r"repeats line 2\); each image is used once"):  # fmt: skip
+        data = load_source(f"csv:{tmp_path / 'labels.csv'}", val_split=0.34)
+    names = sorted(Path(p).name for p in [*data.train.samples, *data.val.samples])
+    assert names == [f"{i}.png" for i in range(6)]
+
+
+@pytest.mark.parametrize(
+    ("second", "shown"),
+    [
+        ("0.png,dog,train", r"0.png is on line 2 and line 4, labelled 'cat' and 'dog'; .* a 'labels' column"),
+        ("0.png,cat,val", r"0.png is on line 2 and line 4, in the splits 'train' and 'val'; .*validated on what"),
+    ],
+)
+def test_csv_image_with_two_labels_or_splits_names_both_lines(tmp_path: Path, second: str, shown: str) -> None:
+    # One row per (image, label), as a long-format export writes multi-label data, or an image in both splits.
+    for i in range(2):
+        Image.fromarray(_photo(i)).save(tmp_path / f"{i}.png")
+    (tmp_path / "labels.csv").write_text(f"path,label,split\n0.png,cat,train\n1.png,dog,val\n{second}\n")
+    with pytest.raises(ValueError, match=rf"labels.csv: .*{shown}"):
+        load_source(f"csv:{tmp_path / 'labels.csv'}")
+    with pytest.raises(ValueError, match=shown.split(";")[0]):
+        list_class_names(f"csv:{tmp_path / 'labels.csv'}")
+
+
+def test_csv_multilabel_repeats_compare_label_sets(tmp_path: Path) -> None:
+    for i in range(4):
+        Image.fromarray(_photo(i)).save(tmp_path / f"{i}.png")
+    text = "path,labels\n0.png,cat;dog\n1.png,dog\n2.png,cat\n3.png,cat;dog\n0.png,dog;cat\n"
+    (tmp_path / "labels.csv").write_text(text)
+    with pytest.warns(UserWarning, match=r"1 row\(s\) repeat .* \(line 6 repeats line 2\)"):
+        data = load_source(f"csv:{tmp_path / 'labels.csv'}", val_split=0.5)
+    assert len(data.train) + len(data.val) == 4
+
+
 def test_folders_of_macos_zips_and_nas_thumbnails_are_not_classes_or_images(tmp_path: Path) -> None:
     """Unzipped from a Mac: ``__MACOSX/<class>/._x.jpg`` (AppleDouble metadata, a ".jpg" that is not one) beside the
     classes; copied off a Synology NAS: ``<class>/@eaDir/x.jpg/SYNOFILE_THUMB_M.jpg``, real JPEGs of every photo."""

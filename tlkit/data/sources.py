@@ -560,15 +560,54 @@ def _read_csv_rows(file: Path) -> _CsvRows:
             if not label:
                 raise ValueError(f"{file}, line {line}: empty {label_col!r} cell")
             labels.append(label)
-        return _CsvRows(paths, labels, splits_or_none, _sorted_labels(labels), multilabel=False)
-    if names_col is not None:
+        parsed = _CsvRows(paths, labels, splits_or_none, _sorted_labels(labels), multilabel=False)
+    elif names_col is not None:
         sets = [_split_names(row.get(names_col) or "") for _, row in rows]
         names = _sorted_labels([name for names in sets for name in names])
-        return _CsvRows(paths, sets, splits_or_none, names, multilabel=True)
-    flag_cols = [h for h in header if h not in (path_col, split_col)]
-    if len(flag_cols) < 2:
-        raise ValueError(f"{file} has no label column; its columns are {header}, expected {_CSV_LAYOUTS}")
-    return _CsvRows(paths, _read_flags(file, rows, flag_cols), splits_or_none, flag_cols, multilabel=True)
+        parsed = _CsvRows(paths, sets, splits_or_none, names, multilabel=True)
+    else:
+        flag_cols = [h for h in header if h not in (path_col, split_col)]
+        if len(flag_cols) < 2:
+            raise ValueError(f"{file} has no label column; its columns are {header}, expected {_CSV_LAYOUTS}")
+        parsed = _CsvRows(paths, _read_flags(file, rows, flag_cols), splits_or_none, flag_cols, multilabel=True)
+    return _one_row_per_image(file, [line for line, _ in rows], parsed)
+
+
+def _one_row_per_image(file: Path, lines: list[int], rows: _CsvRows) -> _CsvRows:
+    """``rows`` with each image once. A row repeating an earlier one (same image, label and split; paths compared
+    normalised, ``a/./x.jpg`` is ``a/x.jpg``) is dropped with a warning: kept, a random split could put the copies
+    in train and val, and validation would score images the model trained on. The same image with another label or
+    in another split is an error naming both lines: no choice between them would be right."""
+    first: dict[str, int] = {}
+    keep, repeats = [], []
+    for i, path in enumerate(rows.paths):
+        j = first.setdefault(os.path.normpath(path), i)
+        if j == i:
+            keep.append(i)
+            continue
+        (label, earlier), where = (rows.labels[i], rows.labels[j]), f"{file}: {path} is on line {lines[j]} and line"
+        if (sorted(label) if rows.multilabel else label) != (sorted(earlier) if rows.multilabel else earlier):
+            raise ValueError(
+                f"{where} {lines[i]}, labelled {earlier!r} and {label!r}; give each image one row: fix the label, or "
+                f"list an image's classes in one row, in a {CSV_LABELS_COLUMN!r} column separated by "
+                f"{LABEL_SEPARATOR!r} (multi-label)"
+            )
+        if rows.splits is not None and rows.splits[i] != rows.splits[j]:
+            raise ValueError(
+                f"{where} {lines[i]}, in the splits {rows.splits[j]!r} and {rows.splits[i]!r}; an image in both would "
+                "be validated on what the model trained on: keep one row"
+            )
+        repeats.append((lines[i], lines[j]))
+    if not repeats:
+        return rows
+    warnings.warn(
+        f"{file}: {len(repeats)} row(s) repeat an earlier row's image and label (line {repeats[0][0]} repeats line "
+        f"{repeats[0][1]}); each image is used once",
+        stacklevel=5,
+    )
+    splits = None if rows.splits is None else [rows.splits[i] for i in keep]
+    return _CsvRows([rows.paths[i] for i in keep], [rows.labels[i] for i in keep], splits, rows.class_names,
+                    rows.multilabel)  # fmt: skip
 
 
 def _split_names(cell: str) -> list[str]:
