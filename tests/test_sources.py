@@ -6,6 +6,7 @@ import csv
 import struct
 import subprocess
 import sys
+import unicodedata
 import warnings
 import zlib
 from collections import Counter
@@ -538,6 +539,29 @@ def test_csv_multilabel_repeats_compare_label_sets(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"1 row\(s\) repeat .* \(line 6 repeats line 2\)"):
         data = load_source(f"csv:{tmp_path / 'labels.csv'}", val_split=0.5)
     assert len(data.train) + len(data.val) == 4
+
+
+def test_csv_names_a_file_in_the_other_unicode_form(tmp_path: Path) -> None:
+    # Files unpacked from a Mac's zip carry decomposed names (NFD: "a" + combining diaeresis); a CSV typed on
+    # Windows or Linux names them composed (NFC). Same name to a reader, other bytes: the files were "not found".
+    decomposed = unicodedata.normalize("NFD", "Bär")
+    (tmp_path / decomposed).mkdir()
+    rows = ["path,label"]
+    for i in range(4):
+        Image.fromarray(_photo(i)).save(tmp_path / decomposed / f"{i}.png")
+        rows.append(f"{unicodedata.normalize('NFC', 'Bär')}/{i}.png,{'cat' if i % 2 else 'dog'}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    data = load_source(f"csv:{tmp_path / 'labels.csv'}", val_split=0.5)
+    assert data.skipped == [] and len(data.train) + len(data.val) == 4
+    assert all(Path(p).is_file() for p in [*data.train.samples, *data.val.samples])
+
+
+def test_presplit_class_folders_match_in_either_unicode_form(tmp_path: Path) -> None:
+    _make_class_dir(tmp_path / "train", unicodedata.normalize("NFD", "Bär"), 3)  # unpacked from a Mac's zip
+    _make_class_dir(tmp_path / "train", "cat", 3)
+    _make_class_dir(tmp_path / "val", unicodedata.normalize("NFC", "Bär"), 2)  # made here
+    data = load_source(f"folder:{tmp_path}")
+    assert data.val.targets == [0, 0] and data.class_names[0] == unicodedata.normalize("NFD", "Bär")
 
 
 def test_folders_of_macos_zips_and_nas_thumbnails_are_not_classes_or_images(tmp_path: Path) -> None:

@@ -388,13 +388,15 @@ def _scan_folder(
     unusable.extend(_loose_images(root))
     samples: list[str] = []
     targets: list[int] = []
+    by_form = {unicodedata.normalize("NFC", name): index for name, index in class_to_idx.items()}
     for name in _class_dirs(root):
-        if name not in class_to_idx:
+        # Compared in one Unicode form: val/Bär made on Linux is train/Bär unpacked from a Mac's zip (decomposed).
+        if (label := by_form.get(unicodedata.normalize("NFC", name))) is None:
             known = ", ".join(class_to_idx)
             raise ValueError(f"Class folder {root / name} is not among the training classes ({known})")
         files, others = _list_files(root / name)
         samples.extend(files)
-        targets.extend([class_to_idx[name]] * len(files))
+        targets.extend([label] * len(files))
         ignored.extend(others)
     return Split(samples=PathList.from_strings(samples), targets=targets)
 
@@ -542,7 +544,8 @@ def _read_csv_rows(file: Path) -> _CsvRows:
             windows += 1
             path = path.replace("\\", "/")
         # Relative paths are relative to the CSV's folder, so the CSV and its images move together.
-        paths.append(str((file.parent / path) if not Path(path).is_absolute() else Path(path)))
+        full = str((file.parent / path) if not Path(path).is_absolute() else Path(path))
+        paths.append(full if full.isascii() else _as_on_disk(full))
         splits.append((row.get(split_col) or "").strip().lower() if split_col else "")
     if windows:
         warnings.warn(
@@ -571,6 +574,18 @@ def _read_csv_rows(file: Path) -> _CsvRows:
             raise ValueError(f"{file} has no label column; its columns are {header}, expected {_CSV_LAYOUTS}")
         parsed = _CsvRows(paths, _read_flags(file, rows, flag_cols), splits_or_none, flag_cols, multilabel=True)
     return _one_row_per_image(file, [line for line, _ in rows], parsed)
+
+
+def _as_on_disk(path: str) -> str:
+    """``path``, or its other Unicode normal form where only that exists: an accented name typed in a CSV (NFC, as
+    Windows and Linux write it) names a file unpacked from a zip made on a Mac, which stores it decomposed (NFD),
+    and the two are one name to a reader but different bytes to the file system."""
+    if os.path.lexists(path):
+        return path
+    for form in ("NFC", "NFD"):
+        if (other := unicodedata.normalize(form, path)) != path and os.path.lexists(other):
+            return other
+    return path
 
 
 def _one_row_per_image(file: Path, lines: list[int], rows: _CsvRows) -> _CsvRows:
