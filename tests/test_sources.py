@@ -260,6 +260,22 @@ def test_error_missing_dir(tmp_path: Path) -> None:
         list_class_names(f"folder:{missing}")
 
 
+def test_folder_source_that_is_an_archive_or_a_file_says_so(tmp_path: Path) -> None:
+    # The dataset as downloaded: "Image folder not found" for a file that is plainly there misled.
+    archive = tmp_path / "photos.zip"
+    archive.write_bytes(b"PK\x05\x06" + bytes(18))
+    for spec in (archive, tmp_path / "photos"):  # the archive itself, or the folder it would unpack to
+        with pytest.raises(FileNotFoundError, match=rf"{archive} is an archive, not a folder: unpack it \(python -m "
+                           rf"zipfile -e {archive} <dir>\) and use 'folder:<dir>'"):  # fmt: skip
+            load_source(f"folder:{spec}")
+    (tmp_path / "shots.tar.gz").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"shots.tar.gz is an archive.*tar xf"):
+        load_source(f"folder:{tmp_path / 'shots.tar.gz'}")
+    (tmp_path / "labels.csv").write_text("path,label\n")
+    with pytest.raises(FileNotFoundError, match=r"labels.csv is a file, not a folder: it is a table, use 'csv:"):
+        load_source(f"folder:{tmp_path / 'labels.csv'}")
+
+
 def test_error_no_class_folders(tmp_path: Path) -> None:
     write_png(_random_image(0), str(tmp_path / "loose.png"))
     with pytest.raises(FileNotFoundError, match="No class sub-folders"):

@@ -276,14 +276,35 @@ def multilabel_split(
 # --------------------------------------------------------------------------- folder:<dir>
 
 
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
+
+
 def _folder_root(arg: str) -> Path:
     root = Path(arg).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"Image folder not found: {root}; expected 'folder:<dir>' with <dir>/<class>/<image> "
-            "or <dir>/train/<class>/<image> and <dir>/val/<class>/<image>"
+    if root.is_dir():
+        return root
+    layout = "expected 'folder:<dir>' with <dir>/<class>/<image> or <dir>/train/<class>/<image> and <dir>/val/..."
+    archive = root if root.is_file() else next((a for a in _archives_named(root) if a.is_file()), None)
+    if archive is not None and archive.name.lower().endswith(ARCHIVE_SUFFIXES):  # the dataset as downloaded
+        name = archive.name.lower()
+        unpack = (
+            f"python -m zipfile -e {archive} <dir>"
+            if name.endswith(".zip")
+            else f"tar xf {archive} -C <dir>"
+            if ".tar" in name or name.endswith(".tgz")
+            else "7-Zip"
         )
-    return root
+        raise FileNotFoundError(
+            f"{archive} is an archive, not a folder: unpack it ({unpack}) and use 'folder:<dir>'; {layout}"
+        )
+    if root.is_file():
+        raise FileNotFoundError(f"{root} is a file, not a folder{_what_was_meant(str(root)) or ''}; {layout}")
+    raise FileNotFoundError(f"Image folder not found: {root}; {layout}")
+
+
+def _archives_named(root: Path) -> list[Path]:
+    """``photos.zip``, ``photos.tar.gz``, ... beside a folder ``photos`` that does not exist."""
+    return [root.with_name(root.name + suffix) for suffix in ARCHIVE_SUFFIXES]
 
 
 def _presplit_dirs(root: Path) -> tuple[Path, Path] | None:
