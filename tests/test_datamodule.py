@@ -443,8 +443,19 @@ def test_folder_source_predicts_over_a_flat_folder(tmp_path):
     split = dm.predict_split()
     assert [p.rsplit("/", 1)[1] for p in split.samples] == ["img0.png", "img1.png", "img2.png"]
     assert dm.predict_class_names() is None  # a flat folder, though tools left folders in it
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(FileNotFoundError, match=r"'.*nope' is not found; expected a folder of images .* or one image"):
         ImageDataModule(source=f"folder:{root}", predict_source=str(tmp_path / "nope")).predict_split()
+
+
+def test_predict_source_may_be_one_photo(tmp_path):
+    root = write_image_folder(tmp_path / "data")
+    photo = sorted((tmp_path / "data" / "dog").glob("*.png"))[0]
+    dm = ImageDataModule(source=f"folder:{root}", image_size=32, val_split=0.34, predict_source=str(photo))
+    assert dm.predict_split().samples == [str(photo)] and dm.predict_class_names() is None
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    with pytest.raises(FileNotFoundError, match=r"notes.txt' is a file of another kind; expected a folder"):
+        ImageDataModule(source=f"folder:{root}", predict_source=str(notes)).predict_split()
 
 
 def test_unknown_augmentation_is_refused():

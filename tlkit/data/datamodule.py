@@ -90,7 +90,8 @@ class ImageDataModule(L.LightningDataModule):
         interpolation: resize interpolation (``bilinear``, ``bicubic``, ``nearest``); default: the backbone's.
         crop_pct: fraction of the resized image that the evaluation crop keeps (the resize is
             ``floor(image_size / crop_pct)``, as in timm); default: the backbone's.
-        predict_source: a folder of images (searched recursively) for ``predict``; default: the val split.
+        predict_source: a folder of images (searched recursively), or one image file, for ``predict``; default: the
+            val split.
         on_bad_image: ``"skip"``: unreadable image files are left out, listed in one warning and written to
             ``skipped_files.csv`` in the run directory (so are dangling symlinks and images outside any class
             folder, and files that became unreadable after the scan, which the loaders replace by the next readable
@@ -436,16 +437,23 @@ class ImageDataModule(L.LightningDataModule):
         ``predict_source`` with class folders, None for a flat folder."""
         if self.hparams.predict_source is None:
             return self.class_names
-        root = Path(self.hparams.predict_source.removeprefix("folder:"))
+        root = Path(self.hparams.predict_source.removeprefix("folder:")).expanduser()
         return (subfolders(root) or None) if root.is_dir() else None
 
     @functools.cached_property
     def _predict_files(self) -> Split:
         """The readable images of ``predict_source`` (scanned once, like the training source)."""
-        root = Path(self.hparams.predict_source.removeprefix("folder:"))
-        if not root.is_dir():
-            raise FileNotFoundError(f"predict_source {str(root)!r} is not a folder of images.")
-        paths = sorted(list_files(root)[0])  # as a training folder is listed: hidden and tool folders skipped
+        root = Path(self.hparams.predict_source.removeprefix("folder:")).expanduser()
+        if root.is_file() and root.suffix.lower() in IMAGE_EXTENSIONS:  # "predict this photo"
+            paths = [str(root)]
+        elif root.is_dir():
+            paths = sorted(list_files(root)[0])  # as a training folder is listed: hidden and tool folders skipped
+        else:
+            what = "a file of another kind" if root.is_file() else "not found"
+            raise FileNotFoundError(
+                f"predict_source {str(root)!r} is {what}; expected a folder of images (searched recursively) or one "
+                f"image file ({', '.join(sorted(IMAGE_EXTENSIONS))})."
+            )
         bad = scan_images(paths, max_pixels=self.hparams.max_image_pixels)
         if bad and self.hparams.on_bad_image == "raise":
             raise ValueError(f"Unreadable image {bad[0][0]}: {bad[0][1]} (predict_source; {len(bad)} unreadable)")
