@@ -92,3 +92,10 @@ def test_backbones_command_lists_matching_names(capsys):
 def test_console_script_is_installed():
     result = subprocess.run(["tlkit", "backbones", "--filter", "resnet18"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "resnet18" in result.stdout.split()
+
+
+def test_fit_with_a_fixed_size_backbone_at_the_recipes_image_size_names_the_setting(recipe):
+    # A recipe's image_size (32 here, 64 in the shipped ones) with a ViT swapped in: timm's assertion from inside the
+    # patch embedding, at the first batch, was all a user saw.
+    with pytest.raises(ValueError, match=r"test_vit3 takes 160x160 images .* failed on 32x32: .*image_size: null"):
+        main(["fit", "--config", str(recipe), "--model.init_args.backbone", "test_vit3"])
