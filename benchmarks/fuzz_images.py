@@ -1,8 +1,9 @@
-"""Fuzz tlkit's image decoding: damaged JPEG/PNG/WebP/GIF/HEIC/AVIF files must be listed with a reason, never crash
-or hang.
+"""Fuzz tlkit's image decoding: damaged JPEG/PNG/WebP/GIF/HEIC/AVIF/TIFF/BMP files must be listed with a reason, never
+crash or hang.
 
-Files: ``--count`` mutated copies of real photos (scikit-image), 64x64 and 48x80 px, in six formats (``--formats``
-picks some; HEIC through libheif, AVIF through libavif, both behind PIL). Mutations: bit
+Files: ``--count`` mutated copies of real photos (scikit-image), 64x64 and 48x80 px, in eight formats (``--formats``
+picks some; HEIC through libheif, AVIF through libavif, compressed TIFF through libtiff, all behind PIL; TIFFs are
+8-bit RGB, 16-bit or float grayscale). Mutations: bit
 flips, random byte changes, truncations, zero-filled runs, zero-byte files, a PNG chunk with a bad CRC (the data
 changed, the CRC not), absurd header dimensions (the header's CRC fixed so the decoder believes it), and one genuine
 20000x20000 PNG decompression bomb (400 MP, 400 KB on disk).
@@ -42,8 +43,14 @@ from pathlib import Path
 
 import numpy as np
 
-FORMATS = ("jpg", "png", "webp", "gif", "heic", "avif")
-PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "heic": "HEIF", "avif": "AVIF"}
+FORMATS = ("jpg", "png", "webp", "gif", "heic", "avif", "tif", "bmp")
+PIL_FORMATS = {
+    "jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "heic": "HEIF", "avif": "AVIF", "tif": "TIFF",
+    "bmp": "BMP",
+}  # fmt: skip
+# TIFFs as scanners, microscopes and satellites write them, each decoded through libtiff (compressed) or PIL: 8-bit
+# RGB, 16-bit and float (0..1) grayscale.
+TIFF_KINDS = (("RGB", "tiff_deflate"), ("I;16", "tiff_lzw"), ("F", None))
 MUTATIONS = ("bitflip", "bytes", "truncate", "zero_run", "empty", "bad_crc", "dims")
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 SIZES = ((64, 64), (48, 80))  # (height, width): one non-square
@@ -64,7 +71,13 @@ def clean_image(rng: np.random.Generator, fmt: str) -> bytes:
     y, x = rng.integers(0, photo.shape[0] - height), rng.integers(0, photo.shape[1] - width)
     image = Image.fromarray(np.ascontiguousarray(photo[y : y + height, x : x + width]))
     buffer = io.BytesIO()
-    image.save(buffer, format=PIL_FORMATS[fmt])
+    if fmt != "tif":
+        image.save(buffer, format=PIL_FORMATS[fmt])
+        return buffer.getvalue()
+    mode, compression = TIFF_KINDS[rng.integers(len(TIFF_KINDS))]
+    gray = np.asarray(image.convert("L"), dtype=np.float32) / 255
+    deep = {"RGB": image, "I;16": Image.fromarray((gray * 65535).astype(np.uint16)), "F": Image.fromarray(gray, "F")}
+    deep[mode].save(buffer, format="TIFF", **({"compression": compression} if compression else {}))
     return buffer.getvalue()
 
 
