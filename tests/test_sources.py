@@ -580,6 +580,23 @@ def test_presplit_class_folders_match_in_either_unicode_form(tmp_path: Path) -> 
     assert data.val.targets == [0, 0] and data.class_names[0] == unicodedata.normalize("NFD", "Bär")
 
 
+def test_csv_of_urls_says_so_and_file_urls_are_paths(tmp_path: Path) -> None:
+    # Datasets published as a CSV of image URLs: read as relative paths they were "<csv folder>/https:/host/a.jpg:
+    # file not found", then "class 'cat' has no readable training image".
+    (tmp_path / "web.csv").write_text("path,label\nhttps://example.com/a.jpg,cat\nS3://bucket/b.jpg,dog\n")
+    with pytest.raises(ValueError, match=r"web.csv, line 2: 'https://example.com/a.jpg' is a URL; .*download"):
+        load_source(f"csv:{tmp_path / 'web.csv'}")
+    rows = ["path,label"]
+    for i in range(4):
+        Image.fromarray(_photo(i)).save(tmp_path / f"photo {i}.png")
+        rows.append(f"file://{tmp_path.as_posix().replace(' ', '%20')}/photo%20{i}.png,{'cat' if i % 2 else 'dog'}")
+    (tmp_path / "local.csv").write_text("\n".join(rows) + "\n")
+    data = load_source(f"csv:{tmp_path / 'local.csv'}", val_split=0.5)
+    assert data.skipped == [] and sorted(Path(p).name for p in [*data.train.samples, *data.val.samples]) == [
+        f"photo {i}.png" for i in range(4)
+    ]
+
+
 def test_folders_of_macos_zips_and_nas_thumbnails_are_not_classes_or_images(tmp_path: Path) -> None:
     """Unzipped from a Mac: ``__MACOSX/<class>/._x.jpg`` (AppleDouble metadata, a ".jpg" that is not one) beside the
     classes; copied off a Synology NAS: ``<class>/@eaDir/x.jpg/SYNOFILE_THUMB_M.jpg``, real JPEGs of every photo."""

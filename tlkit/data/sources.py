@@ -36,6 +36,7 @@ import math
 import os
 import re
 import unicodedata
+import urllib.parse
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -481,6 +482,7 @@ CSV_PATH_COLUMNS = ("path", "image", "file", "filename", "filepath")
 CSV_LABEL_COLUMNS = ("label", "class", "target", "category")
 CSV_LABELS_COLUMN = "labels"  # multi-label: the names of each image, separated by LABEL_SEPARATOR
 _CSV_FLAGS = {"0": 0, "1": 1}
+_URL = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]+)://")  # two letters at least: C://x on Windows is a drive
 _CSV_LAYOUTS = (
     f"one label column (any of {list(CSV_LABEL_COLUMNS)}), a {CSV_LABELS_COLUMN!r} column of names separated by "
     f"{LABEL_SEPARATOR!r}, or one column of 0/1 per class"
@@ -560,6 +562,13 @@ def _read_csv_rows(file: Path) -> _CsvRows:
         path = (row.get(path_col) or "").strip()
         if not path:
             raise ValueError(f"{file}, line {line}: empty {path_col!r} cell")
+        if (url := _URL.match(path)) and url[1].lower() == "file":  # file:///data/x.jpg, as browsers copy it
+            path = urllib.parse.unquote(urllib.parse.urlparse(path).path)
+        elif url:  # read as a relative path it became "<csv folder>/https:/host/x.jpg: file not found"
+            raise ValueError(
+                f"{file}, line {line}: {path!r} is a URL; tlkit reads image files: download the images (e.g. with "
+                f"wget -x or a short script) and give their local paths, relative to the CSV's folder or absolute"
+            )
         if os.sep == "/" and "\\" in path:  # written on Windows: images\cat\1.jpg is images/cat/1.jpg here
             first_windows = first_windows or path
             windows += 1
