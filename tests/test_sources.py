@@ -597,6 +597,20 @@ def test_csv_of_urls_says_so_and_file_urls_are_paths(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("header", "cell", "shown"),
+    [
+        ("label", "cat;dog", r"line 3: 'cat;dog' in the 'label' column holds several names; .* name it 'labels'"),
+        ("labels", "Atelectasis|Effusion", r"line 3: 'Atelectasis\|Effusion' .* separated by '\|'; .* with ';'"),
+    ],
+)
+def test_csv_label_combinations_are_not_taken_for_classes(tmp_path: Path, header: str, cell: str, shown: str) -> None:
+    # Each combination would silently have been a class of its own ("cat;dog", "Atelectasis|Effusion").
+    (tmp_path / "l.csv").write_text(f"path,{header}\na.png,cat\nb.png,{cell}\n")
+    with pytest.raises(ValueError, match=rf"l.csv, {shown}"):
+        load_source(f"csv:{tmp_path / 'l.csv'}")
+
+
 def test_folders_of_macos_zips_and_nas_thumbnails_are_not_classes_or_images(tmp_path: Path) -> None:
     """Unzipped from a Mac: ``__MACOSX/<class>/._x.jpg`` (AppleDouble metadata, a ".jpg" that is not one) beside the
     classes; copied off a Synology NAS: ``<class>/@eaDir/x.jpg/SYNOFILE_THUMB_M.jpg``, real JPEGs of every photo."""

@@ -592,9 +592,16 @@ def _read_csv_rows(file: Path) -> _CsvRows:
             label = (row.get(label_col) or "").strip()
             if not label:
                 raise ValueError(f"{file}, line {line}: empty {label_col!r} cell")
+            if LABEL_SEPARATOR in label:  # each combination would silently become a class of its own
+                raise ValueError(
+                    f"{file}, line {line}: {label!r} in the {label_col!r} column holds several names; a "
+                    f"{label_col!r} column is one class per image: for multi-label data name it "
+                    f"{CSV_LABELS_COLUMN!r} (names separated by {LABEL_SEPARATOR!r})"
+                )
             labels.append(label)
         parsed = _CsvRows(paths, labels, splits_or_none, _sorted_labels(labels), multilabel=False)
     elif names_col is not None:
+        _check_separator(file, names_col, rows)
         sets = [_split_names(row.get(names_col) or "") for _, row in rows]
         names = _sorted_labels([name for names in sets for name in names])
         parsed = _CsvRows(paths, sets, splits_or_none, names, multilabel=True)
@@ -653,6 +660,21 @@ def _one_row_per_image(file: Path, lines: list[int], rows: _CsvRows) -> _CsvRows
     splits = None if rows.splits is None else [rows.splits[i] for i in keep]
     return _CsvRows([rows.paths[i] for i in keep], [rows.labels[i] for i in keep], splits, rows.class_names,
                     rows.multilabel)  # fmt: skip
+
+
+def _check_separator(file: Path, column: str, rows: list[tuple[int, dict[str, str]]]) -> None:
+    """Refuse a ``labels`` column whose names are separated by ``|`` (as ChestX-ray14 and other medical sets write
+    them) and never by ``;``: every combination would silently become one class. (Spaces and commas also occur in
+    class names, so they are not taken for separators.)"""
+    cells = [(line, (row.get(column) or "").strip()) for line, row in rows]
+    if any(LABEL_SEPARATOR in cell for _, cell in cells):
+        return
+    if found := next(((line, cell) for line, cell in cells if "|" in cell), None):
+        raise ValueError(
+            f"{file}, line {found[0]}: {found[1]!r} in the {column!r} column looks like names separated by '|'; "
+            f"tlkit separates them with {LABEL_SEPARATOR!r} (e.g. sed 's/|/;/g'), else each combination would be "
+            "one class"
+        )
 
 
 def _split_names(cell: str) -> list[str]:
