@@ -476,3 +476,22 @@ def test_the_shuffle_order_follows_the_runs_seed_unless_the_data_seed_is_set(
     assert order_1 != order_2 and val_1 == val_2  # new order per seed; the split stays put
     assert order_and_split(1) == (order_1, val_1)  # still exactly reproducible
     assert order_and_split(1, seed=5)[0] == order_and_split(2, seed=5)[0]  # an explicit seed wins
+
+
+def test_an_epoch_ending_in_one_image_drops_it_instead_of_failing_batchnorm(tmp_path):
+    # 12 training images in batches of 11: the last batch, one image, reached test_resnet's 1x1 maps at 32 px and
+    # raised "Expected more than 1 value per channel when training" after the epoch had run (LeViT's BatchNorm1d
+    # head at any size).
+    from tlkit import TransferClassifier
+    from tlkit.data.datamodule import ends_in_one_image
+
+    root = write_image_folder(tmp_path / "data", per_class=5)  # 3 classes: 12 train, 3 val
+    model = TransferClassifier("test_resnet", num_classes=3)
+    dm = ImageDataModule(f"folder:{root}", image_size=32, batch_size=11, data_config=model.backbone.data_config)
+    trainer = tiny_trainer(tmp_path, limit_train_batches=None, limit_val_batches=None)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 1 and len(dm.train_dataloader()) == 1
+    assert len(ImageDataModule(f"folder:{root}", image_size=32, batch_size=5).train_dataloader()) == 3  # 5 + 5 + 2
+    assert [ends_in_one_image(n, b) for n, b in [(12, 11), (12, 12), (13, 4), (1, 4), (7, 1)]] == [
+        True, False, True, False, False
+    ]  # fmt: skip

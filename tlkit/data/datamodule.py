@@ -407,6 +407,7 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             generator=sampler.generator,
             snapshot_every_n_steps=None,
+            drop_last=ends_in_one_image(len(sampler), self.hparams.batch_size),
         )
 
     def val_dataloader(self) -> DataLoader | StreamingDataLoader:
@@ -744,6 +745,17 @@ class BalancedSampler(EpochSampler):
         generator = torch.Generator().manual_seed(self._epoch_seed(stream=1))
         drawn = torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator)
         return iter(drawn[self.rank : self.total_size : self.num_replicas].tolist())
+
+
+def ends_in_one_image(samples: int, batch_size: int) -> bool:
+    """Whether an epoch of ``samples`` (this rank's) ends in a batch of one image, which the train loader drops.
+
+    A BatchNorm that sees one value per channel cannot train on it: the 1x1 maps of small images, or a BatchNorm1d
+    head (LeViT) raise "Expected more than 1 value per channel when training" — after the whole epoch has run.
+    timm's and fastai's train loaders drop every incomplete batch; only the one-image batch is dropped here, so no
+    other data is left out, and that image is another one each epoch (the order is shuffled).
+    """
+    return samples > 1 and batch_size > 1 and samples % batch_size == 1
 
 
 def check_arguments(image_size: Any, batch_size: Any) -> None:
