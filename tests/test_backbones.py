@@ -202,6 +202,45 @@ def test_weights_file_loads_and_drops_the_classifier(tmp_path, caplog, name, fil
     assert f"{head}.weight" in caplog.text and "Dropping the classifier" in caplog.text
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_weights_of_a_wrapped_model_load(tmp_path, prefix):
+    # Saved from a DDP-wrapped or torch.compile'd model: every key carried the wrapper's prefix ("unexpected keys").
+    source = create_backbone("test_resnet")
+    full = {**_state(source), "fc.weight": torch.randn(5, source.num_features), "fc.bias": torch.randn(5)}
+    path = _save({f"{prefix}{k}": v for k, v in full.items()}, tmp_path / "w.pth")
+    _assert_same_state(create_backbone("test_resnet", pretrained=path), _state(source))
+
+
+def test_a_timm_train_py_checkpoint_loads(tmp_path):
+    # timm's train.py writes model_best.pth.tar with its argparse.Namespace beside the state_dict.
+    import argparse
+
+    full = timm.create_model("test_resnet", num_classes=7)
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 9, "state_dict": full.state_dict(), "args": argparse.Namespace(lr=0.1, img_size=None)}, path)
+    backbone = create_backbone("test_resnet", pretrained=path)
+    _assert_same_state(backbone, {k: v for k, v in full.state_dict().items() if not k.startswith("fc.")})
+
+
+def test_a_tlkit_checkpoint_gives_its_backbone_and_data_config(tmp_path):
+    # Fine-tune again from an earlier run: its .ckpt was "Unsupported weights file".
+    import lightning as L
+
+    from tlkit import TransferClassifier
+
+    model = TransferClassifier("test_resnet", num_classes=4)
+    model.backbone.data_config = {**model.backbone.data_config, "mean": (0.1, 0.2, 0.3)}  # as it was trained
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_epochs=0)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    backbone = create_backbone("test_resnet", pretrained=tmp_path / "run.ckpt")
+    _assert_same_state(backbone, _state(model.backbone))
+    assert backbone.data_config["mean"] == (0.1, 0.2, 0.3)
+    assert backbone_data_config("test_resnet", tmp_path / "run.ckpt") == backbone.data_config  # what the CLI links
+    with pytest.raises(ValueError, match=r"run.ckpt is a tlkit checkpoint of backbone 'test_resnet', not 'resnet18'"):
+        create_backbone("resnet18", pretrained=tmp_path / "run.ckpt")
+
+
 def test_torchvision_checkpoint_with_a_nested_classifier_loads(tmp_path):
     # torchvision's mobilenet ends in classifier.3 (the 1000-class Linear); classifier.0 belongs to the backbone.
     full = torchvision.models.get_model("mobilenet_v3_small")

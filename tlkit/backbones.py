@@ -7,6 +7,7 @@ and ``data_config`` (the input size, mean/std, interpolation and crop fraction i
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import fnmatch
@@ -33,7 +34,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 TORCHVISION_PREFIX = "torchvision/"
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# .ckpt: a Lightning checkpoint (a tlkit run's: its backbone, to fine-tune again); .pth.tar: timm's train.py.
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 Pretrained = bool | str
 RESERVED_STAGE_NAMES = ("stem", "head")  # "head" is the classifier's own optimizer group in TransferClassifier
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -185,6 +187,11 @@ def backbone_data_config(name: str, pretrained: Pretrained = False) -> dict[str,
         return dict(PACKAGED_WEIGHTS[name].data_config)
     if pretrained is True and name.startswith(TORCHVISION_PREFIX):  # the transform of the weights it loads
         return _torchvision_data_config(_torchvision_weights(name)[1])
+    if isinstance(pretrained, str | os.PathLike) and str(pretrained).endswith(".ckpt") and Path(pretrained).is_file():
+        # A tlkit run's checkpoint: the normalisation its backbone was trained with (memory-mapped: no weights read).
+        checkpoint = torch.load(pretrained, map_location="cpu", weights_only=True, mmap=True)
+        if isinstance(checkpoint, dict) and "tlkit_data_config" in checkpoint:
+            return dict(checkpoint["tlkit_data_config"])
     try:
         with torch.device("meta"):  # the architecture alone (timm's pretrained_cfg comes with it): no memory, no init
             return dict(_create(name, hub=False).data_config)
@@ -560,24 +567,53 @@ def _create_packaged(name: str, **kwargs: Any) -> Backbone:
 
 
 def load_weights(backbone: Backbone, path: str | os.PathLike) -> None:
-    """Load weights from a ``.safetensors``, ``.pth`` or ``.pt`` file into ``backbone`` (never unpickles objects).
+    """Load weights from a ``.safetensors``, ``.pth``/``.pt``/``.bin``, ``.pth.tar`` (timm's ``train.py``) or
+    ``.ckpt`` (Lightning; a tlkit run's) file into ``backbone``, never unpickling objects.
 
-    A classifier in the file is dropped with a log line (tlkit puts its own head on top); any other missing or
+    A classifier in the file is dropped with a log line (tlkit puts its own head on top), as is a tlkit model's head;
+    the prefixes of wrapped models are taken off (``module.`` of DDP, ``_orig_mod.`` of ``torch.compile``,
+    ``backbone.model.`` of a tlkit model). A tlkit checkpoint's backbone also brings its data config (the
+    normalisation it was trained with), and one of another backbone is refused naming it. Any other missing or
     unexpected key is an error naming the keys.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Weights file not found: {path}. pretrained= takes True, False, 'packaged' or a path.")
+    checkpoint: dict[str, Any] = {}
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state = load_file(path)
-    elif path.suffix in WEIGHT_SUFFIXES:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    elif path.name.lower().endswith(WEIGHT_SUFFIXES):
+        # timm's train.py saves its argparse.Namespace beside the weights: a plain record, safe to rebuild.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = loaded if isinstance(loaded, dict) else {}
+        state = checkpoint.get("state_dict", loaded)
     else:
         raise ValueError(f"Unsupported weights file {path}: use one of {', '.join(WEIGHT_SUFFIXES)}.")
-    _load_state_dict(backbone, state, origin=str(path))
+    trained = (checkpoint.get("hyper_parameters") or {}).get("backbone")
+    if isinstance(trained, str) and _registry_name(trained).partition(".")[0] != backbone.name.partition(".")[0]:
+        raise ValueError(
+            f"{path} is a tlkit checkpoint of backbone {trained!r}, not {backbone.name!r}: use {trained!r}"
+        )
+    _load_state_dict(backbone, _unwrapped(state, str(path)), origin=str(path))
+    if "tlkit_data_config" in checkpoint:
+        backbone.data_config = dict(checkpoint["tlkit_data_config"])
+
+
+def _unwrapped(state: dict[str, torch.Tensor], origin: str) -> dict[str, torch.Tensor]:
+    """``state`` without the prefixes of a wrapped model: a tlkit model's ``backbone.model.`` (its head dropped),
+    then DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` where every key carries them."""
+    if any(k.startswith("backbone.model.") for k in state):
+        others = [k for k in state if not k.startswith("backbone.model.")]
+        if others:
+            log.info("Using the backbone of the tlkit model in %s; leaving out its %s", origin, ", ".join(others[:4]))
+        state = {k.removeprefix("backbone.model."): v for k, v in state.items() if k.startswith("backbone.model.")}
+    for prefix in ("module.", "_orig_mod.", "module."):  # DDP around a compiled model, or the other way round
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
 
 
 def _load_state_dict(backbone: Backbone, state: dict[str, torch.Tensor], origin: str) -> None:
