@@ -139,11 +139,11 @@ class Backbone(nn.Module):
                 raise
             (height, width), (got_h, got_w) = self.fixed_size, images.shape[-2:]
             raise InputSizeError(
-                f"{self.name} takes {height}x{width} images (a fixed input size) and failed on {got_h}x{got_w}: leave "
-                f"the data's image_size unset (the weights' size is its default; image_size: null in a recipe) or set "
-                f"it to {height}; for another "
-                f"size use a model without a fixed input size (a CNN), or build this one for it: "
-                f"create_backbone({self.name!r}, img_size={got_h}) (timm resizes its position embeddings)."
+                f"{self.name} takes {height}x{width} images (a fixed input size) and failed on {got_h}x{got_w}: "
+                f"leave the data's image_size unset (the weights' size is its default; image_size: null in a recipe) "
+                f"or set it to {height}; for another size use a model without a fixed input size (a CNN), or build "
+                f"this one for it: create_backbone({self.name!r}, img_size={got_h}) (timm resizes its position "
+                "embeddings)."
             ) from err
 
 

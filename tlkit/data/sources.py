@@ -40,7 +40,7 @@ import urllib.parse
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -658,8 +658,7 @@ def _one_row_per_image(file: Path, lines: list[int], rows: _CsvRows) -> _CsvRows
         stacklevel=5,
     )
     splits = None if rows.splits is None else [rows.splits[i] for i in keep]
-    return _CsvRows([rows.paths[i] for i in keep], [rows.labels[i] for i in keep], splits, rows.class_names,
-                    rows.multilabel)  # fmt: skip
+    return replace(rows, paths=[rows.paths[i] for i in keep], labels=[rows.labels[i] for i in keep], splits=splits)
 
 
 def _check_separator(file: Path, column: str, rows: list[tuple[int, dict[str, str]]]) -> None:
