@@ -99,3 +99,25 @@ def test_fit_with_a_fixed_size_backbone_at_the_recipes_image_size_names_the_sett
     # patch embedding, at the first batch, was all a user saw.
     with pytest.raises(ValueError, match=r"test_vit3 takes 160x160 images .* failed on 32x32: .*image_size: null"):
         main(["fit", "--config", str(recipe), "--model.init_args.backbone", "test_vit3"])
+
+
+def test_predictions_of_files_whose_names_are_not_utf8(recipe, tmp_path):
+    # An old Windows zip's Latin-1 name: predictions.csv raised "surrogates not allowed" and was lost.
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    main(["fit", "--config", str(recipe)])
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    name = os.fsdecode(os.fsencode(photos) + b"/caf\xe9.png")
+    Image.fromarray(np.full((8, 8), 200, dtype=np.uint8)).save(name)
+    out = tmp_path / "preds.csv"
+    writer = ["--trainer.callbacks+=tlkit.cli.PredictionCSVWriter", f"--trainer.callbacks.out={out}"]
+    ckpt = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    main(["predict", "--config", str(recipe), "--ckpt_path", str(ckpt), "--data.init_args.predict_source",
+          str(photos), *writer])  # fmt: skip
+    with open(out, encoding="utf-8", errors="surrogateescape") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [name] and Path(rows[0]["path"]).exists()

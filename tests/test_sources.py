@@ -1109,3 +1109,41 @@ def test_skipped_list_appended_by_concurrent_workers_keeps_its_header_first(tmp_
             rows = list(csv.DictReader(f))
         expected = {f"w{w}/{r}.png" for w in range(8) for r in range(20)}
         assert len(rows) == 160 and {r["path"] for r in rows} == expected, f"attempt {attempt}"
+
+
+def test_file_names_that_are_not_utf8_are_listed_as_the_bytes_they_are(tmp_path: Path) -> None:
+    # Latin-1 names from an old Windows zip: Python holds them as surrogates, and writing skipped_files.csv raised
+    # "surrogates not allowed" and ended the run. Written back as their bytes, the listed path opens the file.
+    import os
+
+    from conftest import tiny_trainer
+
+    from tlkit import ImageDataModule
+
+    root = tmp_path / "data"
+    for name in ("a", "b"):
+        _make_class_dir(root, name, 4, seed=ord(name))
+    for i in range(2):
+        Image.fromarray(_photo(i)).save(os.fsdecode(os.fsencode(root / "a") + b"/caf\xe9%d.png" % i))
+    broken = os.fsdecode(os.fsencode(root / "b") + b"/d\xe9fect.png")
+    Path(broken).write_bytes(b"not a png")
+    dm = ImageDataModule(f"folder:{root}", image_size=16, val_split=0.25)
+    dm.trainer = tiny_trainer(tmp_path / "run")
+    with pytest.warns(UserWarning, match="unreadable"):
+        dm.setup("fit")
+    assert len(dm.data.train) + len(dm.data.val) == 10
+    with open(tmp_path / "run" / "skipped_files.csv", encoding="utf-8", errors="surrogateescape") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == [broken] and Path(broken).exists()
+
+
+def test_class_folder_name_that_is_not_utf8_is_refused_naming_its_bytes(tmp_path: Path) -> None:
+    # As a class name it went into checkpoints, YAML and the confusion-matrix plot, which failed after an epoch.
+    import os
+
+    _make_class_dir(tmp_path, "cat", 2)
+    latin = tmp_path / os.fsdecode(b"d\xe9j\xe0")
+    latin.mkdir()
+    for i in range(2):
+        Image.fromarray(_photo(i)).save(latin / f"{i}.png")
+    with pytest.raises(ValueError, match=r"Class folder name\(s\) \[b'd\\xe9j\\xe0'\] .* not UTF-8 text.*convmv"):
+        load_source(f"folder:{tmp_path}")

@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from tlkit.backbones import backbone_data_config
 from tlkit.data.datamodule import ImageDataModule
 from tlkit.data.datamodule import check_arguments as check_data_arguments
-from tlkit.io import AtomicCheckpointIO, atomic_open, claim_version
+from tlkit.io import PATH_TEXT, AtomicCheckpointIO, atomic_open, claim_version
 from tlkit.loggers import scrub_logged_hyperparameters
 from tlkit.module import CKPT_PATH_KEYWORDS, read_checkpoint
 from tlkit.module import check_arguments as check_model_arguments
@@ -169,7 +169,7 @@ def _flatten(items: Sequence) -> list:
 
 
 def _write_csv_atomic(path: Path, header: list[str], rows: list[tuple]) -> None:
-    with atomic_open(path, "w", newline="") as f:
+    with atomic_open(path, "w", newline="", **PATH_TEXT) as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)

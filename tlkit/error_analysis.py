@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from tlkit.io import atomic_open
+from tlkit.io import PATH_TEXT, atomic_open
 from tlkit.multilabel import joined_names
 from tlkit.tracking import run_directory
 
@@ -132,5 +132,5 @@ def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with atomic_open(path, "w") as file:
+    with atomic_open(path, "w", **PATH_TEXT) as file:
         file.write(text.getvalue())

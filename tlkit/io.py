@@ -30,6 +30,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from tlkit.secrets import scrub_secrets, secret_values
 
 _TMP_SUFFIX = ".tmp"
+# Text files that list image paths (predictions, skipped files, error analysis): a file name that is not UTF-8 (the
+# Latin-1 names of an old Windows zip, which Python holds as surrogates) is written back as the bytes it is, so the
+# path in the file still opens the image; strict UTF-8 raised "surrogates not allowed" and lost the whole file.
+PATH_TEXT: dict[str, str] = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 
 @contextlib.contextmanager

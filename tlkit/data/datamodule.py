@@ -38,6 +38,7 @@ from tlkit.data.sources import (
     scan_images,
     subfolders,
 )
+from tlkit.io import PATH_TEXT
 
 AUGMENTATIONS = ("none", "basic", "randaugment", "trivialaugment")
 SAMPLERS = (None, "balanced")
@@ -314,7 +315,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.trainer.is_global_zero:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(f".{out.name}.tmp")
-            with open(tmp, "w", newline="") as f:
+            with open(tmp, "w", newline="", **PATH_TEXT) as f:
                 writer = csv.writer(f)
                 writer.writerow(["path", "reason"])
                 writer.writerows(rows)

@@ -55,6 +55,7 @@ from torch.utils.data import Dataset
 from tlkit.data.decode import MAX_IMAGE_PIXELS, ImageTooLargeError, read_image
 from tlkit.data.index import PathList, check_files, thread_map
 from tlkit.data.splits import LABEL_SEPARATOR, Listing, Sample, SourceData, SourceOptions, Split, multi_hot
+from tlkit.io import PATH_TEXT
 
 # torchvision's ImageFolder list, and what photos also come as: .jfif/.jpe (JPEGs saved from browsers), .heic/.heif
 # (iPhone), .avif.
@@ -185,7 +186,7 @@ def append_skipped(csv_path: str | os.PathLike, rows: Sequence[tuple[str, str]])
     and the rows whole.
     """
     Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "a", newline="") as f:
+    with open(csv_path, "a", newline="", **PATH_TEXT) as f:
         if fcntl is not None:
             fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
         writer = csv.writer(f)
@@ -430,10 +431,27 @@ def _loose_images(folder: Path) -> list[tuple[str, str]]:
     return [(path, f"outside any class folder: move it to {folder}/<class>/ to use it") for path in loose]
 
 
+def _is_text(name: str) -> bool:
+    """Whether a file system name is real text (not bytes that are no UTF-8, which Python holds as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _training_classes(root: Path) -> list[str]:
     """Class folder names of a training folder; a classifier needs at least two, and folders named like a
     dataset's splits (``training_set/`` and ``test_set/``, each holding the class folders) are not classes."""
     names = _class_dirs(root)
+    if undecodable := [os.fsencode(name) for name in names if not _is_text(name)]:
+        # A Latin-1 name from an old Windows zip, held as surrogates: a class name goes into checkpoints, YAML,
+        # plots and reports, each of which failed on it ("surrogates not allowed"), some after a whole epoch.
+        raise ValueError(
+            f"Class folder name(s) {undecodable[:3]} in {os.fsencode(root)!r} are not UTF-8 text (written by an old "
+            f"Windows or zip tool); class names go into checkpoints, plots and reports: rename the folders, e.g. "
+            f"convmv -f latin1 -t utf8 -r --notest <folder>"
+        )
     if len(split_like := _split_like(root, names)) >= 2:
         train = next((n for n in split_like if _name_words(n) & TRAIN_WORDS), split_like[0])
         raise ValueError(
