@@ -54,7 +54,8 @@ class BatchMixup:
         each entry the mixed share of that class)."""
         self.mixup.mixup_enabled = self.off_epoch is None or epoch < self.off_epoch
         # timm mixes each image with its mirror in the batch and asserts an even size; an odd last batch
-        # (drop_last is off) mixes all but its last image, which keeps its own (smoothed) label.
+        # (the train loader keeps incomplete batches of two or more) mixes all but its last image, which keeps its own
+        # (smoothed) label.
         even = len(images) - len(images) % 2
         if self.multilabel:
             return images, self._mix_multilabel(images[:even], targets, even)
