@@ -1147,3 +1147,21 @@ def test_class_folder_name_that_is_not_utf8_is_refused_naming_its_bytes(tmp_path
         Image.fromarray(_photo(i)).save(latin / f"{i}.png")
     with pytest.raises(ValueError, match=r"Class folder name\(s\) \[b'd\\xe9j\\xe0'\] .* not UTF-8 text.*convmv"):
         load_source(f"folder:{tmp_path}")
+
+
+def test_a_symlink_back_up_the_tree_is_listed_not_followed(tmp_path: Path) -> None:
+    # cat/all -> .. listed the dog photos as cats, and every photo again at each level, until the OS refused
+    # ("Too many levels of symbolic links": an OSError out of load_source).
+    for name in ("cat", "dog"):
+        _make_class_dir(tmp_path / "data", name, 3, seed=ord(name[0]))
+    (tmp_path / "data" / "cat" / "all").symlink_to("..")
+    (tmp_path / "data" / "dog" / "deeper").mkdir()
+    (tmp_path / "data" / "dog" / "deeper" / "home").symlink_to(tmp_path)
+    (tmp_path / "data" / "dog" / "more").symlink_to(tmp_path / "data" / "dog" / "deeper")  # not a loop: followed
+    data = load_source(f"folder:{tmp_path / 'data'}", val_split=0.34)
+    listed = [*data.train.samples, *data.val.samples]
+    assert len(listed) == 6 and sorted(data.ignored) == sorted(
+        [str(tmp_path / "data" / "cat" / "all"), str(tmp_path / "data" / "dog" / "deeper" / "home"),
+         str(tmp_path / "data" / "dog" / "more" / "home")]
+    )  # fmt: skip
+    assert all("/all/" not in p for p in listed)

@@ -387,16 +387,26 @@ def list_files(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
     """Image paths under ``folder`` (recursive, hidden and tool folders skipped) and the other files."""
     images: list[str] = []
     others: list[str] = []
-    _walk(os.fspath(folder), images, others)
+    # Every folder from the file system's root down to this one: a link to any of them is a loop.
+    parents = [Path(folder).resolve(), *Path(folder).resolve().parents]
+    _walk(os.fspath(folder), images, others, frozenset((s.st_dev, s.st_ino) for s in map(os.stat, parents)))
     return images, others
 
 
-def _walk(folder: str, images: list[str], others: list[str]) -> None:
+def _walk(folder: str, images: list[str], others: list[str], above: frozenset[tuple[int, int]]) -> None:
+    """List ``folder`` into ``images`` and ``others``; ``above`` holds the (device, inode) of every folder it is in."""
+    here = os.stat(folder)
+    above = above | {(here.st_dev, here.st_ino)}
     with os.scandir(folder) as it:
         entries = sorted((e.name, e) for e in it if _is_data(e.name))  # names are unique: no ties
     for name, entry in entries:
         if entry.is_dir():  # follows symlinks, as Path.rglob's is_dir did
-            _walk(entry.path, images, others)
+            if entry.is_symlink() and ((target := os.stat(entry.path)).st_dev, target.st_ino) in above:
+                # A link back up the tree (cat/all -> ..) would list the images again under each level, other
+                # classes' too, until the OS stops it ("Too many levels of symbolic links"): listed, not followed.
+                others.append(entry.path)
+                continue
+            _walk(entry.path, images, others, above)
         # A dangling symlink is listed as an image (when its name says so), so the scan names it rather than losing it.
         elif entry.is_file() or entry.is_symlink():
             dot = name.rfind(".")
