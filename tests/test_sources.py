@@ -692,8 +692,8 @@ def test_a_class_emptied_by_bad_files_names_one_and_why(tmp_path: Path) -> None:
 def test_csv_source_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         load_source(f"csv:{tmp_path / 'nope.csv'}")
-    (tmp_path / "a.csv").write_text("file_name,y\nx.png,1\n")
-    with pytest.raises(ValueError, match=r"no path column; its columns are \['file_name', 'y'\]"):
+    (tmp_path / "a.csv").write_text("picture,y\nx.png,1\n")
+    with pytest.raises(ValueError, match=r"no path column; its columns are \['picture', 'y'\]"):
         load_source(f"csv:{tmp_path / 'a.csv'}")
 
 
@@ -1165,3 +1165,15 @@ def test_a_symlink_back_up_the_tree_is_listed_not_followed(tmp_path: Path) -> No
          str(tmp_path / "data" / "dog" / "more" / "home")]
     )  # fmt: skip
     assert all("/all/" not in p for p in listed)
+
+
+@pytest.mark.parametrize("header", ["Image Path,Class Name", "file_name,category_name", "img-path,Label"])
+def test_csv_columns_as_exports_name_them(tmp_path: Path, header: str) -> None:
+    # Were "no path column; its columns are ['Image Path', 'Class Name']".
+    rows = [f"{header},notes"]
+    for i in range(4):
+        Image.fromarray(_photo(i)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{'cat' if i % 2 else 'dog'},x")
+    (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
+    data = load_source(f"csv:{tmp_path / 'l.csv'}", val_split=0.5)
+    assert data.class_names == ["cat", "dog"] and len(data.train) + len(data.val) == 4

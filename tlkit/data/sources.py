@@ -506,8 +506,11 @@ def _load_folder(arg: str, options: SourceOptions) -> Listing:
 
 # --------------------------------------------------------------------------- csv:<file>
 
-CSV_PATH_COLUMNS = ("path", "image", "file", "filename", "filepath")
-CSV_LABEL_COLUMNS = ("label", "class", "target", "category")
+# Column names as exports write them, compared without case, spaces, "_" and "-" ("Image Path", "file_name").
+CSV_PATH_COLUMNS = (
+    "path", "image", "file", "filename", "filepath", "image_path", "img_path", "img", "image_name", "image_file",
+)  # fmt: skip
+CSV_LABEL_COLUMNS = ("label", "class", "target", "category", "class_name", "label_name", "category_name")
 CSV_LABELS_COLUMN = "labels"  # multi-label: the names of each image, separated by LABEL_SEPARATOR
 _CSV_FLAGS = {"0": 0, "1": 1}
 _URL = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]+)://")  # two letters at least: C://x on Windows is a drive
@@ -535,8 +538,12 @@ class _CsvRows:
 
 
 def _pick_column(header: Sequence[str], candidates: Sequence[str]) -> str | None:
-    by_lower = {h.strip().lower(): h for h in header}
-    return next((by_lower[name] for name in candidates if name in by_lower), None)
+    by_plain = {_plain_column(h): h for h in reversed(header)}  # reversed: the first of two alike columns wins
+    return next((by_plain[name] for name in map(_plain_column, candidates) if name in by_plain), None)
+
+
+def _plain_column(name: str) -> str:
+    return re.sub(r"[\s_\-]", "", name.lower())
 
 
 def _delimiter(header: str) -> str:
