@@ -129,3 +129,16 @@ def test_ddp_ranks_stream_disjoint_parts_of_the_shards(shards_dir: tuple[Path, P
     # litdata drops what would leave the ranks unequal (its drop_last under DDP), at most a batch per rank
     assert len(seen[0]) == len(seen[1]) >= len(everything) // 2 - 2
     assert not Counter(seen[0] + seen[1]) - Counter(everything)  # disjoint parts (no image twice) of the shards
+
+
+def test_optimize_whose_workers_fail_says_so_instead_of_writing_empty_shards(tmp_path: Path) -> None:
+    # Piped to `python -`, litdata's worker processes cannot re-import the main module: optimize returned normally
+    # with no image written, and training later stopped at litdata's "No chunks found".
+    root = _folder(tmp_path / "photos", per_class=3)
+    code = f"from tlkit.data.shards import optimize\noptimize(source='folder:{root}', out='{tmp_path / 'out'}')\n"
+    done = subprocess.run(
+        [sys.executable, "-"], input=code, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TLKIT_CACHE_DIR": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "RuntimeError: litdata wrote 0 of 6 images to" in done.stderr and "__main__" in done.stderr

@@ -93,6 +93,7 @@ def optimize(
             reorder_files=False,
             verbose=False,
         )
+        _check_written(_join(out, name), len(split))
     meta = {
         "source": source,
         "class_names": data.class_names,
@@ -153,16 +154,34 @@ def _write_text(uri: str, text: str) -> None:
     os.replace(tmp, uri)
 
 
+def _read_json(uri: str) -> Any:
+    if "://" in uri:
+        import fsspec
+
+        with fsspec.open(uri, "r") as f:
+            return json.load(f)
+    return json.loads(Path(uri).read_text())
+
+
+def _check_written(split_dir: str, expected: int) -> None:
+    """Count the items litdata wrote: ``litdata.optimize`` returns normally having written none when its worker
+    processes fail to start (they re-import the main module, which code piped to ``python -`` does not have as a
+    file), and training then stopped at "No chunks found"."""
+    index = _read_json(_join(split_dir, "index.json"))
+    written = sum(chunk.get("chunk_size", 0) for chunk in index.get("chunks") or [])
+    if written != expected:
+        raise RuntimeError(
+            f"litdata wrote {written} of {expected} images to {split_dir}: its worker processes failed. Run "
+            "`tlkit optimize --source ... --out ...` from a shell, or call optimize() in a script under "
+            "`if __name__ == '__main__':`, not from code piped to python (the workers re-import the main module)."
+        )
+
+
 def read_meta(uri: str) -> dict[str, Any]:
     """The ``tlkit_shards.json`` of a shards folder (local, or remote through fsspec)."""
     path = _join(uri, META_FILE)
     try:
-        if "://" in uri:
-            import fsspec
-
-            with fsspec.open(path, "r") as f:
-                return json.load(f)
-        return json.loads(Path(path).read_text())
+        return _read_json(path)
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{path} not found: 'litdata:{uri}' must name a folder written by `tlkit optimize --source ... --out {uri}`"
