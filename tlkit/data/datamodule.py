@@ -489,7 +489,8 @@ class ImageDataModule(L.LightningDataModule):
         dataset = shards.ShardDataset(
             shards.split_dir(self._shards, split), transform, decode, shuffle=shuffle, seed=self.shuffle_seed
         )
-        return StreamingDataLoader(
+        loader = ShardTrainLoader if split == "train" and shuffle else StreamingDataLoader
+        return loader(
             dataset, batch_size=hp.batch_size, num_workers=hp.num_workers, pin_memory=torch.cuda.is_available()
         )
 
@@ -746,6 +747,17 @@ class BalancedSampler(EpochSampler):
         generator = torch.Generator().manual_seed(self._epoch_seed(stream=1))
         drawn = torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator)
         return iter(drawn[self.rank : self.total_size : self.num_replicas].tolist())
+
+
+class ShardTrainLoader(StreamingDataLoader):
+    """The shards' train loader, without batches of one image (see :func:`ends_in_one_image`). Each loader worker
+    streams its own share of the items and batches it, so a batch of one can end any worker's share, which no
+    ``drop_last`` decided up front can tell; it is left out as it comes (at most one image per worker per epoch)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            if len(batch[1]) > 1 or self.batch_size == 1:
+                yield batch
 
 
 def ends_in_one_image(samples: int, batch_size: int) -> bool:
