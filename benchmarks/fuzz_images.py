@@ -1,9 +1,9 @@
-"""Fuzz tlkit's image decoding: damaged JPEG/PNG/WebP/GIF/HEIC/AVIF/TIFF/BMP files must be listed with a reason, never
-crash or hang.
+"""Fuzz tlkit's image decoding: damaged JPEG/PNG/WebP/GIF/HEIC/AVIF/TIFF/BMP/JPEG 2000 files must be listed with a
+reason, never crash or hang.
 
-Files: ``--count`` mutated copies of real photos (scikit-image), 64x64 and 48x80 px, in eight formats (``--formats``
-picks some; HEIC through libheif, AVIF through libavif, compressed TIFF through libtiff, all behind PIL; TIFFs are
-8-bit RGB, 16-bit or float grayscale). Mutations: bit
+Files: ``--count`` mutated copies of real photos (scikit-image), 64x64 and 48x80 px, in nine formats (``--formats``
+picks some; HEIC through libheif, AVIF through libavif, compressed TIFF through libtiff, JPEG 2000 through OpenJPEG,
+all behind PIL; TIFFs are 8-bit RGB, 16-bit or float grayscale). Mutations: bit
 flips, random byte changes, truncations, zero-filled runs, zero-byte files, a PNG chunk with a bad CRC (the data
 changed, the CRC not), absurd header dimensions (the header's CRC fixed so the decoder believes it), and one genuine
 20000x20000 PNG decompression bomb (400 MP, 400 KB on disk).
@@ -43,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-FORMATS = ("jpg", "png", "webp", "gif", "heic", "avif", "tif", "bmp")
+FORMATS = ("jpg", "png", "webp", "gif", "heic", "avif", "tif", "bmp", "jp2")
 PIL_FORMATS = {
     "jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "heic": "HEIF", "avif": "AVIF", "tif": "TIFF",
-    "bmp": "BMP",
+    "bmp": "BMP", "jp2": "JPEG2000",
 }  # fmt: skip
 # TIFFs as scanners, microscopes and satellites write them, each decoded through libtiff (compressed) or PIL: 8-bit
 # RGB, 16-bit and float (0..1) grayscale.
@@ -119,6 +119,8 @@ def absurd_dims(data: bytes, fmt: str, rng: np.random.Generator) -> bytes:
         out[26:30] = struct.pack("<HH", min(side, 16383), min(side, 16383))
     elif fmt == "webp" and out[12:16] == b"VP8L":  # lossless: 14-bit width-1/height-1 packed after the signature
         out[21:25] = struct.pack("<I", 0x0FFFFFFF & int(rng.integers(1 << 28)))
+    elif fmt == "jp2" and (ihdr := data.find(b"ihdr")) > 0:  # JPEG 2000's image header box: height, width
+        out[ihdr + 4 : ihdr + 12] = struct.pack(">II", side or (1 << 32) - 1, side)
     elif fmt in ("heic", "avif") and (ispe := data.find(b"ispe")) > 0:  # HEIF's image extent box: version, w, h
         out[ispe + 8 : ispe + 16] = struct.pack(">II", side, side or (1 << 32) - 1)
     return bytes(out)

@@ -344,7 +344,7 @@ def test_error_bad_val_split() -> None:
 # --------------------------------------------------------------------------- read_image / ImageDataset
 
 
-@pytest.mark.parametrize("ext", ["png", "jpg", "bmp", "tiff", "gif", "webp"])
+@pytest.mark.parametrize("ext", ["png", "jpg", "bmp", "tiff", "gif", "webp", "jp2"])
 def test_read_image_files(tmp_path: Path, ext: str) -> None:
     path = tmp_path / f"x.{ext}"
     Image.fromarray(np.full((20, 30, 3), 128, dtype=np.uint8)).save(path)
@@ -891,13 +891,13 @@ def test_png_with_bad_idat_crc_is_listed_with_its_reason_not_a_crash(tmp_path: P
 
 
 def test_fuzzed_sample_is_listed_or_decoded_without_a_crash(tmp_path: Path) -> None:
-    """~50 files of the fuzz benchmark (every format x mutation) through the scan, in a child process."""
+    """63 files of the fuzz benchmark (every format x mutation) through the scan, in a child process."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     try:
         import fuzz_images
     finally:
         sys.path.pop(0)
-    pairs = fuzz_images.make_files(tmp_path, 56, seed=3)
+    pairs = fuzz_images.make_files(tmp_path, len(fuzz_images.FORMATS) * len(fuzz_images.MUTATIONS), seed=3)
     code = (
         "import sys; from tlkit.data.sources import load_source, scan_images\n"
         f"data = load_source('folder:{tmp_path / 'fuzz'}', val_split=0.5)\n"

@@ -58,10 +58,10 @@ from tlkit.data.splits import LABEL_SEPARATOR, Listing, Sample, SourceData, Sour
 from tlkit.io import PATH_TEXT
 
 # torchvision's ImageFolder list, and what photos also come as: .jfif/.jpe (JPEGs saved from browsers), .heic/.heif
-# (iPhone), .avif.
+# (iPhone), .avif, .jp2/.j2k (JPEG 2000: satellite tiles, scanners; fuzzed like the others, see docs/data.md).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".heic",
-     ".heif", ".avif"}
+     ".heif", ".avif", ".jp2", ".j2k"}
 )  # fmt: skip
 BAD_IMAGE_POLICIES = ("skip", "raise")
 # Folders that tools write beside the photos and that never hold data: macOS's zip metadata (a class folder of "._*"
