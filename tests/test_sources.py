@@ -1177,3 +1177,18 @@ def test_csv_columns_as_exports_name_them(tmp_path: Path, header: str) -> None:
     (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
     data = load_source(f"csv:{tmp_path / 'l.csv'}", val_split=0.5)
     assert data.class_names == ["cat", "dog"] and len(data.train) + len(data.val) == 4
+
+
+def test_csv_of_absolute_paths_from_another_machine_names_the_prefix_to_replace(tmp_path: Path) -> None:
+    # Every image was "file not found", then "class 'cat' has no readable training image".
+    rows = ["path,label"]
+    for i in range(4):
+        (tmp_path / "cat").mkdir(exist_ok=True)
+        Image.fromarray(_photo(i)).save(tmp_path / "cat" / f"{i}.png")
+        rows.append(f"/home/alice/data/cat/{i}.png,{'cat' if i % 2 else 'dog'}")
+    (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
+    shown = r"none of the first 4 exists here \(e.g. /home/alice/data/cat/0.png\).*replace '/home/alice/data' with"
+    with pytest.raises(FileNotFoundError, match=rf"l.csv: its paths are absolute and {shown} '{tmp_path}'"):
+        load_source(f"csv:{tmp_path / 'l.csv'}")
+    (tmp_path / "l.csv").write_text("\n".join(r.replace("/home/alice/data/", "") for r in rows) + "\n")
+    assert len(load_source(f"csv:{tmp_path / 'l.csv'}", val_split=0.5).skipped) == 0

@@ -592,7 +592,7 @@ def _read_csv_rows(file: Path) -> _CsvRows:
     split_col = next((h for h in header if h.strip().lower() == "split"), None)
     if not rows:
         raise ValueError(f"{file} has a header but no rows")
-    paths, splits, windows, first_windows = [], [], 0, ""
+    paths, splits, windows, first_windows, relative = [], [], 0, "", 0
     for line, row in rows:
         path = (row.get(path_col) or "").strip()
         if not path:
@@ -609,6 +609,7 @@ def _read_csv_rows(file: Path) -> _CsvRows:
             windows += 1
             path = path.replace("\\", "/")
         # Relative paths are relative to the CSV's folder, so the CSV and its images move together.
+        relative += not Path(path).is_absolute()
         full = str((file.parent / path) if not Path(path).is_absolute() else Path(path))
         paths.append(full if full.isascii() else _as_on_disk(full))
         splits.append((row.get(split_col) or "").strip().lower() if split_col else "")
@@ -618,6 +619,8 @@ def _read_csv_rows(file: Path) -> _CsvRows:
             f"({first_windows.replace(chr(92), '/')!r}).",
             stacklevel=4,
         )
+    if not relative:
+        _check_absolute_paths_exist(file, paths)
     splits_or_none = splits if split_col else None
     label_col = _pick_column(header, CSV_LABEL_COLUMNS)
     names_col = _pick_column(header, (CSV_LABELS_COLUMN,))
@@ -646,6 +649,28 @@ def _read_csv_rows(file: Path) -> _CsvRows:
             raise ValueError(f"{file} has no label column; its columns are {header}, expected {_CSV_LAYOUTS}")
         parsed = _CsvRows(paths, _read_flags(file, rows, flag_cols), splits_or_none, flag_cols, multilabel=True)
     return _one_row_per_image(file, [line for line, _ in rows], parsed)
+
+
+def _check_absolute_paths_exist(file: Path, paths: list[str], sample: int = 20) -> None:
+    """Refuse a CSV of absolute paths of which none of the first ``sample`` exists here: a CSV written on
+    another machine (``/home/alice/data/cat/1.jpg``), which would otherwise list every image as missing. Where the
+    files lie under the CSV's own folder, say which prefix to replace."""
+    head = paths[:sample]
+    if any(os.path.lexists(p) for p in head):
+        return
+    prefix = os.path.commonpath(head) if len(head) > 1 else os.path.dirname(head[0])
+    parts = Path(prefix).parts
+    # The shortest tail of the prefix under which the CSV's folder holds the files: /home/alice/data -> <csv dir>.
+    moved = next(
+        (os.path.join(*parts[: i + 1]) for i in range(len(parts)) if
+         all((file.parent / os.path.relpath(p, os.path.join(*parts[: i + 1]))).exists() for p in head[:3])),
+        None,
+    )  # fmt: skip
+    hint = f"; the files are under its folder: replace {moved!r} with {str(file.parent)!r}" if moved else ""
+    raise FileNotFoundError(
+        f"{file}: its paths are absolute and none of the first {len(head)} exists here (e.g. {head[0]}): written on "
+        f"another machine? Relative paths are read from the CSV's folder{hint}"
+    )
 
 
 def _as_on_disk(path: str) -> str:
