@@ -116,7 +116,7 @@ class PredictionCSVWriter(BasePredictionWriter):
     CSV source reads them) and one probability column per class.
 
     Names are the model's ``class_names`` (the checkpoint's); a warning says when the images to predict come in
-    class folders named otherwise.
+    class folders the model does not know (a subset of its classes, a labelled sample of a few, is as expected).
     """
 
     def __init__(self, out: str | None = None):
@@ -125,10 +125,10 @@ class PredictionCSVWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         names = getattr(trainer.datamodule, "predict_class_names", lambda: None)()
-        if names is not None and list(names) != list(pl_module.class_names):
+        if unknown := [name for name in names or [] if name not in pl_module.class_names]:
             rank_zero_warn(
-                f"The images to predict are in class folders {list(names)}, but the model was trained on "
-                f"{list(pl_module.class_names)}; predictions are labelled with the model's class names."
+                f"The images to predict are in class folders {unknown} that the model does not know; it was trained "
+                f"on {list(pl_module.class_names)}, and predictions are labelled with those names."
             )
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: Any, predictions: Sequence, batch_indices: Any) -> None:
