@@ -626,7 +626,7 @@ def test_a_model_timm_builds_under_another_ones_config_is_named_not_followed_qui
         assert backbone_data_config("vitamin_xlarge_256.datacomp1b_clip")["input_size"] == (3, 256, 256)
 
 
-def test_a_fixed_size_model_failing_on_another_size_names_the_setting(tmp_path: Path) -> None:
+def test_a_fixed_size_model_failing_on_another_size_names_the_setting() -> None:
     # timm's own error was "AssertionError: Input height (64) doesn't match model (160)" from inside the patch
     # embedding, at the first batch; MaxViT's and torchvision's ViT's a reshape failure.
     vit = create_backbone("test_vit3")
@@ -634,12 +634,12 @@ def test_a_fixed_size_model_failing_on_another_size_names_the_setting(tmp_path: 
     assert vit(torch.zeros(1, 3, 160, 160)).shape == (1, vit.num_features)
     with pytest.raises(ValueError, match=r"test_vit3 takes 160x160 images .* failed on 64x64: .*image_size"):
         vit(torch.zeros(1, 3, 64, 64))
-    assert create_backbone("test_resnet").fixed_size is None  # a CNN takes any size
+    cnn = create_backbone("test_resnet")
+    assert cnn.fixed_size is None and cnn(torch.zeros(1, 3, 64, 48)).shape[0] == 1  # a CNN takes any size
     # timm marks some models fixed-size that run at other sizes (test_vit, CrossViT, EfficientViT-M, SAM's ViT, the
     # CLIP ResNets): only a failure is explained, nothing that works is refused.
     flagged = create_backbone("test_vit")
     assert flagged.fixed_size == (160, 160) and flagged(torch.zeros(1, 3, 64, 64)).shape == (1, flagged.num_features)
-    assert create_backbone("test_resnet")(torch.zeros(1, 3, 64, 48)).shape[0] == 1
     tv_vit = create_backbone("torchvision/vit_b_32", image_size=64)
     assert tv_vit.fixed_size == (64, 64)  # built for a size no weights have: theirs, at its size (crop kept)
     assert tv_vit.data_config["input_size"] == (3, 64, 64) and tv_vit.data_config["resize_size"] == 64 * 256 // 224
