@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import struct
 import subprocess
 import sys
@@ -1114,8 +1115,6 @@ def test_skipped_list_appended_by_concurrent_workers_keeps_its_header_first(tmp_
 def test_file_names_that_are_not_utf8_are_listed_as_the_bytes_they_are(tmp_path: Path) -> None:
     # Latin-1 names from an old Windows zip: Python holds them as surrogates, and writing skipped_files.csv raised
     # "surrogates not allowed" and ended the run. Written back as their bytes, the listed path opens the file.
-    import os
-
     from conftest import tiny_trainer
 
     from tlkit import ImageDataModule
@@ -1138,8 +1137,6 @@ def test_file_names_that_are_not_utf8_are_listed_as_the_bytes_they_are(tmp_path:
 
 def test_class_folder_name_that_is_not_utf8_is_refused_naming_its_bytes(tmp_path: Path) -> None:
     # As a class name it went into checkpoints, YAML and the confusion-matrix plot, which failed after an epoch.
-    import os
-
     _make_class_dir(tmp_path, "cat", 2)
     latin = tmp_path / os.fsdecode(b"d\xe9j\xe0")
     latin.mkdir()
