@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import shutil
 import subprocess
-import warnings
 from pathlib import Path
 
 import pytest
@@ -123,23 +121,3 @@ def test_predictions_of_files_whose_names_are_not_utf8(recipe, tmp_path):
     with open(out, encoding="utf-8", errors="surrogateescape") as f:
         rows = list(csv.DictReader(f))
     assert [r["path"] for r in rows] == [name] and Path(rows[0]["path"]).exists()
-
-
-def test_predict_warns_of_class_folders_the_model_does_not_know(recipe, tmp_path):
-    import numpy as np
-    from PIL import Image
-
-    main(["fit", "--config", str(recipe)])
-    ckpt = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
-    for folder in ("3", "7", "cat"):
-        (tmp_path / "photos" / folder).mkdir(parents=True)
-        Image.fromarray(np.full((8, 8), 200, dtype=np.uint8)).save(tmp_path / "photos" / folder / "a.png")
-    writer = ["--trainer.callbacks+=tlkit.cli.PredictionCSVWriter", f"--trainer.callbacks.out={tmp_path / 'p.csv'}"]
-    args = ["predict", "--config", str(recipe), "--ckpt_path", str(ckpt), *writer, "--data.init_args.predict_source"]
-    with pytest.warns(UserWarning, match=r"class folders \['cat'\] that the model does not know; it was trained on"):
-        main([*args, str(tmp_path / "photos")])
-    shutil.rmtree(tmp_path / "photos" / "cat")  # a labelled sample of some of its classes: as expected
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        main([*args, str(tmp_path / "photos")])
-    assert not [w for w in caught if "does not know" in str(w.message)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -239,10 +240,19 @@ def test_predict_warns_when_the_predict_folder_classes_differ_from_the_model(run
     out = tmp_path / "preds.csv"
     args = ["--data.init_args.predict_source", folder]
     writer = ["--trainer.callbacks+=tlkit.cli.PredictionCSVWriter", f"--trainer.callbacks.out={out}"]
-    with pytest.warns(UserWarning, match=r"class folders \['cat', 'dog'\], but the model was trained on \['0'"):
+    with pytest.warns(
+        UserWarning, match=r"class folders \['cat', 'dog'\] that the model does not know; it was trained on \['0'"
+    ):
         main(["predict", "--config", str(recipe), "--ckpt_path", str(ckpt), *args, *writer])
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 4 and {row["prediction"] for row in rows} <= {str(i) for i in range(10)}
+    # A labelled sample of a few of its own classes is as expected: no warning.
+    some = write_image_folder(tmp_path / "digits", classes=("3", "7"), per_class=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["predict", "--config", str(recipe), "--ckpt_path", str(ckpt), "--data.init_args.predict_source", some,
+              *writer])  # fmt: skip
+    assert not [w for w in caught if "does not know" in str(w.message)]
 
 
 def test_a_checkpoint_with_another_class_count_is_named_in_the_error(run, tmp_path):
