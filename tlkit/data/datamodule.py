@@ -439,13 +439,16 @@ class ImageDataModule(L.LightningDataModule):
         ``predict_source`` with class folders, None for a flat folder."""
         if self.hparams.predict_source is None:
             return self.class_names
-        root = Path(self.hparams.predict_source.removeprefix("folder:")).expanduser()
-        return (subfolders(root) or None) if root.is_dir() else None
+        return (subfolders(self._predict_root) or None) if self._predict_root.is_dir() else None
+
+    @property
+    def _predict_root(self) -> Path:
+        return Path(self.hparams.predict_source.removeprefix("folder:")).expanduser()
 
     @functools.cached_property
     def _predict_files(self) -> Split:
         """The readable images of ``predict_source`` (scanned once, like the training source)."""
-        root = Path(self.hparams.predict_source.removeprefix("folder:")).expanduser()
+        root = self._predict_root
         if root.is_file() and root.suffix.lower() in IMAGE_EXTENSIONS:  # "predict this photo"
             paths = [str(root)]
         elif root.is_dir():

@@ -677,6 +677,8 @@ def _as_on_disk(path: str) -> str:
     """``path``, or its other Unicode normal form where only that exists: an accented name typed in a CSV (NFC, as
     Windows and Linux write it) names a file unpacked from a zip made on a Mac, which stores it decomposed (NFD),
     and the two are one name to a reader but different bytes to the file system."""
+    if unicodedata.is_normalized("NFC", path) and unicodedata.is_normalized("NFD", path):
+        return path  # one form only (no accents: CJK, Cyrillic, ...): nothing else to look for, no stat
     if os.path.lexists(path):
         return path
     for form in ("NFC", "NFD"):
