@@ -8,9 +8,9 @@ For each set, each in a fresh child process (so that RSS is the index's own, on 
 
 - ``ImageFolder(root)``: torchvision's listing (no file is opened);
 - ``load_source("folder:root")`` with an empty cache (first run: every file checked from its header) and again
-  (second run: listed and ``stat``-ed only): seconds, ms per file, and the memory it added at its peak over what
-  importing tlkit left resident (VmHWM reset through /proc/self/clear_refs; torch and Lightning hold a few hundred MB
-  before any file is read).
+  (second run: listed, and only files not known to be usable ``stat``-ed): seconds, ms per file, and the memory it
+  added at its peak over what importing tlkit left resident (VmHWM reset through /proc/self/clear_refs; torch and
+  Lightning hold a few hundred MB before any file is read).
 
 Then, on the small JPEGs: ``tlkit optimize`` into shards (timed), and img/s of the training loader (224-px random
 crops, 2 workers) from the shards against the folder source.

@@ -151,3 +151,75 @@ def test_file_damaged_inside_passes_the_scan_and_is_listed_by_the_loader(tmp_pat
     assert image.shape == (3, 48, 48) and target == split.targets[(position + 1) % len(split)]
     rows = list(csv.DictReader(open(log)))
     assert rows[0]["path"] == str(victim) and "unreadable when loaded" in rows[0]["reason"]
+
+
+def _stats_of_images(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every ``os.stat`` of a ``.jpg`` file from now on."""
+    seen: list[str] = []
+    real = os.stat
+
+    def stat(path, *args, **kwargs):
+        if str(path).endswith(".jpg"):
+            seen.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    return seen
+
+
+def test_second_run_of_a_folder_stats_only_the_files_not_known_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing proves a folder's files exist; one cached as usable is not ``stat``ed again (the loader decodes it
+    in full anyway). An unusable one is, so that a mended file is used again, and a new one is checked."""
+    root = _folder(tmp_path / "data")
+    broken = root / "b" / "9.jpg"
+    broken.write_bytes(b"not a jpeg")
+    first = load_source(f"folder:{root}", val_split=0.25)
+    assert [path for path, _ in first.skipped] == [str(broken)]
+    stats = _stats_of_images(monkeypatch)
+    again = load_source(f"folder:{root}", val_split=0.25)
+    assert stats == [str(broken)] and again.skipped == first.skipped
+    assert list(again.train.samples) == list(first.train.samples) and list(again.val.samples) == list(first.val.samples)
+    _jpeg(broken, seed=99)  # mended in place
+    new = _jpeg(root / "a" / "new.jpg", seed=98)
+    stats.clear()
+    mended = load_source(f"folder:{root}", val_split=0.25)
+    assert sorted(stats) == sorted([str(broken), str(new)]) and mended.skipped == []
+    assert {str(broken), str(new)} <= {*mended.train.samples, *mended.val.samples}
+    new.unlink()
+    stats.clear()
+    removed = load_source(f"folder:{root}", val_split=0.25)
+    assert stats == [] and str(new) not in {*removed.train.samples, *removed.val.samples}
+
+
+def test_usable_file_damaged_in_place_after_the_index_is_listed_by_the_loader(tmp_path: Path) -> None:
+    """Truncated in place after the first run (same name: the listing cannot tell): the second run keeps its cached
+    verdict, and the loader, which decodes it in full, replaces it and lists it, as any file damaged inside."""
+    root = _folder(tmp_path / "data")
+    load_source(f"folder:{root}", val_split=0.25)
+    victim = root / "a" / "2.jpg"
+    victim.write_bytes(victim.read_bytes()[:200])
+    source = load_source(f"folder:{root}", val_split=0.25)
+    assert source.skipped == []
+    split = source.train if str(victim) in list(source.train.samples) else source.val
+    log = tmp_path / "skipped_files.csv"
+    with pytest.warns(UserWarning, match="Skipped .*2.jpg in the loader"):
+        images = [ImageDataset(split, skipped_log=log)[i][0] for i in range(len(split))]
+    assert all(image.shape == (3, 48, 48) for image in images)
+    assert [row["path"] for row in csv.DictReader(open(log))] == [str(victim)]
+
+
+def test_files_of_a_csv_are_all_stated_and_one_damaged_in_place_is_caught_by_the_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No listing vouches for a CSV's files: each is ``stat``ed on every run, so a file changed since is checked."""
+    root = _folder(tmp_path / "data")
+    table = tmp_path / "labels.csv"
+    table.write_text("path,label\n" + "".join(f"data/{c}/{i}.jpg,{c}\n" for c in "ab" for i in range(4)))
+    load_source(f"csv:{table}", val_split=0.25)
+    victim = root / "b" / "3.jpg"
+    victim.write_bytes(victim.read_bytes()[:200])
+    stats = _stats_of_images(monkeypatch)
+    source = load_source(f"csv:{table}", val_split=0.25)
+    assert len(stats) >= 8 and [path for path, _ in source.skipped] == [str(victim)]

@@ -7,8 +7,12 @@ or PNG that fails these (truncated, or with trailing data some cameras add), is 
 that passes but still fails to decode is caught by the loader (:class:`tlkit.data.sources.ImageDataset`), which
 replaces it and lists it in ``skipped_files.csv``.
 
-The verdicts are stored in ``<cache dir>/index/<key>.npz``, keyed by path, size and modification time: a second run
-over an unchanged folder only lists and ``stat``s its files, and a changed or new file is checked again. Processes
+The verdicts are stored in ``<cache dir>/index/<key>.npz``, keyed by path, size and modification time: a new file, or
+one whose size or mtime changed, is checked again. A second run over a folder lists it and ``stat``s only the files
+not known to be usable (new ones, and unusable ones that may have been mended): a usable file changed in place since
+is decoded in full by the loader anyway, which catches it as it catches a file damaged inside. Listing is what
+``ImageFolder`` does; one ``stat`` per file on top of it was most of a second run (100,000 small JPEGs: 0.31 of
+0.50 s). Files named by a CSV are all ``stat``ed: no listing vouches that they are still there. Processes
 that share the cache dir (the ranks of one node under DDP) take turns through a file lock: the first builds the
 index, the others wait and then find it up to date.
 
@@ -169,6 +173,7 @@ def check_files(
     max_pixels: int | None,
     workers: int | None = None,
     index_dir: str | os.PathLike | None = None,
+    listed: bool = False,
 ) -> IndexReport:
     """Check ``paths`` from their headers, reusing the verdicts cached for files whose size and mtime are unchanged.
 
@@ -179,19 +184,28 @@ def check_files(
         max_pixels: Pixel limit (files over it are unusable).
         workers: Threads of the header check; default ``min(32, cpu count)``.
         index_dir: Folder of the cache files; default ``cache_dir() / "index"``. The empty string: no cache.
+        listed: The paths were just found by listing folders (so they exist): a file cached as usable keeps its
+            verdict without a ``stat`` (the loader decodes it in full anyway, see the module docstring).
     """
     paths = paths if isinstance(paths, PathList) else PathList.from_strings(paths)
-    sizes, mtimes = _stat_all(paths)
     cache_file = _cache_file(key, max_pixels, index_dir)
     with _locked(cache_file):
         cached = _load(cache_file)
-        reasons = _reuse(cached, paths, sizes, mtimes)
+        rows = _cached_rows(cached, paths)
+        trusted = np.zeros(len(paths), dtype=bool)
+        if listed and cached is not None:
+            trusted[rows >= 0] = cached["codes"][rows[rows >= 0]] == _GOOD
+        sizes, mtimes = _stat_all(paths, skip=trusted)
+        if trusted.any():  # their size and mtime as cached: the cache then stays as it was for them
+            sizes[trusted], mtimes[trusted] = cached["sizes"][rows[trusted]], cached["mtimes"][rows[trusted]]
+        reasons = _reuse(cached, rows, sizes, mtimes)
         todo = np.flatnonzero(reasons.codes == _UNKNOWN)
         if len(todo):
             found = _check_headers([paths[i] for i in todo], max_pixels, full_check, workers)
             reasons = _merge(reasons, todo, found)
+        if len(todo) or (cached is not None and not _same_listing(cached, paths)):
             _save(cache_file, paths, sizes, mtimes, reasons)
-    bad = [(paths[i], reasons.table[code]) for i, code in enumerate(reasons.codes.tolist()) if code >= 0]
+    bad = [(paths[i], reasons.table[reasons.codes[i]]) for i in np.flatnonzero(reasons.codes >= 0).tolist()]
     return IndexReport(bad, checked=len(todo), cache_file=cache_file)
 
 
@@ -206,17 +220,25 @@ class _Reasons:
     table: list[str]
 
 
-def _reuse(cached: dict | None, paths: PathList, sizes: np.ndarray, mtimes: np.ndarray) -> _Reasons:
+def _same_listing(cached: dict, paths: PathList) -> bool:
+    return PathList(cached["blob"], cached["offsets"]) == paths
+
+
+def _cached_rows(cached: dict | None, paths: PathList) -> np.ndarray:
+    """Each path's row in the cache (-1: not in it)."""
+    if cached is None:
+        return np.full(len(paths), -1, dtype=np.int64)
+    if _same_listing(cached, paths):  # the usual case, an unchanged listing: compare the arrays as they are
+        return np.arange(len(paths))
+    where = {p: i for i, p in enumerate(PathList(cached["blob"], cached["offsets"]))}
+    return np.array([where.get(p, -1) for p in paths], dtype=np.int64)
+
+
+def _reuse(cached: dict | None, rows: np.ndarray, sizes: np.ndarray, mtimes: np.ndarray) -> _Reasons:
     """Cached verdicts of files whose size and mtime match; ``_UNKNOWN`` for the rest (and for missing files)."""
-    codes = np.full(len(paths), _UNKNOWN, dtype=np.int32)
+    codes = np.full(len(rows), _UNKNOWN, dtype=np.int32)
     if cached is None:
         return _Reasons(codes, [])
-    old = PathList(cached["blob"], cached["offsets"])
-    if old == paths:  # the usual case, an unchanged listing: compare the arrays as they are
-        rows = np.arange(len(paths))
-    else:
-        where = {p: i for i, p in enumerate(old)}
-        rows = np.array([where.get(p, -1) for p in paths], dtype=np.int64)
     known = rows >= 0
     same = known.copy()
     same[known] = (cached["sizes"][rows[known]] == sizes[known]) & (cached["mtimes"][rows[known]] == mtimes[known])
@@ -258,11 +280,15 @@ def thread_map(function: Callable[[str], str | None], paths: Sequence[str], work
         return [result for found in pool.map(lambda chunk: [function(p) for p in chunk], chunks) for result in found]
 
 
-def _stat_all(paths: PathList) -> tuple[np.ndarray, np.ndarray]:
-    """Size and mtime (ns) of every path; -1 where the file (or a symlink's target) is missing."""
+def _stat_all(paths: PathList, skip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Size and mtime (ns) of every path but those ``skip`` marks; -1 where the file (or a symlink's target) is
+    missing or skipped."""
     sizes = np.full(len(paths), -1, dtype=np.int64)
     mtimes = np.full(len(paths), -1, dtype=np.int64)
-    for i, path in enumerate(paths):
+    if skip.all():
+        return sizes, mtimes
+    todo = np.flatnonzero(~skip)
+    for i, path in zip(todo.tolist(), paths.take(todo) if len(todo) < len(paths) else paths, strict=True):
         try:
             st = os.stat(path)
         except OSError:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import functools
 import math
+import operator
 import os
 import re
 import unicodedata
@@ -398,8 +399,9 @@ def _walk(folder: str, images: list[str], others: list[str], above: frozenset[tu
     here = os.stat(folder)
     above = above | {(here.st_dev, here.st_ino)}
     with os.scandir(folder) as it:
-        entries = sorted((e.name, e) for e in it if _is_data(e.name))  # names are unique: no ties
-    for name, entry in entries:
+        entries = [e for e in it if _is_data(e.name)]
+    entries.sort(key=_entry_name)  # (a key of C code: a folder of 100,000 files is sorted in ~0.03 s)
+    for entry in entries:
         if entry.is_dir():  # follows symlinks, as Path.rglob's is_dir did
             if entry.is_symlink() and ((target := os.stat(entry.path)).st_dev, target.st_ino) in above:
                 # A link back up the tree (cat/all -> ..) would list the images again under each level, other
@@ -409,8 +411,12 @@ def _walk(folder: str, images: list[str], others: list[str], above: frozenset[tu
             _walk(entry.path, images, others, above)
         # A dangling symlink is listed as an image (when its name says so), so the scan names it rather than losing it.
         elif entry.is_file() or entry.is_symlink():
+            name = entry.name
             dot = name.rfind(".")
             (images if name[dot:].lower() in IMAGE_EXTENSIONS and dot > 0 else others).append(entry.path)
+
+
+_entry_name = operator.attrgetter("name")
 
 
 def _scan_folder(
@@ -497,11 +503,12 @@ def _load_folder(arg: str, options: SourceOptions) -> Listing:
     ignored: list[str] = []
     unusable: list[tuple[str, str]] = []
     if not presplit:
-        return Listing(class_names, _scan_folder(root, class_to_idx, ignored, unusable), None, ignored, unusable)
+        everything = _scan_folder(root, class_to_idx, ignored, unusable)
+        return Listing(class_names, everything, None, ignored, unusable, listed=True)
     unusable.extend(_loose_images(root))
     train = _scan_folder(presplit[0], class_to_idx, ignored, unusable)
     val = _scan_folder(presplit[1], class_to_idx, ignored, unusable)
-    return Listing(class_names, train, val, ignored, unusable)
+    return Listing(class_names, train, val, ignored, unusable, listed=True)
 
 
 # --------------------------------------------------------------------------- csv:<file>
@@ -1015,6 +1022,7 @@ def _check_bad_files(
         max_pixels=options.max_pixels,
         workers=options.workers,
         index_dir=options.index_dir,
+        listed=listing.listed,
     )
     skipped = report.bad
     if skipped and on_bad_image == "raise":

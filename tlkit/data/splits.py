@@ -52,7 +52,7 @@ class Split:
         picked = samples.take(indices) if isinstance(samples, PathList) else [samples[i] for i in indices]
         if self.multilabel:
             return Split(picked, np.asarray(self.targets)[np.asarray(indices, dtype=np.int64)])
-        return Split(picked, [int(self.targets[i]) for i in indices])
+        return Split(picked, np.asarray(self.targets, dtype=np.int64)[np.asarray(indices, dtype=np.int64)].tolist())
 
 
 def multi_hot(label_sets: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
@@ -92,6 +92,7 @@ class Listing:
     val: Split | None = None
     ignored: list[str] = field(default_factory=list)
     unusable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): listed, whatever the policy
+    listed: bool = False  # the files were found by listing folders just now (a folder source): each exists
 
 
 @dataclass(frozen=True)
