@@ -5,6 +5,8 @@ Prints one table: decode time of a small JPEG (128 px), a 6-MP photo (3000x2000 
 (JPEG, PNG, WebP, GIF, BMP, TIFF); whether it applies the EXIF orientation; whether 16-bit PNG, CMYK JPEG and palette
 PNG come out as PIL (the reference) shows them; and crashes on issue 8's fuzz set (``fuzz_images.make_files``: every
 file decoded by each decoder in a child process, so a decoder that aborts the process is counted, not fatal).
+Before the table, the 6-MP photo decoded at 1/2, 1/4 and 1/8 to a uint8 tensor by PIL's ``draft`` and by
+``simplejpeg`` (the same pixels; what tlkit's loaders use when a crop or resize needs fewer pixels).
 
     python benchmarks/decoders.py [--repeats 20] [--fuzz 400]
 """
@@ -56,6 +58,15 @@ def tlkit(data: bytes) -> torch.Tensor:
     from tlkit.data.decode import read_image
 
     return read_image(data)
+
+
+def simplejpeg_reduced(data: bytes, scale: int) -> torch.Tensor:
+    """A JPEG at 1/scale as tlkit's reduced decode reads it (``tlkit.data.decode._decode_reduced_jpeg``)."""
+    import simplejpeg
+
+    height, width = simplejpeg.decode_jpeg_header(data)[:2]
+    array = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // scale), min_width=-(-width // scale))
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 DECODERS = {"PIL": pil, "torchvision.io": torchvision_io, "TorchCodec": torchcodec, "tlkit.read_image": tlkit}
@@ -175,6 +186,10 @@ def main() -> None:
             rows[name][label] = _fmt(ms_per_decode(decode, data, repeats))
         rows[name]["256-px PNG"] = _fmt(ms_per_decode(decode, png, 5 * args.repeats))
     rows["PIL"]["6-MP JPEG"] += f" (draft 1/4: {_fmt(ms_per_decode(lambda d: pil(d, 4), big, args.repeats))})"
+    for scale in (2, 4, 8):  # the reduced decode of the training and evaluation loaders: the two ways to it
+        drafted = _fmt(ms_per_decode(lambda d, scale=scale: pil(d, scale), big, args.repeats))
+        direct = _fmt(ms_per_decode(lambda d, scale=scale: simplejpeg_reduced(d, scale), big, args.repeats))
+        print(f"6-MP JPEG at 1/{scale} to a uint8 tensor: PIL draft {drafted}, simplejpeg {direct}")
     pixels = photo(64, 48)
     for fmt in FORMATS:
         data = encode(pixels, fmt, **({"quality": 95} if fmt in ("JPEG", "WebP") else {}))

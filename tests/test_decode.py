@@ -75,12 +75,12 @@ def test_crop_drawn_before_decoding_matches_the_crop_after_a_full_decode(tmp_pat
 def test_crop_decoder_decodes_only_what_the_crop_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tlkit.data import decode
 
-    sizes = []
-    real = decode._draft
-    monkeypatch.setattr(decode, "_draft", lambda img, min_size: (real(img, min_size), sizes.append(img.size))[0])
+    scales = []
+    real = decode._dct_scale
+    monkeypatch.setattr(decode, "_dct_scale", lambda img, min_size: scales.append(real(img, min_size)) or scales[-1])
     path = _photo_jpeg(tmp_path / "a.jpg")
     RandomResizedCropDecoder(v2.RandomResizedCrop([32, 32], scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3)))(str(path))
-    assert sizes == [(100, 75)]  # the whole 800x600 photo as a 32-px image: 1/8 is still over 32 px
+    assert scales == [8]  # the whole 800x600 photo as a 32-px image: 1/8 (100x75) is still over 32 px
 
 
 def test_crop_decoder_on_arrays_draws_like_random_resized_crop() -> None:
@@ -118,3 +118,46 @@ def test_loaders_with_reduced_decoding_match_full_decoding(tmp_path: Path) -> No
     images, _ = next(iter(train.train_dataloader()))
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
     assert np.unique(images.numpy()).size > 50  # real image content, not a constant
+
+
+def _pil_draft(path: Path, scale: int) -> torch.Tensor:
+    """PIL's own reduced decode (``draft``), upright: what tlkit decoded with before simplejpeg."""
+    from PIL import ImageOps
+
+    img = Image.open(path)
+    img.draft("RGB", (img.size[0] // scale, img.size[1] // scale))
+    return torch.from_numpy(np.asarray(ImageOps.exif_transpose(img).convert("RGB")).copy()).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_reduced_decode_has_the_pixels_of_pil_draft_for_every_orientation(tmp_path: Path, orientation: int) -> None:
+    """simplejpeg (one array) gives exactly PIL's draft pixels, turned as PIL's exif_transpose turns them."""
+    path = _photo_jpeg(tmp_path / "o.jpg", width=801, height=603, orientation=orientation)  # odd sides: rounding
+    for scale, need in ((2, 300), (4, 150), (8, 75)):
+        image = read_image(path, min_size=lambda h, w, need=need: (need, need))
+        assert torch.equal(image, _pil_draft(path, scale)), (orientation, scale)
+
+
+def test_reduced_decode_of_a_grayscale_jpeg_is_rgb(tmp_path: Path) -> None:
+    path = tmp_path / "g.jpg"
+    Image.fromarray(skimage.data.camera()).save(path, quality=90)  # 512x512, mode L
+    image = read_image(path, min_size=lambda h, w: (100, 100))
+    assert image.shape == (3, 128, 128) and torch.equal(image, _pil_draft(path, 4))
+
+
+def test_jpeg_simplejpeg_refuses_but_pil_reads_is_decoded_by_pil(tmp_path: Path) -> None:
+    """Bytes some cameras leave before the end marker make libjpeg warn ("extraneous bytes"): simplejpeg refuses
+    such a file, PIL reads it, and so does tlkit, at the reduced scale. A truncated file is still an error."""
+    import simplejpeg
+
+    path = _photo_jpeg(tmp_path / "x.jpg")
+    data = path.read_bytes()
+    path.write_bytes(data[:-2] + b"x" * 100 + data[-2:])  # "97 extraneous bytes before marker 0xd9"
+    with pytest.raises(ValueError):
+        simplejpeg.decode_jpeg(path.read_bytes(), "RGB", min_height=150, min_width=200)
+    image = read_image(path, min_size=lambda h, w: (150, 200))
+    assert image.shape == (3, 150, 200) and torch.equal(image, _pil_draft(path, 4))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.jpg"):
+        read_image(cut, min_size=lambda h, w: (150, 200))
