@@ -29,13 +29,16 @@ photos enlarged, with sensor-like noise of 2 grey levels so that they compress l
 training loaders (as above) and the evaluation loaders (baseline: ``Resize(256)`` + ``CenterCrop(224)`` + ``ToTensor``
 + ``Normalize``; tlkit: ``val_dataloader()`` + ``normalize``). tlkit decodes these JPEGs at a reduced DCT scale, never
 below what the crop or the resize needs (``reduced_jpeg_decode``); ``--exact`` adds tlkit with full decodes. Also
-timed: tlkit's index of the folder (first and second run) against ImageFolder's listing.
+timed: tlkit's index of the folder (first and second run) against ImageFolder's listing. Each pipeline runs
+``--warmup`` epochs (3) before the timed ones: the baseline's persistent workers need two to reach their steady rate
+(see ``compare``); tlkit's training workers start afresh every epoch (exact resume), so they have no steady state to
+reach.
 
-    python benchmarks/data_throughput.py --photos 256 --repeats 3
+    python benchmarks/data_throughput.py --photos 512 --repeats 5 --exact
 
 An epoch needs at least two batches per worker: with fewer, some workers idle and the epoch times one worker's
-latency, not the loader's throughput (64 photos in one batch of 64 measured tlkit at 2.2x, 256 photos at 4.5x); the
-script refuses such a set.
+latency, not the loader's throughput (64 photos in one batch of 64 measured tlkit at 2.2x the baseline, 512 photos
+at 4.6x); the script refuses such a set.
 """
 
 # ruff: noqa: E402 (the variable below must be set before torch is imported)
@@ -158,10 +161,16 @@ def epoch_rate(loader: DataLoader, finish: callable, read: callable = first_read
     return count / (time.perf_counter() - start)
 
 
-def compare(pipelines: dict[str, tuple[DataLoader, callable]], repeats: int) -> dict[str, list[float]]:
-    """img/s of each pipeline per repeat, the pipelines alternating (after one warm-up epoch each)."""
+def compare(pipelines: dict[str, tuple[DataLoader, callable]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """img/s of each pipeline per repeat, the pipelines alternating (after ``warmup`` epochs each).
+
+    On photos the baseline's persistent workers reach their steady rate in their third epoch (measured alone: 22, 24,
+    40, 41, 41, 46 img/s): its first 18-MB buffers are mapped fresh and returned to the OS, until glibc raises its
+    mmap threshold and reuses them. A short warm-up would measure the baseline slower than a long run sees it.
+    """
     for loader, finish in pipelines.values():
-        epoch_rate(loader, finish)  # warm-up: workers start, caches fill
+        for _ in range(warmup):
+            epoch_rate(loader, finish)  # workers start, caches fill, allocators settle
     rates: dict[str, list[float]] = {name: [] for name in pipelines}
     for _ in range(repeats):
         for name, (loader, finish) in pipelines.items():
@@ -211,7 +220,7 @@ def photos_main(args: argparse.Namespace) -> None:
             for name, module in variants.items():
                 loader = module.train_dataloader() if train else eval_loader(module)
                 pipelines[name] = (loader, module.normalize)
-            report(compare(pipelines, args.repeats), "baseline ImageFolder+PIL")
+            report(compare(pipelines, args.repeats, args.warmup), "baseline ImageFolder+PIL")
 
 
 def main() -> None:
@@ -220,6 +229,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=0, help="measure N 6-MP photos instead of small JPEGs")
     parser.add_argument("--exact", action="store_true", help="with --photos: also tlkit with full decodes")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3, help="with --photos: epochs of each pipeline before timing")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--main-threads", type=int, default=1)

@@ -37,6 +37,7 @@ def test_jpeg_is_decoded_at_the_smallest_dct_scale_that_keeps_min_size(tmp_path:
     assert asked == [(600, 800)] and reduced.shape == (3, 150, 200)  # 1/4: 1/8 would be 75 rows, under 100
     assert read_image(path, min_size=lambda h, w: (151, 10)).shape == (3, 300, 400)  # never below: 1/2
     assert read_image(path, min_size=lambda h, w: (301, 10)).shape == (3, 600, 800)  # no reduction possible
+    assert read_image(path, min_size=lambda h, w: (1200, 1600)).shape == (3, 600, 800)  # more than it has: in full
     full = read_image(path)
     assert _mean_diff(reduced, v2.functional.resize(full, [150, 200], antialias=True)) < 2.5
 

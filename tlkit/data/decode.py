@@ -7,8 +7,8 @@ Which decoder reads what (measured by ``benchmarks/decoders.py``, see docs/data_
 - a JPEG that the caller needs smaller (``min_size``): ``simplejpeg`` (libjpeg-turbo), which decodes at 1/2, 1/4 or
   1/8 scale straight from the DCT coefficients, never below ``min_size`` — several times faster on a phone photo
   that becomes a 224-px crop. PIL's ``draft`` gives the same pixels, but through an image PIL allocates and then
-  copies several times (orientation, mode, ``tobytes``, numpy): simplejpeg writes one numpy array, and the training
-  loader on 6-MP photos runs ~15% faster (docs/data_at_scale.md). A file simplejpeg refuses (it is strict: any
+  copies several times (orientation, mode, ``tobytes``, numpy): simplejpeg writes one numpy array (a 6-MP photo at
+  1/4: 9.3 against 13.6 ms, docs/data_at_scale.md). A file simplejpeg refuses (it is strict: any
   libjpeg warning, e.g. extraneous bytes some cameras write, is an error) goes to PIL, which decides;
 - every other format (PNG, WebP, GIF, BMP, TIFF, AVIF), CMYK JPEGs and 16-bit images: PIL, which raises a Python
   error on damaged files where libpng (behind ``torchvision.io.decode_png`` and TorchCodec's ``decode_png``) may
@@ -180,8 +180,8 @@ def _dct_scale(img: Image.Image, min_size: MinSize) -> int:
     raw_w, raw_h = img.size  # the stored image: turned by 90 degrees, its sides are the upright's swapped
     if (raw_h, raw_w) != (height, width):
         need_h, need_w = need_w, need_h
-    room = min(raw_h // max(need_h, 1), raw_w // max(need_w, 1))
-    return next(scale for scale in (8, 4, 2, 1) if scale <= room)
+    room = min(raw_h // max(need_h, 1), raw_w // max(need_w, 1))  # 0: the caller needs more than the image has
+    return next((scale for scale in (8, 4, 2) if scale <= room), 1)
 
 
 def _decode_reduced_jpeg(file: BinaryIO, img: Image.Image, scale: int) -> torch.Tensor:
