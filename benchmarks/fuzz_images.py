@@ -14,7 +14,8 @@ Two stages, each in child processes so that a crash or a hang is counted instead
   runs); a child decodes files one after another and reports each, so a child that dies (a signal, e.g. libpng's
   abort) or stops reporting for ``--hang-s`` seconds is charged to the file it was on, and a new child resumes after
   it. Then ``load_source("folder:...")`` runs once over the whole folder (in a child) and its listing is counted.
-- loader: in chunks of ``--chunk`` files, ``ImageDataModule`` (``num_workers=2``) scans a folder of the clean
+- loader: in chunks of ``--chunk`` files, ``ImageDataModule`` (``num_workers=2``, 16-px output, so that JPEGs take
+  the reduced-scale decode) scans a folder of the clean
   originals, then each file is overwritten with its mutated version (a file damaged after the scan), and the train
   and val loaders are read to the end; the files they replaced are read back from ``skipped_files.csv``.
 
@@ -204,7 +205,9 @@ def loader_child(pairs_file: str, run_dir: str) -> None:
         target = folder / Path(clean).parent.name / Path(clean).name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(clean, target)
-    dm = ImageDataModule(f"folder:{folder}", image_size=32, batch_size=16, num_workers=2, val_split=0.25)
+    # 16 px from 48-80 px files: nearly every JPEG is decoded at a reduced DCT scale (simplejpeg, then PIL's draft
+    # for a file it refuses), the path the loaders take on photos; the scan above decoded them in full.
+    dm = ImageDataModule(f"folder:{folder}", image_size=16, batch_size=16, num_workers=2, val_split=0.25)
     dm.trainer = L.Trainer(default_root_dir=run_dir, logger=False, enable_progress_bar=False, accelerator="cpu")
     dm.setup("fit")  # the scan: every original is readable
     for fuzz, clean in pairs:  # now damage every file, as if it changed after the scan
