@@ -29,7 +29,8 @@ photos enlarged, with sensor-like noise of 2 grey levels so that they compress l
 training loaders (as above) and the evaluation loaders (baseline: ``Resize(256)`` + ``CenterCrop(224)`` + ``ToTensor``
 + ``Normalize``; tlkit: ``val_dataloader()`` + ``normalize``). tlkit decodes these JPEGs at a reduced DCT scale, never
 below what the crop or the resize needs (``reduced_jpeg_decode``); ``--exact`` adds tlkit with full decodes. Also
-timed: tlkit's index of the folder (first and second run) against ImageFolder's listing. Each pipeline runs
+timed: tlkit's data module setup (its index of the folder, the split and the data config; first and second run)
+against ImageFolder's listing (``index_scale.py`` times the index alone). Each pipeline runs
 ``--warmup`` epochs (3) before the timed ones: the baseline's persistent workers need two to reach their steady rate
 (see ``compare``); tlkit's training workers start afresh every epoch (exact resume), so they have no steady state to
 reach.
@@ -206,7 +207,7 @@ def photos_main(args: argparse.Namespace) -> None:
         n = args.photos
         print(f"{n} JPEGs of 3000x2000 -> {OUT}x{OUT}, batch {args.batch_size}, {args.workers} workers")
         print(
-            f"ImageFolder listing: {listed:.3f} s; tlkit index: first run {first:.3f} s ({first / n * 1e3:.2f} ms per"
+            f"ImageFolder listing: {listed:.3f} s; tlkit setup: first run {first:.3f} s ({first / n * 1e3:.2f} ms per"
         )
         print(f"  file), second run {second:.3f} s ({100 * second / first:.1f}% of the first)")
         for train in (True, False):
