@@ -238,8 +238,8 @@ def main() -> None:
     images = args.photos or args.images
     if args.workers and images < 2 * args.workers * args.batch_size:
         parser.error(
-            f"{images} images make {math.ceil(images / args.batch_size)} batches of {args.batch_size}: fewer than two "
-            f"per worker ({args.workers} workers), so an epoch would time one worker's latency; use at least "
+            f"{images} images make {math.ceil(images / args.batch_size)} batch(es) of {args.batch_size}: fewer than "
+            f"two per worker ({args.workers} workers), so an epoch would time one worker's latency; use at least "
             f"{2 * args.workers * args.batch_size} images or a smaller --batch-size"
         )
     torch.set_num_threads(args.main_threads)
