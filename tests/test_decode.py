@@ -162,3 +162,23 @@ def test_jpeg_simplejpeg_refuses_but_pil_reads_is_decoded_by_pil(tmp_path: Path)
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cut.jpg"):
         read_image(cut, min_size=lambda h, w: (150, 200))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(progressive=True),
+        dict(subsampling=0),  # 4:4:4
+        dict(subsampling=1),  # 4:2:2
+        dict(subsampling=2),  # 4:2:0
+        dict(optimize=True),  # optimised Huffman tables
+        dict(quality=30),
+        dict(restart_marker_blocks=4),  # restart markers, as some cameras write
+    ],
+    ids=lambda options: ",".join(f"{k}={v}" for k, v in options.items()),
+)
+def test_reduced_decode_has_the_pixels_of_pil_draft_for_every_kind_of_jpeg(tmp_path: Path, options: dict) -> None:
+    path = tmp_path / "k.jpg"
+    Image.fromarray(skimage.data.astronaut()).resize((801, 603)).save(path, **options)
+    for scale, need in ((2, 300), (4, 150), (8, 75)):
+        assert torch.equal(read_image(path, min_size=lambda h, w, need=need: (need, need)), _pil_draft(path, scale))
