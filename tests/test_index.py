@@ -223,3 +223,23 @@ def test_files_of_a_csv_are_all_stated_and_one_damaged_in_place_is_caught_by_the
     stats = _stats_of_images(monkeypatch)
     source = load_source(f"csv:{table}", val_split=0.25)
     assert len(stats) >= 8 and [path for path, _ in source.skipped] == [str(victim)]
+
+
+def test_symlinked_image_whose_target_is_gone_is_listed_by_the_second_run(tmp_path: Path) -> None:
+    """A folder of links into a store (a dataset "view"): the listing shows a link, not its target, so links are
+    ``stat``ed on every run; a target removed after the first run is named by the scan, and a class whose targets all
+    went is an error there, not a class the loader silently fills with other images."""
+    store = _folder(tmp_path / "store")
+    view = tmp_path / "view"
+    for image in sorted(store.rglob("*.jpg")):
+        (view / image.parent.name).mkdir(parents=True, exist_ok=True)
+        (view / image.parent.name / image.name).symlink_to(image)
+    assert load_source(f"folder:{view}", val_split=0.25).skipped == []
+    (store / "a" / "1.jpg").unlink()
+    again = load_source(f"folder:{view}", val_split=0.25)
+    assert [path for path, _ in again.skipped] == [str(view / "a" / "1.jpg")]
+    assert "symlink" in again.skipped[0][1]
+    for image in (store / "b").glob("*.jpg"):
+        image.unlink()
+    with pytest.raises(ValueError, match="Class 'b' has no readable training image"):
+        load_source(f"folder:{view}", val_split=0.25)

@@ -7,14 +7,14 @@ or PNG that fails these (truncated, or with trailing data some cameras add), is 
 that passes but still fails to decode is caught by the loader (:class:`tlkit.data.sources.ImageDataset`), which
 replaces it and lists it in ``skipped_files.csv``.
 
-The verdicts are stored in ``<cache dir>/index/<key>.npz``, keyed by path, size and modification time: a new file, or
-one whose size or mtime changed, is checked again. A second run over a folder lists it and ``stat``s only the files
-not known to be usable (new ones, and unusable ones that may have been mended): a usable file changed in place since
-is decoded in full by the loader anyway, which catches it as it catches a file damaged inside. Listing is what
-``ImageFolder`` does; one ``stat`` per file on top of it was most of a second run (100,000 small JPEGs: 0.31 of
-0.50 s). Files named by a CSV are all ``stat``ed: no listing vouches that they are still there. Processes
-that share the cache dir (the ranks of one node under DDP) take turns through a file lock: the first builds the
-index, the others wait and then find it up to date.
+The verdicts are stored in ``<cache dir>/index/<key>.npz``, keyed by path, size and modification time: a new file,
+or one whose size or mtime changed, is checked again. A second run over a folder lists it and ``stat``s only the
+files not known to be usable (new ones, unusable ones that may have been mended, symbolic links, whose target may
+have gone): a usable file changed in place since is decoded in full by the loader anyway, which catches it as it
+catches a file damaged inside. Listing is what ``ImageFolder`` does; one ``stat`` per file on top of it was most of
+a second run (100,000 small JPEGs: 0.31 of 0.50 s). Files named by a CSV are all ``stat``ed: no listing vouches that
+they are still there. Processes that share the cache dir (the ranks of one node under DDP) take turns through a file
+lock: the first builds the index, the others wait and then find it up to date.
 
 Paths are held in a :class:`PathList` (one byte array and offsets), not one Python string per file.
 """
@@ -26,7 +26,7 @@ import os
 import struct
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +174,7 @@ def check_files(
     workers: int | None = None,
     index_dir: str | os.PathLike | None = None,
     listed: bool = False,
+    links: Collection[str] = (),
 ) -> IndexReport:
     """Check ``paths`` from their headers, reusing the verdicts cached for files whose size and mtime are unchanged.
 
@@ -186,15 +187,21 @@ def check_files(
         index_dir: Folder of the cache files; default ``cache_dir() / "index"``. The empty string: no cache.
         listed: The paths were just found by listing folders (so they exist): a file cached as usable keeps its
             verdict without a ``stat`` (the loader decodes it in full anyway, see the module docstring).
+        links: The listed paths that are symbolic links: ``stat``ed all the same, since a link's target may be gone
+            while the listing still shows the link.
     """
     paths = paths if isinstance(paths, PathList) else PathList.from_strings(paths)
     cache_file = _cache_file(key, max_pixels, index_dir)
     with _locked(cache_file):
         cached = _load(cache_file)
-        rows = _cached_rows(cached, paths)
+        # The usual case, an unchanged listing: compared as arrays, each path then at its own row.
+        same_listing = cached is not None and PathList(cached["blob"], cached["offsets"]) == paths
+        rows = np.arange(len(paths)) if same_listing else _cached_rows(cached, paths)
         trusted = np.zeros(len(paths), dtype=bool)
         if listed and cached is not None:
             trusted[rows >= 0] = cached["codes"][rows[rows >= 0]] == _GOOD
+            if links:
+                trusted &= np.array([path not in links for path in paths], dtype=bool)
         sizes, mtimes = _stat_all(paths, skip=trusted)
         if trusted.any():  # their size and mtime as cached: the cache then stays as it was for them
             sizes[trusted], mtimes[trusted] = cached["sizes"][rows[trusted]], cached["mtimes"][rows[trusted]]
@@ -203,7 +210,7 @@ def check_files(
         if len(todo):
             found = _check_headers([paths[i] for i in todo], max_pixels, full_check, workers)
             reasons = _merge(reasons, todo, found)
-        if len(todo) or (cached is not None and not _same_listing(cached, paths)):
+        if len(todo) or (cached is not None and not same_listing):
             _save(cache_file, paths, sizes, mtimes, reasons)
     bad = [(paths[i], reasons.table[reasons.codes[i]]) for i in np.flatnonzero(reasons.codes >= 0).tolist()]
     return IndexReport(bad, checked=len(todo), cache_file=cache_file)
@@ -220,16 +227,10 @@ class _Reasons:
     table: list[str]
 
 
-def _same_listing(cached: dict, paths: PathList) -> bool:
-    return PathList(cached["blob"], cached["offsets"]) == paths
-
-
 def _cached_rows(cached: dict | None, paths: PathList) -> np.ndarray:
-    """Each path's row in the cache (-1: not in it)."""
+    """Each path's row in a cache whose listing differs (-1: not in it)."""
     if cached is None:
         return np.full(len(paths), -1, dtype=np.int64)
-    if _same_listing(cached, paths):  # the usual case, an unchanged listing: compare the arrays as they are
-        return np.arange(len(paths))
     where = {p: i for i, p in enumerate(PathList(cached["blob"], cached["offsets"]))}
     return np.array([where.get(p, -1) for p in paths], dtype=np.int64)
 

@@ -369,7 +369,7 @@ def _class_dirs(root: Path) -> list[str]:
     return names
 
 
-def _list_files(class_dir: Path) -> tuple[list[str], list[str]]:
+def _list_files(class_dir: Path, links: list[str] | None = None) -> tuple[list[str], list[str]]:
     """Image paths under ``class_dir`` (recursive, like torchvision's ImageFolder), and the other files, both in the
     order of their path components (a folder's entries sorted by name, sub-folders walked where they sort).
 
@@ -377,25 +377,30 @@ def _list_files(class_dir: Path) -> tuple[list[str], list[str]]:
     error. ``os.scandir`` tells files from folders without a ``stat`` per entry, so listing a large folder costs little
     more than ImageFolder's.
     """
-    images, others = list_files(class_dir)
+    images, others = list_files(class_dir, links)
     if not images:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise FileNotFoundError(f"Class folder {class_dir} has no images (accepted extensions: {exts})")
     return images, others
 
 
-def list_files(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """Image paths under ``folder`` (recursive, hidden and tool folders skipped) and the other files."""
+def list_files(folder: str | os.PathLike, links: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """Image paths under ``folder`` (recursive, hidden and tool folders skipped) and the other files; the images that
+    are symbolic links are also appended to ``links`` (the listing shows a link, not whether its target exists)."""
     images: list[str] = []
     others: list[str] = []
     # Every folder from the file system's root down to this one: a link to any of them is a loop.
     parents = [Path(folder).resolve(), *Path(folder).resolve().parents]
-    _walk(os.fspath(folder), images, others, frozenset((s.st_dev, s.st_ino) for s in map(os.stat, parents)))
+    above = frozenset((s.st_dev, s.st_ino) for s in map(os.stat, parents))
+    _walk(os.fspath(folder), images, others, [] if links is None else links, above)
     return images, others
 
 
-def _walk(folder: str, images: list[str], others: list[str], above: frozenset[tuple[int, int]]) -> None:
-    """List ``folder`` into ``images`` and ``others``; ``above`` holds the (device, inode) of every folder it is in."""
+def _walk(
+    folder: str, images: list[str], others: list[str], links: list[str], above: frozenset[tuple[int, int]]
+) -> None:
+    """List ``folder`` into ``images``, ``others`` and ``links`` (see :func:`list_files`); ``above`` holds the
+    (device, inode) of every folder it is in."""
     here = os.stat(folder)
     above = above | {(here.st_dev, here.st_ino)}
     with os.scandir(folder) as it:
@@ -408,22 +413,27 @@ def _walk(folder: str, images: list[str], others: list[str], above: frozenset[tu
                 # classes' too, until the OS stops it ("Too many levels of symbolic links"): listed, not followed.
                 others.append(entry.path)
                 continue
-            _walk(entry.path, images, others, above)
+            _walk(entry.path, images, others, links, above)
         # A dangling symlink is listed as an image (when its name says so), so the scan names it rather than losing it.
         elif entry.is_file() or entry.is_symlink():
             name = entry.name
             dot = name.rfind(".")
-            (images if name[dot:].lower() in IMAGE_EXTENSIONS and dot > 0 else others).append(entry.path)
+            if name[dot:].lower() in IMAGE_EXTENSIONS and dot > 0:
+                images.append(entry.path)
+                if entry.is_symlink():  # d_type: no stat
+                    links.append(entry.path)
+            else:
+                others.append(entry.path)
 
 
 _entry_name = operator.attrgetter("name")
 
 
 def _scan_folder(
-    root: Path, class_to_idx: dict[str, int], ignored: list[str], unusable: list[tuple[str, str]]
+    root: Path, class_to_idx: dict[str, int], ignored: list[str], unusable: list[tuple[str, str]], links: list[str]
 ) -> Split:
     """List every image of every class dir in ``root`` with its label; non-image files go to ``ignored``, images
-    lying in ``root`` itself (no class) to ``unusable``."""
+    lying in ``root`` itself (no class) to ``unusable``, images that are symbolic links also to ``links``."""
     unusable.extend(_loose_images(root))
     samples: list[str] = []
     targets: list[int] = []
@@ -433,7 +443,7 @@ def _scan_folder(
         if (label := by_form.get(unicodedata.normalize("NFC", name))) is None:
             known = ", ".join(class_to_idx)
             raise ValueError(f"Class folder {root / name} is not among the training classes ({known})")
-        files, others = _list_files(root / name)
+        files, others = _list_files(root / name, links)
         samples.extend(files)
         targets.extend([label] * len(files))
         ignored.extend(others)
@@ -502,13 +512,14 @@ def _load_folder(arg: str, options: SourceOptions) -> Listing:
     class_to_idx = {name: i for i, name in enumerate(class_names)}
     ignored: list[str] = []
     unusable: list[tuple[str, str]] = []
+    links: list[str] = []
     if not presplit:
-        everything = _scan_folder(root, class_to_idx, ignored, unusable)
-        return Listing(class_names, everything, None, ignored, unusable, listed=True)
+        everything = _scan_folder(root, class_to_idx, ignored, unusable, links)
+        return Listing(class_names, everything, None, ignored, unusable, listed=True, links=frozenset(links))
     unusable.extend(_loose_images(root))
-    train = _scan_folder(presplit[0], class_to_idx, ignored, unusable)
-    val = _scan_folder(presplit[1], class_to_idx, ignored, unusable)
-    return Listing(class_names, train, val, ignored, unusable, listed=True)
+    train = _scan_folder(presplit[0], class_to_idx, ignored, unusable, links)
+    val = _scan_folder(presplit[1], class_to_idx, ignored, unusable, links)
+    return Listing(class_names, train, val, ignored, unusable, listed=True, links=frozenset(links))
 
 
 # --------------------------------------------------------------------------- csv:<file>
@@ -1023,6 +1034,7 @@ def _check_bad_files(
         workers=options.workers,
         index_dir=options.index_dir,
         listed=listing.listed,
+        links=listing.links,
     )
     skipped = report.bad
     if skipped and on_bad_image == "raise":

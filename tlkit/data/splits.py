@@ -93,6 +93,7 @@ class Listing:
     ignored: list[str] = field(default_factory=list)
     unusable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): listed, whatever the policy
     listed: bool = False  # the files were found by listing folders just now (a folder source): each exists
+    links: frozenset[str] = frozenset()  # those of them that are symbolic links: their targets may have gone
 
 
 @dataclass(frozen=True)
