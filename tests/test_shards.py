@@ -154,3 +154,38 @@ def test_shards_train_loader_leaves_out_a_batch_of_one_image(shards_dir: tuple[P
     trainer = tiny_trainer(tmp_path / "run", limit_train_batches=None, limit_val_batches=1)
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 1  # the full batch; the one image after it left out
+
+
+def _damage_inside(path: Path) -> None:
+    """Garbage over the middle of a JPEG's data: its header and end marker stay, so the scan passes it."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 200] = b"\xff\xc0" * 100
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("on_bad_image", ["skip", "raise"])
+def test_files_damaged_inside_are_left_out_of_the_shards_and_listed(tmp_path: Path, on_bad_image: str) -> None:
+    """A small JPEG is copied as is and a big one re-encoded: either, damaged inside, passed the scan, and was copied
+    into the shards (training then crashed on it) or stopped optimize in litdata's worker processes."""
+    root = _folder(tmp_path / "photos", per_class=4)
+    small, big = root / "dog" / "2.jpg", root / "cat" / "big.jpg"
+    for path in (small, big):
+        _damage_inside(path)
+    out = tmp_path / "shards"
+    if on_bad_image == "raise":
+        with pytest.raises(ValueError, match=r"(2\.jpg|big\.jpg): unreadable when encoded .*--on_bad_image skip"):
+            shards.optimize(source=f"folder:{root}", out=str(out), max_side=64, on_bad_image="raise")
+        return
+    shards.optimize(source=f"folder:{root}", out=str(out), max_side=64, num_workers=2)
+    meta = shards.read_meta(str(out))
+    assert sorted(path for path, _ in meta["skipped"]) == sorted([str(big), str(small)])
+    assert all("unreadable when encoded" in reason and ".cpp" not in reason for _, reason in meta["skipped"])
+    source = load_source(f"folder:{root}", val_split=0.2)
+    assert len(meta["labels"]["train"]) + len(meta["labels"]["val"]) == len(source.train) + len(source.val) - 2
+    for name in shards.SPLITS:  # the items that were written, with their labels in order
+        assert [int(item["label"]) for item in _items(out / name)] == meta["labels"][name]
+    dm = ImageDataModule(source=f"litdata:{out}", image_size=32, batch_size=4)
+    with pytest.warns(UserWarning, match="Skipped 2 unreadable image file"):
+        dm.setup("fit")
+    assert sum(len(targets) for _, targets in dm.train_dataloader()) == len(meta["labels"]["train"])

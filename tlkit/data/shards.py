@@ -12,7 +12,9 @@ contiguous run of a chunk's items and a loader batch comes from one worker, so a
 folder) would give batches of a few classes each; the quickstart recipe trained 4 points lower that way.
 
 Images larger than ``max_side`` are made smaller (decoded at a reduced DCT scale, resized, encoded as JPEG); JPEGs
-within it are copied byte for byte; other images are encoded as JPEG.
+within it are copied byte for byte (after a decode that proves they can be read); other images are encoded as JPEG.
+A file that passed the source's scan but cannot be decoded (damaged inside the data) is left out of the shards and
+listed in ``tlkit_shards.json`` with the files the scan left out; training from the shards reports them all.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,24 +84,38 @@ def optimize(
             "source itself (ImageDataModule(source=...)), which streams it from disk."
         )
     train = data.train.take(train_order(len(data.train), seed))
+    labels: dict[str, list] = {}
+    skipped = list(data.skipped)
     for name, split in zip(SPLITS, (train, data.val), strict=True):
-        litdata.optimize(
-            fn=_Encoder(split, max_side, quality, max_image_pixels),
-            inputs=list(range(len(split))),  # positions, not paths: litdata would treat paths as files to fetch
-            output_dir=_join(out, name),
-            chunk_bytes=chunk_bytes,
-            num_workers=num_workers,
-            mode="overwrite",
-            keep_data_ordered=True,  # item i is input i: the labels in tlkit_shards.json line up with the items
-            reorder_files=False,
-            verbose=False,
-        )
-        _check_written(_join(out, name), len(split))
+        # Local even when ``out`` is a bucket: litdata's encoding processes run on this machine.
+        with tempfile.TemporaryDirectory(prefix="tlkit-optimize-") as failures:
+            litdata.optimize(
+                fn=_Encoder(split, max_side, quality, max_image_pixels, failures),
+                inputs=list(range(len(split))),  # positions, not paths: litdata would treat paths as files to fetch
+                output_dir=_join(out, name),
+                chunk_bytes=chunk_bytes,
+                num_workers=num_workers,
+                mode="overwrite",
+                keep_data_ordered=True,  # items in input order: the labels in tlkit_shards.json line up with them
+                reorder_files=False,
+                verbose=False,
+            )
+            failed = _read_failures(failures)
+        if failed and on_bad_image == "raise":
+            path, reason = next(iter(failed.values()))
+            raise ValueError(
+                f"{path}: {reason} ({len(failed)} such file(s) in the {name} split). Remove or replace it, or pass "
+                "--on_bad_image skip to leave such files out (they are then listed in tlkit_shards.json)."
+            )
+        kept = split.take([i for i in range(len(split)) if i not in failed]) if failed else split
+        _check_written(_join(out, name), len(kept))
+        labels[name] = list(kept.targets)
+        skipped += [failed[i] for i in sorted(failed)]
     meta = {
         "source": source,
         "class_names": data.class_names,
-        "labels": {"train": list(train.targets), "val": list(data.val.targets)},
-        "skipped": data.skipped,
+        "labels": labels,
+        "skipped": skipped,
         "max_side": max_side,
     }
     _write_text(_join(out, META_FILE), json.dumps(meta))
@@ -110,21 +127,42 @@ def train_order(count: int, seed: int) -> np.ndarray:
 
 
 class _Encoder:
-    """``position -> {"image": JPEG bytes, "label": label}`` of one split; picklable for litdata's worker processes."""
+    """``position -> {"image": JPEG bytes, "label": label}`` of one split; picklable for litdata's worker processes.
 
-    def __init__(self, split: Split, max_side: int | None, quality: int, max_pixels: int | None) -> None:
+    A generator, which litdata lets yield no item: a file that cannot be decoded yields none, and its path and reason
+    go to ``failures`` (a folder, one JSON file per position) for :func:`optimize` to list (or raise).
+    """
+
+    def __init__(self, split: Split, max_side: int | None, quality: int, max_pixels: int | None, failures: str) -> None:
         self.split, self.max_side, self.quality, self.max_pixels = split, max_side, quality, max_pixels
+        self.failures = failures
 
-    def __call__(self, position: int) -> dict[str, Any]:
+    def __call__(self, position: int) -> Iterator[dict[str, Any]]:
         sample, label = self.split.samples[position], self.split.targets[position]
+        try:
+            encoded = self._encode(sample)
+        except (ValueError, OSError) as err:
+            if not isinstance(sample, str):  # an array from a built-in dataset: a bug, not a damaged file
+                raise
+            from tlkit.data.sources import short_reason
+
+            reason = (
+                f"unreadable when encoded (damaged inside the data, which the scan does not read): {short_reason(err)}"
+            )
+            (Path(self.failures) / f"{position}.json").write_text(json.dumps([sample, reason]))
+            return
+        yield {"image": encoded, "label": int(label)}
+
+    def _encode(self, sample: Any) -> bytes:
         if isinstance(sample, str) and self._keep_as_is(sample):
-            return {"image": Path(sample).read_bytes(), "label": int(label)}
+            read_image(sample, self.max_pixels)  # the scan read its header and end marker; this reads its data
+            return Path(sample).read_bytes()
         image = read_image(sample, self.max_pixels, min_size=self._min_size)
         if self.max_side is not None and max(image.shape[-2:]) > self.max_side:
             image = v2.functional.resize(image, None, max_size=self.max_side, antialias=True)
         buffer = io.BytesIO()
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=self.quality)
-        return {"image": buffer.getvalue(), "label": int(label)}
+        return buffer.getvalue()
 
     def _keep_as_is(self, path: str) -> bool:
         with Image.open(path) as img:
@@ -136,6 +174,11 @@ class _Encoder:
             return height, width
         scale = min(1.0, self.max_side / max(height, width))
         return round(height * scale), round(width * scale)
+
+
+def _read_failures(folder: str) -> dict[int, tuple[str, str]]:
+    """``position -> (path, reason)`` of the files the encoders could not read."""
+    return {int(f.stem): tuple(json.loads(f.read_text())) for f in Path(folder).glob("*.json")}
 
 
 def _join(base: str, name: str) -> str:

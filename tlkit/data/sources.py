@@ -165,7 +165,7 @@ class ImageDataset(Dataset):
             return
         self._reported.add(path)
         # The scan reads headers and end markers only: damage inside the data shows first here (or the file changed).
-        reason = f"unreadable when loaded (damaged inside, or changed after the scan): {_short_reason(err)}"
+        reason = f"unreadable when loaded (damaged inside, or changed after the scan): {short_reason(err)}"
         named = f" by {replacement}" if isinstance(replacement, str) else ""
         warnings.warn(f"Skipped {path} in the loader, replaced{named}: {reason}", stacklevel=2)
         if self.skipped_log is not None:
@@ -974,16 +974,21 @@ def _check_image(path: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> str | 
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
-        return _short_reason(err)
+        return short_reason(err)
     return None
 
 
-def _short_reason(err: Exception) -> str:
+def short_reason(err: Exception) -> str:
     """The decoder's own words, without the path (the listing names it) or C++ source locations."""
     if isinstance(err, ImageTooLargeError):
         return str(err)
     cause = err.__cause__ or err
-    return str(cause).strip().splitlines()[-1][-200:] if str(cause).strip() else type(cause).__name__
+    words = _SOURCE_LOCATION.sub("", str(cause).strip().splitlines()[-1]) if str(cause).strip() else ""
+    return words[-200:] or type(cause).__name__
+
+
+# TorchCodec's errors start "<function>, <its .cpp file>:<line>, " before libjpeg's words.
+_SOURCE_LOCATION = re.compile(r"^\w+, \S+\.(?:cpp|cc|c|h):\d+, ")
 
 
 def scan_images(
