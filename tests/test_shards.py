@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from subprocess import PIPE
 
 import numpy as np
 import pytest
@@ -131,17 +135,25 @@ def test_ddp_ranks_stream_disjoint_parts_of_the_shards(shards_dir: tuple[Path, P
     assert not Counter(seen[0] + seen[1]) - Counter(everything)  # disjoint parts (no image twice) of the shards
 
 
-def test_optimize_whose_workers_fail_says_so_instead_of_writing_empty_shards(tmp_path: Path) -> None:
-    # Piped to `python -`, litdata's worker processes cannot re-import the main module: optimize returned normally
-    # with no image written, and training later stopped at litdata's "No chunks found".
+def test_optimize_runs_from_piped_code_and_leaves_the_processs_start_method(tmp_path: Path) -> None:
+    # litdata set the process's start method to spawn: its processes re-imported the main module, which code piped
+    # to `python -` does not have (it wrote 0 images, training stopped at "No chunks found"), every small optimize
+    # spent ~15 s re-importing torch, and the caller's DataLoader workers were spawned from then on.
     root = _folder(tmp_path / "photos", per_class=3)
-    code = f"from tlkit.data.shards import optimize\noptimize(source='folder:{root}', out='{tmp_path / 'out'}')\n"
+    code = (
+        "import multiprocessing\nmultiprocessing.set_start_method('forkserver')\n"
+        "from tlkit.data.shards import optimize\n"
+        f"optimize(source='folder:{root}', out='{tmp_path / 'out'}')\n"
+        "print('start method', multiprocessing.get_start_method())\n"
+    )
     done = subprocess.run(
         [sys.executable, "-"], input=code, capture_output=True, text=True, timeout=300,
         env={**os.environ, "TLKIT_CACHE_DIR": str(tmp_path / "cache")},
     )  # fmt: skip
-    assert done.returncode != 0
-    assert "RuntimeError: litdata wrote 0 of 6 images to" in done.stderr and "__main__" in done.stderr
+    assert done.returncode == 0, done.stderr
+    assert "start method forkserver" in done.stdout  # the caller's, as before
+    meta = shards.read_meta(str(tmp_path / "out"))
+    assert len(meta["labels"]["train"]) + len(meta["labels"]["val"]) == 8
 
 
 def test_shards_train_loader_leaves_out_a_batch_of_one_image(shards_dir: tuple[Path, Path], tmp_path: Path) -> None:
@@ -189,3 +201,77 @@ def test_files_damaged_inside_are_left_out_of_the_shards_and_listed(tmp_path: Pa
     with pytest.warns(UserWarning, match="Skipped 2 unreadable image file"):
         dm.setup("fit")
     assert sum(len(targets) for _, targets in dm.train_dataloader()) == len(meta["labels"]["train"])
+
+
+def test_a_run_that_stops_part_way_leaves_no_shards_folder_to_train_from(tmp_path: Path) -> None:
+    """Re-running into a shards folder rewrote train/ and then failed: the old tlkit_shards.json (other classes, other
+    labels) stayed beside the new chunks, and training read them with the old labels, silently."""
+    out = tmp_path / "shards"
+    shards.optimize(source=f"folder:{_folder(tmp_path / 'old')}", out=str(out), max_side=64)
+    new = _folder(tmp_path / "new", per_class=4)
+    _damage_inside(new / "dog" / "3.jpg")
+    with pytest.raises(ValueError, match="unreadable when encoded"):
+        shards.optimize(source=f"folder:{new}", out=str(out), max_side=64, on_bad_image="raise", val_split=0.5)
+    with pytest.raises(FileNotFoundError, match="optimize did not finish there; run it again"):
+        ImageDataModule(source=f"litdata:{out}").setup("fit")
+
+
+def test_metadata_and_chunks_of_different_runs_are_refused(tmp_path: Path, shards_dir: tuple[Path, Path]) -> None:
+    out = tmp_path / "shards"
+    shutil.copytree(shards_dir[1], out)
+    meta = shards.read_meta(str(out))
+    meta["labels"]["train"] = meta["labels"]["train"][:-1]
+    (out / shards.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"train holds \d+ images but .* labels \d+: .* not from one"):
+        ImageDataModule(source=f"litdata:{out}").setup("fit")
+
+
+def test_two_runs_into_one_folder_are_refused_and_out_inside_the_source_too(tmp_path: Path) -> None:
+    root, out = _folder(tmp_path / "photos", per_class=3), tmp_path / "shards"
+    out.mkdir()
+    hold = f"import fcntl, time\nf = open({str(out / shards.LOCK_FILE)!r}, 'a')\nfcntl.lockf(f, fcntl.LOCK_EX)\n"
+    other = subprocess.Popen([sys.executable, "-c", hold + "print('held', flush=True)\ntime.sleep(120)"], stdout=PIPE)
+    try:  # another optimize is writing there
+        assert other.stdout.readline() == b"held\n"
+        with pytest.raises(RuntimeError, match="Another `tlkit optimize` is writing"):
+            shards.optimize(source=f"folder:{root}", out=str(out))
+    finally:
+        other.kill()
+        other.wait()
+    assert not (out / "train").exists()
+    # Inside the source, the shards folder became a "class" of the next run ("has no images")
+    with pytest.raises(ValueError, match="inside the source folder"):
+        shards.optimize(source=f"folder:{root}", out=str(root / "shards"))
+    shards.optimize(source=f"folder:{root}", out=str(out), max_side=64)
+    shutil.move(out, root / "shards")  # moved there by hand
+    with pytest.raises(ValueError, match=r"holds shards written by `tlkit optimize`.*litdata:"):
+        load_source(f"folder:{root}")
+
+
+INTERRUPTED = """
+import os, signal, sys
+from tlkit.data import shards
+
+def interrupt(self, sample):  # in litdata's worker process: Ctrl-C reaches the main process while it writes
+    os.kill(os.getppid(), signal.SIGINT)
+    return b""
+
+shards._Encoder._encode = interrupt
+if __name__ == "__main__":
+    shards.optimize(source="folder:" + sys.argv[1], out=sys.argv[2])
+"""
+
+
+def test_ctrl_c_during_optimize_fails_and_the_callers_handler_comes_back(tmp_path: Path) -> None:
+    """litdata's own SIGINT handler ends the process with status 0 (`tlkit optimize ... && tlkit fit` went on) and
+    stayed installed after optimize returned, turning every later Ctrl-C into a silent exit 0."""
+    root = _folder(tmp_path / "photos", per_class=3)
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED)
+    env = {**os.environ, "TLKIT_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, str(script), str(root), str(tmp_path / "out")], env=env, timeout=300)
+    assert done.returncode == 128 + signal.SIGINT
+    assert not (tmp_path / "out" / shards.META_FILE).exists()
+    before = signal.getsignal(signal.SIGINT)
+    shards.optimize(source=f"folder:{root}", out=str(tmp_path / "out"), max_side=64)
+    assert signal.getsignal(signal.SIGINT) is before

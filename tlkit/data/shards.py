@@ -19,10 +19,17 @@ listed in ``tlkit_shards.json`` with the files the scan left out; training from 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import io
 import json
+import multiprocessing
 import os
+import signal
+import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,8 +43,16 @@ from torchvision.transforms import v2
 from tlkit.data.decode import MAX_IMAGE_PIXELS, read_image
 from tlkit.data.splits import SourceData, Split
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; two runs writing one folder are then not stopped
+    fcntl = None
+
 META_FILE = "tlkit_shards.json"
+LOCK_FILE = ".tlkit_optimize.lock"
 SPLITS = ("train", "val")
+# litdata's processes: forked on Linux (see _litdata_contained); elsewhere litdata's choice (spawn on macOS, Windows)
+_START_METHOD = "fork" if sys.platform.startswith("linux") else None
 SCHEME = "litdata:"
 
 
@@ -71,10 +86,9 @@ def optimize(
         on_bad_image: ``skip`` (unreadable files are left out and listed in ``tlkit_shards.json``) or ``raise``.
         max_image_pixels: Files declaring more pixels are unreadable; None: no limit.
     """
-    import litdata
-
     from tlkit.data.sources import load_source
 
+    _check_out_is_outside(source, out)
     data = load_source(
         source, val_split=val_split, seed=seed, on_bad_image=on_bad_image, max_image_pixels=max_image_pixels
     )
@@ -84,41 +98,120 @@ def optimize(
             "source itself (ImageDataModule(source=...)), which streams it from disk."
         )
     train = data.train.take(train_order(len(data.train), seed))
-    labels: dict[str, list] = {}
-    skipped = list(data.skipped)
-    for name, split in zip(SPLITS, (train, data.val), strict=True):
-        # Local even when ``out`` is a bucket: litdata's encoding processes run on this machine.
-        with tempfile.TemporaryDirectory(prefix="tlkit-optimize-") as failures:
-            litdata.optimize(
-                fn=_Encoder(split, max_side, quality, max_image_pixels, failures),
-                inputs=list(range(len(split))),  # positions, not paths: litdata would treat paths as files to fetch
-                output_dir=_join(out, name),
-                chunk_bytes=chunk_bytes,
-                num_workers=num_workers,
-                mode="overwrite",
-                keep_data_ordered=True,  # items in input order: the labels in tlkit_shards.json line up with them
-                reorder_files=False,
-                verbose=False,
-            )
-            failed = _read_failures(failures)
-        if failed and on_bad_image == "raise":
-            path, reason = next(iter(failed.values()))
-            raise ValueError(
-                f"{path}: {reason} ({len(failed)} such file(s) in the {name} split). Remove or replace it, or pass "
-                "--on_bad_image skip to leave such files out (they are then listed in tlkit_shards.json)."
-            )
-        kept = split.take([i for i in range(len(split)) if i not in failed]) if failed else split
-        _check_written(_join(out, name), len(kept))
-        labels[name] = list(kept.targets)
-        skipped += [failed[i] for i in sorted(failed)]
-    meta = {
-        "source": source,
-        "class_names": data.class_names,
-        "labels": labels,
-        "skipped": skipped,
-        "max_side": max_side,
-    }
-    _write_text(_join(out, META_FILE), json.dumps(meta))
+    encoder = functools.partial(_Encoder, max_side=max_side, quality=quality, max_pixels=max_image_pixels)
+    with _only_writer(out), _litdata_contained():
+        _remove(_join(out, META_FILE))  # written last: a run that stops part-way leaves no shards folder behind
+        labels, skipped = {}, list(data.skipped)
+        for name, split in zip(SPLITS, (train, data.val), strict=True):
+            kept, failed = _write_split(split, _join(out, name), encoder, chunk_bytes, num_workers)
+            if failed and on_bad_image == "raise":
+                path, reason = failed[0]
+                raise ValueError(
+                    f"{path}: {reason} ({len(failed)} such file(s) in the {name} split). Remove or replace it, or "
+                    "pass --on_bad_image skip to leave such files out (they are then listed in tlkit_shards.json)."
+                )
+            labels[name], skipped = list(kept.targets), skipped + failed
+        meta = {
+            "source": source,
+            "class_names": data.class_names,
+            "labels": labels,
+            "skipped": skipped,
+            "max_side": max_side,
+        }
+        _write_text(_join(out, META_FILE), json.dumps(meta))
+
+
+def _check_out_is_outside(source: str, out: str) -> None:
+    """Shards written into a folder source would be listed as one of its classes by the next run."""
+    if not source.startswith("folder:") or "://" in out:
+        return
+    root, target = Path(source.removeprefix("folder:")).expanduser().resolve(), Path(out).expanduser().resolve()
+    if target == root or root in target.parents:
+        raise ValueError(
+            f"--out {out} is inside the source folder {root}: its shards would be read as a class folder of the "
+            f"source next time. Write them outside it, e.g. --out {root.parent / (root.name + '_shards')}"
+        )
+
+
+def _write_split(
+    split: Split, split_dir: str, encoder: Callable[..., _Encoder], chunk_bytes: str, num_workers: int
+) -> tuple[Split, list[tuple[str, str]]]:
+    """Write one split as a litdata dataset: the part of the split written, and ``(path, reason)`` of the files
+    left out (unreadable)."""
+    import litdata
+
+    # Local even when the output is a bucket: litdata's encoding processes run on this machine.
+    with tempfile.TemporaryDirectory(prefix="tlkit-optimize-") as failures:
+        litdata.optimize(
+            fn=encoder(split, failures=failures),
+            inputs=list(range(len(split))),  # positions, not paths: litdata would treat paths as files to fetch
+            output_dir=split_dir,
+            chunk_bytes=chunk_bytes,
+            num_workers=num_workers,
+            start_method=_START_METHOD,
+            mode="overwrite",
+            keep_data_ordered=True,  # items in input order: the labels in tlkit_shards.json line up with them
+            reorder_files=False,
+            verbose=False,
+        )
+        failed = _read_failures(failures)
+    kept = split.take([i for i in range(len(split)) if i not in failed]) if failed else split
+    _check_written(split_dir, len(kept))
+    return kept, [failed[i] for i in sorted(failed)]
+
+
+@contextlib.contextmanager
+def _only_writer(out: str) -> Iterator[None]:
+    """Refuse to write where another ``optimize`` is writing: two runs overwrite each other's chunks and index files
+    (one of them then ended "successfully" with an empty split). A lock file in a local ``out``; none for a bucket."""
+    if "://" in out or fcntl is None:
+        yield
+        return
+    Path(out).expanduser().mkdir(parents=True, exist_ok=True)
+    with open(Path(out).expanduser() / LOCK_FILE, "a") as lock:
+        try:  # a POSIX lock (lockf), not flock: litdata's forked processes do not inherit it, and so cannot keep
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # holding it after this process is interrupted
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise RuntimeError(
+                f"Another `tlkit optimize` is writing {out}; wait for it to finish, or write to another --out"
+            ) from None
+        yield  # the lock goes when the file closes
+
+
+@contextlib.contextmanager
+def _litdata_contained() -> Iterator[None]:
+    """Run litdata's ``optimize`` without the changes it makes to the whole process.
+
+    - litdata sets the process's multiprocessing start method (``set_start_method(..., force=True)``) to ``spawn``:
+      every process it starts re-imported torch and tlkit (~15 s of a small ``optimize``), code piped to ``python -``
+      could not start them at all, and the caller's DataLoader workers were spawned too from then on. On Linux its
+      processes are forked here, as PyTorch's DataLoader workers are; the caller's start method comes back after.
+    - Its SIGINT handler stops its workers and calls ``os._exit(0)``: ``tlkit optimize ... && tlkit fit ...`` went on
+      after a Ctrl-C, and the handler stayed installed after ``optimize`` returned, so a later Ctrl-C (in training,
+      in a notebook) ended the process with status 0 and no ``KeyboardInterrupt``. Here Ctrl-C ends it with 130, as
+      an interrupted command does, and the caller's handler comes back after.
+    """
+    from litdata.processing.data_processor import DataProcessor
+
+    def stop_and_fail(processor: DataProcessor, signum: int, frame: Any) -> None:
+        for queue in getattr(processor, "stop_queues", None) or []:  # litdata's own handler does this, then exit 0
+            queue.put(None)
+        for worker in getattr(processor, "workers", None) or []:
+            worker.join(0)
+        os._exit(128 + signal.SIGINT)
+
+    start_method = multiprocessing.get_start_method(allow_none=True)
+    previous = signal.getsignal(signal.SIGINT)
+    original, DataProcessor._signal_handler = DataProcessor._signal_handler, stop_and_fail
+    try:
+        yield
+    finally:
+        DataProcessor._signal_handler = original
+        multiprocessing.set_start_method(start_method, force=True)
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)  # (None: a handler not set from Python, which stays)
 
 
 def train_order(count: int, seed: int) -> np.ndarray:
@@ -197,6 +290,17 @@ def _write_text(uri: str, text: str) -> None:
     os.replace(tmp, uri)
 
 
+def _remove(uri: str) -> None:
+    if "://" in uri:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        if fs.exists(path):
+            fs.rm(path)
+        return
+    Path(uri).unlink(missing_ok=True)
+
+
 def _read_json(uri: str) -> Any:
     if "://" in uri:
         import fsspec
@@ -208,18 +312,23 @@ def _read_json(uri: str) -> Any:
 
 def _check_written(split_dir: str, expected: int) -> None:
     """Count the items litdata wrote: ``litdata.optimize`` returns normally having written none when its worker
-    processes fail to start (they re-import the main module, which code piped to ``python -`` does not have as a
-    file), and training then stopped at "No chunks found"."""
+    processes fail to start (spawned, on macOS and Windows, they re-import the main module, which code piped to
+    ``python -`` does not have as a file), and training then stopped at "No chunks found"."""
     if expected == 0:
         return
-    index = _read_json(_join(split_dir, "index.json"))
-    written = sum(chunk.get("chunk_size", 0) for chunk in index.get("chunks") or [])
+    written = _count_items(split_dir)
     if written != expected:
         raise RuntimeError(
             f"litdata wrote {written} of {expected} images to {split_dir}: its worker processes failed. Run "
             "`tlkit optimize --source ... --out ...` from a shell, or call optimize() in a script under "
-            "`if __name__ == '__main__':`, not from code piped to python (the workers re-import the main module)."
+            "`if __name__ == '__main__':`, not from code piped to python (spawned workers re-import the main module)."
         )
+
+
+def _count_items(split_dir: str) -> int:
+    """The number of items litdata's ``index.json`` lists in a split folder."""
+    index = _read_json(_join(split_dir, "index.json"))
+    return sum(chunk.get("chunk_size", 0) for chunk in index.get("chunks") or [])
 
 
 def read_meta(uri: str) -> dict[str, Any]:
@@ -229,7 +338,8 @@ def read_meta(uri: str) -> dict[str, Any]:
         return _read_json(path)
     except FileNotFoundError as err:
         raise FileNotFoundError(
-            f"{path} not found: 'litdata:{uri}' must name a folder written by `tlkit optimize --source ... --out {uri}`"
+            f"{path} not found: 'litdata:{uri}' must name a folder written by `tlkit optimize --source ... --out "
+            f"{uri}` (which writes it last: without it, optimize did not finish there; run it again)"
         ) from err
 
 
@@ -237,6 +347,13 @@ def shard_source_data(uri: str) -> SourceData:
     """The splits of a shards folder as tlkit sees them: labels and class names from its metadata; the samples are
     the items' positions (the images stay in the shards until a loader streams them)."""
     meta = read_meta(uri)
+    for name in SPLITS:  # the metadata and the chunks must be of one run: a label per item, in item order
+        listed = len(meta["labels"][name])
+        if listed and (written := _count_items(_join(uri, name))) != listed:
+            raise ValueError(
+                f"{_join(uri, name)} holds {written} images but {_join(uri, META_FILE)} labels {listed}: the two are "
+                f"not from one `tlkit optimize` run. Write the shards again (tlkit optimize ... --out {uri})."
+            )
     splits = [Split(samples=range(len(meta["labels"][name])), targets=meta["labels"][name]) for name in SPLITS]
     skipped = [tuple(row) for row in meta.get("skipped", [])]
     return SourceData(*splits, class_names=meta["class_names"], skipped=skipped)

@@ -55,6 +55,7 @@ from torch.utils.data import Dataset
 
 from tlkit.data.decode import MAX_IMAGE_PIXELS, ImageTooLargeError, read_image
 from tlkit.data.index import PathList, check_files, thread_map
+from tlkit.data.shards import META_FILE
 from tlkit.data.splits import LABEL_SEPARATOR, Listing, Sample, SourceData, SourceOptions, Split, multi_hot
 from tlkit.io import PATH_TEXT
 
@@ -366,6 +367,12 @@ def _class_dirs(root: Path) -> list[str]:
     names = subfolders(root)
     if not names:
         raise FileNotFoundError(f"No class sub-folders in {root}; expected {root}/<class>/<image>")
+    for name in names:  # `tlkit optimize --out` inside the source: its shards are not a class of images
+        if (root / name / META_FILE).is_file():
+            raise ValueError(
+                f"{root / name} holds shards written by `tlkit optimize` ({META_FILE}), not a class of images: move "
+                f"it out of {root} (train from it with source='litdata:<its new path>')"
+            )
     return names
 
 
