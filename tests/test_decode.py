@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import skimage.data
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from tlkit.data.datamodule import EvalResizeSize, ImageDataModule
@@ -182,3 +183,41 @@ def test_reduced_decode_has_the_pixels_of_pil_draft_for_every_kind_of_jpeg(tmp_p
     Image.fromarray(skimage.data.astronaut()).resize((801, 603)).save(path, **options)
     for scale, need in ((2, 300), (4, 150), (8, 75)):
         assert torch.equal(read_image(path, min_size=lambda h, w, need=need: (need, need)), _pil_draft(path, scale))
+
+
+def _app1(payload: bytes) -> bytes:
+    return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+
+
+@pytest.mark.parametrize("min_size", [None, lambda h, w: (h // 2, w // 2)])
+def test_exif_block_after_an_xmp_block_turns_the_photo_on_every_path(tmp_path: Path, min_size) -> None:
+    """Tools other than PIL may write XMP before EXIF. TorchCodec (then the full-size path) read only the first APP1
+    block and left the photo sideways, while the reduced path and the crop planning (PIL's reading) turned it: the
+    crop box was then drawn on one shape and cut from another."""
+    stored = Image.fromarray(skimage.data.astronaut()[:96, :160])  # 160 wide, 96 high; orientation 6: turn it
+    path = tmp_path / "xmp_then_exif.jpg"
+    stored.save(path, quality=95)
+    xmp = _app1(b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta xmlns:x='adobe:ns:meta/'/>")
+    exif = _app1(b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00" + bytes(6))
+    data = path.read_bytes()
+    path.write_bytes(data[:2] + xmp + exif + data[2:])
+    with Image.open(path) as img:
+        upright = torch.from_numpy(np.array(ImageOps.exif_transpose(img).convert("RGB"))).permute(2, 0, 1)
+    assert upright.shape[1:] == (160, 96)
+    image = read_image(path, min_size=min_size)
+    if min_size is None:
+        assert torch.equal(image, upright)
+    else:
+        assert image.shape[1:] == (80, 48)
+        small = v2.functional.resize(upright, [80, 48], antialias=True)
+        assert (image.float() - small.float()).abs().mean() < 8  # the same picture, not one turned by 90 degrees
+
+
+@pytest.mark.parametrize("options", [{"subsampling": 0}, {"subsampling": 1}, {"subsampling": 2, "progressive": True}])
+def test_full_size_jpeg_has_the_pixels_of_torchcodec(tmp_path: Path, options: dict) -> None:
+    """simplejpeg replaced TorchCodec for full-size JPEGs (docs/data_at_scale.md): the same libjpeg-turbo pixels."""
+    from torchcodec.decoders import decode_jpeg
+
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(skimage.data.coffee()).save(path, quality=85, **options)
+    assert torch.equal(read_image(path), decode_jpeg(str(path), mode="RGB"))

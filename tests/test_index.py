@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +244,29 @@ def test_symlinked_image_whose_target_is_gone_is_listed_by_the_second_run(tmp_pa
         image.unlink()
     with pytest.raises(ValueError, match="Class 'b' has no readable training image"):
         load_source(f"folder:{view}", val_split=0.25)
+
+
+def test_a_file_mended_with_its_size_and_mtime_put_back_is_checked_again(tmp_path: Path) -> None:
+    """chmod a+r mends a file unreadable for its permissions without changing its size or mtime (and touch -r puts an
+    mtime back): keyed by size and mtime, the file stayed "unusable" from the cache."""
+    paths = [_jpeg(tmp_path / f"{i}.jpg", seed=i) for i in range(3)]
+    good = paths[1].read_bytes()
+    paths[1].write_bytes(b"\x00" * len(good))  # damaged, same size
+    damaged = paths[1].stat()
+    assert _check(paths, tmp_path, full_check=lambda p: "unreadable").bad == [(str(paths[1]), "unreadable")]
+    time.sleep(0.05)  # past the file system's clock tick, as a later chmod would be
+    paths[1].write_bytes(good)
+    os.utime(paths[1], ns=(damaged.st_atime_ns, damaged.st_mtime_ns))  # size and mtime as when it was unusable
+    again = _check(paths, tmp_path)
+    assert again.checked == 1 and again.bad == []
+
+
+def test_a_cache_dir_that_is_a_file_warns_and_checks_every_file(tmp_path: Path) -> None:
+    paths = [_jpeg(tmp_path / f"{i}.jpg", seed=i) for i in range(2)]
+    (tmp_path / "not_a_folder").write_text("")
+    with pytest.warns(UserWarning, match="cannot use the cache|could not write"):
+        report = check_files(
+            [str(p) for p in paths], key="k", full_check=_never, max_pixels=10**8,
+            index_dir=tmp_path / "not_a_folder" / "index",
+        )  # fmt: skip
+    assert report.checked == 2 and report.bad == []

@@ -1189,3 +1189,30 @@ def test_csv_of_absolute_paths_from_another_machine_names_the_prefix_to_replace(
         load_source(f"csv:{tmp_path / 'l.csv'}")
     (tmp_path / "l.csv").write_text("\n".join(r.replace("/home/alice/data/", "") for r in rows) + "\n")
     assert len(load_source(f"csv:{tmp_path / 'l.csv'}", val_split=0.5).skipped) == 0
+
+
+def test_a_file_unreadable_at_load_is_listed_once_whatever_worker_or_epoch_meets_it(tmp_path: Path) -> None:
+    """The train loader starts new workers every epoch, and two workers meet the same file (one at its own index, one
+    looking for a substitute): the file was appended to skipped_files.csv by each, 3 times in 3 epochs. The warning
+    named the next file as the replacement even when that one could not be read either."""
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(_random_image(i).permute(1, 2, 0).numpy()).save(paths[-1])
+    for gone in paths[:2]:
+        Path(gone).unlink()  # removed after the scan
+    split, log = Split(samples=paths, targets=[0, 1, 0, 1]), tmp_path / "run" / "skipped_files.csv"
+    with pytest.warns(UserWarning) as warned:
+        first = ImageDataset(split, skipped_log=log)  # a worker of epoch 1
+        image, target = first[0]
+        assert target == 0 and torch.equal(image, read_image(paths[2]))
+    assert [str(w.message).split(" in the loader")[0] for w in warned] == [f"Skipped {paths[0]}", f"Skipped {paths[1]}"]
+    assert all(f"replaced by {paths[2]}" in str(w.message) for w in warned)  # the one readable file, not paths[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # already listed: no warning again
+        for _epoch in range(3):
+            worker = ImageDataset(split, skipped_log=log)  # another worker, another epoch
+            assert [worker[i][1] for i in (1, 0, 1)] == [0, 0, 0]
+    with open(log, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["path"] for row in rows] == paths[:2]

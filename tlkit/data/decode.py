@@ -2,14 +2,14 @@
 
 Which decoder reads what (measured by ``benchmarks/decoders.py``, see docs/data_at_scale.md):
 
-- a JPEG that the caller needs at full size: TorchCodec's ``decode_jpeg`` (libjpeg-turbo, the fastest on small
-  JPEGs, applies the EXIF orientation; torchvision 0.29 deprecates its own decoders in its favour);
-- a JPEG that the caller needs smaller (``min_size``): ``simplejpeg`` (libjpeg-turbo), which decodes at 1/2, 1/4 or
-  1/8 scale straight from the DCT coefficients, never below ``min_size`` — several times faster on a phone photo
-  that becomes a 224-px crop. PIL's ``draft`` gives the same pixels, but through an image PIL allocates and then
-  copies several times (orientation, mode, ``tobytes``, numpy): simplejpeg writes one numpy array (a 6-MP photo at
-  1/4: 9.3 against 13.6 ms, docs/data_at_scale.md). A file simplejpeg refuses (it is strict: any
-  libjpeg warning, e.g. extraneous bytes some cameras write, is an error) goes to PIL, which decides;
+- a JPEG: ``simplejpeg`` (libjpeg-turbo), at full size or, when the caller needs it smaller (``min_size``), at 1/2,
+  1/4 or 1/8 scale straight from the DCT coefficients, never below ``min_size`` — several times faster on a phone
+  photo that becomes a 224-px crop. At full size it is as fast as TorchCodec's ``decode_jpeg`` on small JPEGs, with
+  the same pixels; smaller, it gives the pixels of PIL's ``draft``, without PIL's copies of the image (orientation,
+  mode, ``tobytes``, numpy: a 6-MP photo at 1/4, 9.3 against 13.6 ms). The EXIF orientation is PIL's reading of the
+  header, applied here: TorchCodec applied its own, which misses an EXIF block that follows an XMP block (a photo
+  turned on one path and not on another). A file simplejpeg refuses (it is strict: any libjpeg warning, e.g.
+  extraneous bytes some cameras write, is an error) goes to PIL, which decides;
 - every other format (PNG, WebP, GIF, BMP, TIFF, AVIF), CMYK JPEGs and 16-bit images: PIL, which raises a Python
   error on damaged files where libpng (behind ``torchvision.io.decode_png`` and TorchCodec's ``decode_png``) may
   abort the process (issue 8);
@@ -30,7 +30,6 @@ import pillow_heif
 import simplejpeg
 import torch
 from PIL import Image, ImageOps
-from torchcodec.decoders import decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -163,12 +162,8 @@ def _let_pil_open(max_pixels: int | None) -> None:
 
 def _decode_opened(file: BinaryIO, img: Image.Image, min_size: MinSize | None) -> torch.Tensor:
     """Decode an opened file with the decoder that is best for it (see the module docstring)."""
-    is_plain_jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")  # CMYK/YCCK: PIL converts them exactly
-    if is_plain_jpeg and min_size is not None and (scale := _dct_scale(img, min_size)) > 1:
-        return _decode_reduced_jpeg(file, img, scale)
-    if is_plain_jpeg:
-        file.seek(0)
-        return decode_jpeg(file.read(), mode="RGB")  # applies the EXIF orientation itself
+    if img.format == "JPEG" and img.mode in ("RGB", "L"):  # CMYK/YCCK: PIL converts them exactly
+        return _decode_jpeg(file, img, _dct_scale(img, min_size) if min_size is not None else 1)
     return pil_to_rgb(ImageOps.exif_transpose(img))
 
 
@@ -184,8 +179,8 @@ def _dct_scale(img: Image.Image, min_size: MinSize) -> int:
     return next((scale for scale in (8, 4, 2) if scale <= room), 1)
 
 
-def _decode_reduced_jpeg(file: BinaryIO, img: Image.Image, scale: int) -> torch.Tensor:
-    """A plain JPEG decoded at 1/``scale``, upright."""
+def _decode_jpeg(file: BinaryIO, img: Image.Image, scale: int) -> torch.Tensor:
+    """A plain (RGB or grayscale) JPEG decoded at 1/``scale`` (1: full size), upright."""
     raw_w, raw_h = img.size
     file.seek(0)
     try:  # libjpeg-turbo's smallest scaling that keeps these sides is 1/scale (rounded up, as libjpeg rounds)

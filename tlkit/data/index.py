@@ -7,20 +7,22 @@ or PNG that fails these (truncated, or with trailing data some cameras add), is 
 that passes but still fails to decode is caught by the loader (:class:`tlkit.data.sources.ImageDataset`), which
 replaces it and lists it in ``skipped_files.csv``.
 
-The verdicts are stored in ``<cache dir>/index/<key>.npz``, keyed by path, size and modification time: a new file,
-or one whose size or mtime changed, is checked again. A second run over a folder lists it and ``stat``s only the
-files not known to be usable (new ones, unusable ones that may have been mended, symbolic links, whose target may
-have gone): a usable file changed in place since is decoded in full by the loader anyway, which catches it as it
-catches a file damaged inside. Listing is what ``ImageFolder`` does; one ``stat`` per file on top of it was most of
-a second run (100,000 small JPEGs: 0.31 of 0.50 s). Files named by a CSV are all ``stat``ed: no listing vouches that
-they are still there. Processes that share the cache dir (the ranks of one node under DDP) take turns through a file
-lock: the first builds the index, the others wait and then find it up to date.
+The verdicts are stored in ``<cache dir>/index/<key>.npz``, keyed by path, size, modification and change time: a new
+file, or one whose size, mtime or ctime changed (``chmod`` changes the ctime), is checked again. A second run over a
+folder lists it and ``stat``s only the files not known to be usable (new ones, unusable ones that may have been
+mended, symbolic links, whose target may have gone): a usable file changed in place since is decoded in full by the
+loader anyway, which catches it as it catches a file damaged inside. Listing is what ``ImageFolder`` does; one
+``stat`` per file on top of it was most of a second run (100,000 small JPEGs: 0.31 of 0.50 s). Files named by a CSV
+are all ``stat``ed: no listing vouches that they are still there. Processes that share the cache dir (the ranks of
+one node under DDP) take turns through a file lock: the first builds the index, the others wait and then find it up
+to date.
 
 Paths are held in a :class:`PathList` (one byte array and offsets), not one Python string per file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -40,7 +42,7 @@ try:
 except ImportError:  # Windows: no flock; processes then may build the same index at the same time
     fcntl = None
 
-INDEX_VERSION = 2  # 2: NUL-terminated paths
+INDEX_VERSION = 3  # 2: NUL-terminated paths; 3: ctimes
 _JPEG_END = b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -176,7 +178,8 @@ def check_files(
     listed: bool = False,
     links: Collection[str] = (),
 ) -> IndexReport:
-    """Check ``paths`` from their headers, reusing the verdicts cached for files whose size and mtime are unchanged.
+    """Check ``paths`` from their headers, reusing the verdicts cached for files whose size, mtime and ctime are
+    unchanged.
 
     Args:
         paths: Image file paths.
@@ -202,16 +205,17 @@ def check_files(
             trusted[rows >= 0] = cached["codes"][rows[rows >= 0]] == _GOOD
             if links:
                 trusted &= np.array([path not in links for path in paths], dtype=bool)
-        sizes, mtimes = _stat_all(paths, skip=trusted)
-        if trusted.any():  # their size and mtime as cached: the cache then stays as it was for them
-            sizes[trusted], mtimes[trusted] = cached["sizes"][rows[trusted]], cached["mtimes"][rows[trusted]]
-        reasons = _reuse(cached, rows, sizes, mtimes)
+        stats = _stat_all(paths, skip=trusted)
+        if trusted.any():  # their size and times as cached: the cache then stays as it was for them
+            for name, values in stats.items():
+                values[trusted] = cached[name][rows[trusted]]
+        reasons = _reuse(cached, rows, stats)
         todo = np.flatnonzero(reasons.codes == _UNKNOWN)
         if len(todo):
             found = _check_headers([paths[i] for i in todo], max_pixels, full_check, workers)
             reasons = _merge(reasons, todo, found)
         if len(todo) or (cached is not None and not same_listing):
-            _save(cache_file, paths, sizes, mtimes, reasons)
+            _save(cache_file, paths, stats, reasons)
     bad = [(paths[i], reasons.table[reasons.codes[i]]) for i in np.flatnonzero(reasons.codes >= 0).tolist()]
     return IndexReport(bad, checked=len(todo), cache_file=cache_file)
 
@@ -235,15 +239,19 @@ def _cached_rows(cached: dict | None, paths: PathList) -> np.ndarray:
     return np.array([where.get(p, -1) for p in paths], dtype=np.int64)
 
 
-def _reuse(cached: dict | None, rows: np.ndarray, sizes: np.ndarray, mtimes: np.ndarray) -> _Reasons:
-    """Cached verdicts of files whose size and mtime match; ``_UNKNOWN`` for the rest (and for missing files)."""
+def _reuse(cached: dict | None, rows: np.ndarray, stats: dict[str, np.ndarray]) -> _Reasons:
+    """Cached verdicts of files whose size, mtime and ctime match; ``_UNKNOWN`` for the rest (and missing files).
+
+    The ctime too: ``chmod`` changes neither size nor mtime, and a file unreadable for its permissions stayed
+    unusable after ``chmod a+r`` mended it; ``touch -r`` can put an mtime back, not a ctime."""
     codes = np.full(len(rows), _UNKNOWN, dtype=np.int32)
     if cached is None:
         return _Reasons(codes, [])
     known = rows >= 0
     same = known.copy()
-    same[known] = (cached["sizes"][rows[known]] == sizes[known]) & (cached["mtimes"][rows[known]] == mtimes[known])
-    same &= sizes >= 0  # a missing file is checked every time (its reason names what is missing)
+    for name, values in stats.items():
+        same[known] &= cached[name][rows[known]] == values[known]
+    same &= stats["sizes"] >= 0  # a missing file is checked every time (its reason names what is missing)
     codes[same] = cached["codes"][rows[same]]
     return _Reasons(codes, list(cached["table"]))
 
@@ -281,21 +289,21 @@ def thread_map(function: Callable[[str], str | None], paths: Sequence[str], work
         return [result for found in pool.map(lambda chunk: [function(p) for p in chunk], chunks) for result in found]
 
 
-def _stat_all(paths: PathList, skip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Size and mtime (ns) of every path but those ``skip`` marks; -1 where the file (or a symlink's target) is
-    missing or skipped."""
-    sizes = np.full(len(paths), -1, dtype=np.int64)
-    mtimes = np.full(len(paths), -1, dtype=np.int64)
+def _stat_all(paths: PathList, skip: np.ndarray) -> dict[str, np.ndarray]:
+    """``sizes``, ``mtimes`` and ``ctimes`` (ns) of every path but those ``skip`` marks; -1 where the file (or a
+    symlink's target) is missing or skipped."""
+    stats = {name: np.full(len(paths), -1, dtype=np.int64) for name in ("sizes", "mtimes", "ctimes")}
+    sizes, mtimes, ctimes = stats.values()
     if skip.all():
-        return sizes, mtimes
+        return stats
     todo = np.flatnonzero(~skip)
     for i, path in zip(todo.tolist(), paths.take(todo) if len(todo) < len(paths) else paths, strict=True):
         try:
             st = os.stat(path)
         except OSError:
             continue
-        sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
-    return sizes, mtimes
+        sizes[i], mtimes[i], ctimes[i] = st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    return stats
 
 
 # ------------------------------------------------------------------------------------------------ the cache file
@@ -347,7 +355,7 @@ def _load(cache_file: Path | None) -> dict | None:
         return None
 
 
-def _save(cache_file: Path | None, paths: PathList, sizes: np.ndarray, mtimes: np.ndarray, reasons: _Reasons) -> None:
+def _save(cache_file: Path | None, paths: PathList, stats: dict[str, np.ndarray], reasons: _Reasons) -> None:
     """Write the index atomically (a temporary file, then rename), so a reader never sees half of it."""
     if cache_file is None:
         return
@@ -359,12 +367,12 @@ def _save(cache_file: Path | None, paths: PathList, sizes: np.ndarray, mtimes: n
                 version=np.int64(INDEX_VERSION),
                 blob=paths.blob,
                 offsets=paths.offsets,
-                sizes=sizes,
-                mtimes=mtimes,
+                **stats,
                 codes=reasons.codes,
                 table=np.array(reasons.table, dtype=str),
             )
         os.replace(tmp, cache_file)
     except OSError as err:  # the cache saves time next run; failing to write it must not stop this one
         warnings.warn(f"Image index: could not write {cache_file} ({err})", stacklevel=2)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (NotADirectoryError where the cache dir is a file)
+            tmp.unlink(missing_ok=True)

@@ -109,7 +109,8 @@ class ImageDataset(Dataset):
     A file that fails to decode (damaged inside, where the source's header check cannot see, or changed or removed
     after the scan) does not stop the loader: with
     ``on_bad_image="skip"`` it is named in a warning, appended to ``skipped_log`` and replaced by the next readable
-    sample of the split (with that sample's target), so a rerun sees the same batches. ``"raise"`` re-raises.
+    sample of the split (with that sample's target), so a rerun sees the same batches; each file is listed and warned
+    about once per run, whichever worker or epoch meets it. ``"raise"`` re-raises.
 
     Args:
         split: The samples and their targets.
@@ -145,6 +146,7 @@ class ImageDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        unreadable: list[tuple[str, Exception]] = []
         for offset in range(len(self)):
             position = (index + offset) % len(self)  # deterministic substitute: the next readable sample
             sample = self.split.samples[position]
@@ -153,27 +155,34 @@ class ImageDataset(Dataset):
             except (ValueError, OSError) as err:
                 if self.on_bad_image == "raise" or not isinstance(sample, str):
                     raise
-                self._report_unreadable(sample, err, self.split.samples[(position + 1) % len(self)])
+                unreadable.append((sample, err))
                 continue
+            if unreadable:
+                self._report_unreadable(unreadable, replacement=sample)
             if self.transform is not None:
                 image = self.transform(image)
             return image, as_target(self.split.targets[position])
         raise ValueError(f"None of the {len(self)} images of this split can be read any more; see the warnings above")
 
-    def _report_unreadable(self, path: str, err: Exception, replacement: Sample) -> None:
-        """Warn once per file and process, and append the file to the skipped-files CSV."""
-        if path in self._reported:
-            return
-        self._reported.add(path)
+    def _report_unreadable(self, unreadable: list[tuple[str, Exception]], replacement: Sample) -> None:
+        """Warn about and list each file once per run: once per process here, and once in ``skipped_log`` across
+        the loader's workers and epochs (the train loader starts new workers every epoch; two workers meet the same
+        file, one at its own index and one looking for a substitute)."""
         # The scan reads headers and end markers only: damage inside the data shows first here (or the file changed).
-        reason = f"unreadable when loaded (damaged inside, or changed after the scan): {short_reason(err)}"
-        named = f" by {replacement}" if isinstance(replacement, str) else ""
-        warnings.warn(f"Skipped {path} in the loader, replaced{named}: {reason}", stacklevel=2)
-        if self.skipped_log is not None:
+        rows = [
+            (path, f"unreadable when loaded (damaged inside, or changed after the scan): {short_reason(err)}")
+            for path, err in unreadable
+            if path not in self._reported
+        ]
+        self._reported.update(path for path, _ in rows)
+        if rows and self.skipped_log is not None:
             try:
-                append_skipped(self.skipped_log, [(path, reason)])
+                rows = append_skipped(self.skipped_log, rows)
             except OSError as log_err:  # the list is a report; failing to write it must not stop training
-                warnings.warn(f"Could not add {path} to {self.skipped_log}: {log_err}", stacklevel=2)
+                warnings.warn(f"Could not add {rows[0][0]} to {self.skipped_log}: {log_err}", stacklevel=3)
+        named = f" by {replacement}" if isinstance(replacement, str) else ""
+        for path, reason in rows:
+            warnings.warn(f"Skipped {path} in the loader, replaced{named}: {reason}", stacklevel=3)
 
 
 def as_target(target: int | np.ndarray) -> int | torch.Tensor:
@@ -181,20 +190,25 @@ def as_target(target: int | np.ndarray) -> int | torch.Tensor:
     return torch.from_numpy(target.astype(np.float32)) if np.ndim(target) == 1 else int(target)
 
 
-def append_skipped(csv_path: str | os.PathLike, rows: Sequence[tuple[str, str]]) -> None:
-    """Append ``(path, reason)`` rows to a skipped-files CSV, writing its ``path,reason`` header when new.
+def append_skipped(csv_path: str | os.PathLike, rows: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Append the ``(path, reason)`` rows whose path the skipped-files CSV does not list yet (writing its
+    ``path,reason`` header when new); returns the rows appended.
 
-    Loader workers append at the same time: an exclusive ``flock`` (where the OS has one) makes the header come first
-    and the rows whole.
+    Loader workers append at the same time: an exclusive ``flock`` (where the OS has one) makes the header come first,
+    the rows whole, and each path listed once.
     """
     Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "a", newline="", **PATH_TEXT) as f:
+    with open(csv_path, "a+", newline="", **PATH_TEXT) as f:
         if fcntl is not None:
             fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        f.seek(0)
+        listed = {row[0] for row in csv.reader(f) if row}  # the file as it is now, under the lock
+        new = [row for row in dict(rows).items() if row[0] not in listed]
         writer = csv.writer(f)
-        if f.seek(0, os.SEEK_END) == 0:  # the size now, under the lock (not when the file was opened)
+        if not listed:
             writer.writerow(["path", "reason"])
-        writer.writerows(rows)
+        writer.writerows(new)
+    return new
 
 
 # --------------------------------------------------------------------------- splitting
@@ -990,12 +1004,7 @@ def short_reason(err: Exception) -> str:
     if isinstance(err, ImageTooLargeError):
         return str(err)
     cause = err.__cause__ or err
-    words = _SOURCE_LOCATION.sub("", str(cause).strip().splitlines()[-1]) if str(cause).strip() else ""
-    return words[-200:] or type(cause).__name__
-
-
-# TorchCodec's errors start "<function>, <its .cpp file>:<line>, " before libjpeg's words.
-_SOURCE_LOCATION = re.compile(r"^\w+, \S+\.(?:cpp|cc|c|h):\d+, ")
+    return str(cause).strip().splitlines()[-1][-200:] if str(cause).strip() else type(cause).__name__
 
 
 def scan_images(
