@@ -41,6 +41,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from tlkit.data.decode import MAX_IMAGE_PIXELS, read_image
+from tlkit.data.sources import SHARDS_META_FILE, load_source, short_reason
 from tlkit.data.splits import SourceData, Split
 
 try:
@@ -48,7 +49,7 @@ try:
 except ImportError:  # Windows: no flock; two runs writing one folder are then not stopped
     fcntl = None
 
-META_FILE = "tlkit_shards.json"
+META_FILE = SHARDS_META_FILE
 LOCK_FILE = ".tlkit_optimize.lock"
 SPLITS = ("train", "val")
 # litdata's processes: forked on Linux (see _litdata_contained); elsewhere litdata's choice (spawn on macOS, Windows)
@@ -86,8 +87,6 @@ def optimize(
         on_bad_image: ``skip`` (unreadable files are left out and listed in ``tlkit_shards.json``) or ``raise``.
         max_image_pixels: Files declaring more pixels are unreadable; None: no limit.
     """
-    from tlkit.data.sources import load_source
-
     _check_out_is_outside(source, out)
     data = load_source(
         source, val_split=val_split, seed=seed, on_bad_image=on_bad_image, max_image_pixels=max_image_pixels
@@ -237,8 +236,6 @@ class _Encoder:
         except (ValueError, OSError) as err:
             if not isinstance(sample, str):  # an array from a built-in dataset: a bug, not a damaged file
                 raise
-            from tlkit.data.sources import short_reason
-
             reason = (
                 f"unreadable when encoded (damaged inside the data, which the scan does not read): {short_reason(err)}"
             )

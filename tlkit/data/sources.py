@@ -55,7 +55,6 @@ from torch.utils.data import Dataset
 
 from tlkit.data.decode import MAX_IMAGE_PIXELS, ImageTooLargeError, read_image
 from tlkit.data.index import PathList, check_files, thread_map
-from tlkit.data.shards import META_FILE
 from tlkit.data.splits import LABEL_SEPARATOR, Listing, Sample, SourceData, SourceOptions, Split, multi_hot
 from tlkit.io import PATH_TEXT
 
@@ -101,6 +100,8 @@ TEXTURE_SHORT_SIDE = 320
 TEXTURE_TRAIN_FRACTION = 0.75
 # Fixed so the textures val set is identical across runs, whatever seed the caller passes.
 TEXTURE_SEED = 0
+# What marks a folder written by `tlkit optimize` (tlkit.data.shards), never a class of a folder source.
+SHARDS_META_FILE = "tlkit_shards.json"
 
 
 class ImageDataset(Dataset):
@@ -382,10 +383,10 @@ def _class_dirs(root: Path) -> list[str]:
     if not names:
         raise FileNotFoundError(f"No class sub-folders in {root}; expected {root}/<class>/<image>")
     for name in names:  # `tlkit optimize --out` inside the source: its shards are not a class of images
-        if (root / name / META_FILE).is_file():
+        if (root / name / SHARDS_META_FILE).is_file():
             raise ValueError(
-                f"{root / name} holds shards written by `tlkit optimize` ({META_FILE}), not a class of images: move "
-                f"it out of {root} (train from it with source='litdata:<its new path>')"
+                f"{root / name} holds shards written by `tlkit optimize` ({SHARDS_META_FILE}), not a class of images: "
+                f"move it out of {root} (train from it with source='litdata:<its new path>')"
             )
     return names
 
