@@ -46,7 +46,7 @@ from tlkit.data.splits import SourceData, Split
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; two runs writing one folder are then not stopped
+except ImportError:  # Windows: no lockf; two runs writing one folder are then not stopped
     fcntl = None
 
 META_FILE = SHARDS_META_FILE
