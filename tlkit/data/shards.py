@@ -245,8 +245,9 @@ class _Encoder:
 
     def _encode(self, sample: Any) -> bytes:
         if isinstance(sample, str) and self._keep_as_is(sample):
-            read_image(sample, self.max_pixels)  # the scan read its header and end marker; this reads its data
-            return Path(sample).read_bytes()
+            data = Path(sample).read_bytes()
+            read_image(data, self.max_pixels)  # the scan read its header and end marker; this reads its data
+            return data
         image = read_image(sample, self.max_pixels, min_size=self._min_size)
         if self.max_side is not None and max(image.shape[-2:]) > self.max_side:
             image = v2.functional.resize(image, None, max_size=self.max_side, antialias=True)
